@@ -1,0 +1,8 @@
+"""neuclip_ds: a DeepSpeed trainer for CLIP models with the NeuCLIP method.
+
+Module map (one concern each; dependencies point one way):
+    presets  -> model, losses, npn  -> engine -> train
+See README.md for the architecture and ../docs in the project for the equations (E1-E9).
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,205 @@
+"""The normalizer prediction network (NPN): E3, E4, E5 and the restart of E7.4.
+
+The NPN predicts the per-sample log-normalizer alpha_i ~ log(eps + g_i) from the sample's embeddings and tau, so
+the auxiliary variables of E2 need no O(n) storage (E3). It is small, replicated on every rank, and trained by its
+own AdaGrad on the all-gathered global batch (E8 option (a)): every rank runs the identical inner loop on identical
+inputs, so the replicas stay bitwise identical without any communication (`checksum` lets the engine verify it).
+
+Restart (E7.4): every `restart_every` steps the prototypes are re-drawn from the current global batch with a seed
+that is the same on every rank. The AdaGrad state is reset as well: its accumulated squared gradients belong to the
+replaced prototypes, and keeping them would shrink the fresh prototypes' step size for the rest of the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NPN_VARIANTS = ("tailored", "mlp")
+
+
+class TailoredNPN(nn.Module):
+    """E4: alpha1_i = log(eps + 1/m sum_k exp((cos(e1_i, W1_k) - s_ii)/tau)), likewise alpha2 with W2 and e2.
+
+    W1 (`proto_txt`) are m "typical text negatives" for image anchors; W2 (`proto_img`) typical image negatives for
+    text anchors. The form mirrors the true log-normalizer with m learned negatives in place of the n-1 real ones."""
+
+    def __init__(self, dim: int, num_prototypes: int, eps: float, generator: torch.Generator):
+        super().__init__()
+        self.eps = eps
+        self.proto_txt = nn.Parameter(F.normalize(torch.randn(num_prototypes, dim, generator=generator), dim=-1))
+        self.proto_img = nn.Parameter(F.normalize(torch.randn(num_prototypes, dim, generator=generator), dim=-1))
+
+    def forward(self, img: Tensor, txt: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
+        pos = (img * txt).sum(-1, keepdim=True)  # s_ii
+        m = self.proto_txt.shape[0]
+        out = []
+        for anchors, protos in ((img, self.proto_txt), (txt, self.proto_img)):
+            z = (anchors @ F.normalize(protos, dim=-1).T - pos) / tau   # (cos(e_i, W_k) - s_ii) / tau
+            log_mean = torch.logsumexp(z, dim=1) - math.log(m)          # log domain throughout (E4)
+            out.append(torch.logaddexp(torch.full_like(log_mean, _log(self.eps)), log_mean))
+        return out[0], out[1]
+
+    @torch.no_grad()
+    def restart(self, img: Tensor, txt: Tensor, generator: torch.Generator) -> None:
+        """W1 <- text embeddings, W2 <- image embeddings of random samples of the global batch (E7.4)."""
+        B, m = img.shape[0], self.proto_txt.shape[0]
+        if m <= B:
+            idx = torch.randperm(B, generator=generator)[:m]
+            jitter = 0.0
+        else:
+            # fewer samples than prototypes: draw with replacement and separate the copies, otherwise duplicated
+            # prototypes get identical gradients forever and act as one
+            idx = torch.randint(0, B, (m,), generator=generator)
+            jitter = 1e-2
+        idx = idx.to(img.device)
+        for protos, source in ((self.proto_txt, txt), (self.proto_img, img)):
+            noise = torch.randn(protos.shape, generator=generator).to(protos) * jitter
+            protos.copy_(F.normalize(source[idx].to(protos) + noise, dim=-1))
+
+
+class MLPNPN(nn.Module):
+    """The generic-MLP variant of the paper's ablation: [e1, e2, log tau] -> hidden -> (alpha1, alpha2)."""
+
+    def __init__(self, dim: int, hidden: int, generator: torch.Generator):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2 * dim + 1, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, 2))
+        self._init(generator)
+
+    @torch.no_grad()
+    def _init(self, generator: torch.Generator) -> None:
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                bound = 1 / math.sqrt(layer.in_features)
+                layer.weight.copy_(torch.rand(layer.weight.shape, generator=generator) * 2 * bound - bound)
+                layer.bias.zero_()
+
+    def forward(self, img: Tensor, txt: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
+        log_tau = torch.log(tau).reshape(1, 1).expand(img.shape[0], 1)
+        out = self.net(torch.cat([img, txt, log_tau.to(img)], dim=-1))
+        return out[:, 0], out[:, 1]
+
+    @torch.no_grad()
+    def restart(self, img: Tensor, txt: Tensor, generator: torch.Generator) -> None:
+        self._init(generator)
+
+
+def npn_objective(alpha_img: Tensor, alpha_txt: Tensor, log_target_img: Tensor, log_target_txt: Tensor,
+                  tau: Tensor) -> Tensor:
+    """E5: tau/B sum_i[(eps+g1_i) e^-alpha1_i + alpha1_i + (eps+g2_i) e^-alpha2_i + alpha2_i].
+
+    log_target_* = log(eps + g_hat) (constants); its alpha-gradient tau/B (1 - (eps+g)e^-alpha) vanishes exactly at
+    alpha = log(eps + g_hat)."""
+    total = torch.exp(log_target_img - alpha_img) + alpha_img + torch.exp(log_target_txt - alpha_txt) + alpha_txt
+    return tau.reshape(()) * total.mean()
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else float("-inf")
+
+
+class NPN:
+    """The NPN with its own AdaGrad: `predict`, `fit` (T_u inner steps, E5), `restart` (E7.4), state I/O."""
+
+    def __init__(self, dim: int, *, num_prototypes: int = 4096, eps: float = 1e-14, lr: float = 0.05,
+                 variant: str = "tailored", mlp_hidden: int = 256, seed: int = 0,
+                 device: str | torch.device = "cpu"):
+        if dim <= 0:
+            raise ValueError(f"dim: must be > 0, got {dim}")
+        if num_prototypes <= 0:
+            raise ValueError(f"num_prototypes: must be > 0, got {num_prototypes}")
+        if not lr > 0:
+            raise ValueError(f"lr: must be > 0, got {lr}")
+        if not eps >= 0:
+            raise ValueError(f"eps: must be >= 0, got {eps}")
+        if variant not in NPN_VARIANTS:
+            raise ValueError(f"variant: must be one of {NPN_VARIANTS}, got {variant!r}")
+        self.dim, self.eps, self.lr, self.variant = dim, eps, lr, variant
+        generator = torch.Generator().manual_seed(seed)  # identical initial replicas on every rank
+        if variant == "tailored":
+            self.net: nn.Module = TailoredNPN(dim, num_prototypes, eps, generator)
+        else:
+            self.net = MLPNPN(dim, mlp_hidden, generator)
+        self.net.to(device)
+        self.optimizer = self._new_optimizer()
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        # foreach=False keeps the update arithmetic the same on every device count / rank
+        return torch.optim.Adagrad(self.net.parameters(), lr=self.lr, foreach=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def _inputs(self, img: Tensor, txt: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if img.dim() != 2 or img.shape != txt.shape or img.shape[1] != self.dim:
+            raise ValueError(f"img: expected [B, {self.dim}] image and text features of equal shape, got "
+                             f"{tuple(img.shape)} and {tuple(txt.shape)}")
+        if tau.numel() != 1 or not bool(tau.detach().reshape(()) > 0):
+            raise ValueError("tau: expected one positive temperature")
+        dtype = next(self.net.parameters()).dtype
+        return (img.detach().to(self.device, dtype), txt.detach().to(self.device, dtype),
+                tau.detach().reshape(1).to(self.device, dtype))
+
+    @torch.no_grad()
+    def predict(self, img: Tensor, txt: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
+        """alpha for each pair (detached), shape [B] each: the constants of the encoder step (E6)."""
+        return self.net(*self._inputs(img, txt, tau))
+
+    def fit(self, img: Tensor, txt: Tensor, log_target_img: Tensor, log_target_txt: Tensor, tau: Tensor,
+            steps: int) -> float:
+        """T_u AdaGrad steps on E5 with the encoders and tau frozen (E7.2); returns the last objective value.
+
+        Pass the same global batch on every rank (E8 (a)) and the replicas stay identical."""
+        if steps < 0:
+            raise ValueError(f"steps: must be >= 0, got {steps}")
+        img, txt, tau = self._inputs(img, txt, tau)
+        targets = [t.detach().to(self.device, img.dtype) for t in (log_target_img, log_target_txt)]
+        if targets[0].shape != (img.shape[0],) or targets[1].shape != (img.shape[0],):
+            raise ValueError(f"log_target_img: expected shape [{img.shape[0]}]")
+        value = float("nan")
+        self.net.train()
+        for _ in range(steps):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = npn_objective(*self.net(img, txt, tau), *targets, tau)
+            loss.backward()
+            self.optimizer.step()
+            value = loss.detach()
+        return float(value)
+
+    def restart(self, img: Tensor, txt: Tensor, seed: int, *, reset_optimizer: bool = True) -> None:
+        """Re-draw the prototypes from the global batch (same `seed` and batch on every rank -> same result)."""
+        img, txt, _ = self._inputs(img, txt, torch.ones(1))
+        self.net.restart(img, txt, torch.Generator().manual_seed(int(seed)))
+        if reset_optimizer:
+            self.optimizer = self._new_optimizer()
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(), "variant": self.variant}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("variant") != self.variant:
+            raise ValueError(f"state: NPN checkpoint is variant {state.get('variant')!r}, this run uses "
+                             f"{self.variant!r}")
+        self.net.load_state_dict(state["net"])
+        # deepcopy: torch's Optimizer.load_state_dict keeps same-device tensors by reference
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+
+    @torch.no_grad()
+    def checksum(self) -> str:
+        """sha256 of every parameter and AdaGrad buffer: equal strings <=> bitwise identical replicas."""
+        h = hashlib.sha256()
+        for p in self.net.parameters():
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+            state = self.optimizer.state.get(p, {})
+            for key in sorted(state):
+                v = state[key]
+                if isinstance(v, Tensor):
+                    h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()

@@ -1,0 +1,89 @@
+"""Presets, the dual encoder, the temperature parameter and loading a local HF CLIP directory."""
+
+import pytest
+import torch
+from transformers import CLIPModel
+
+from neuclip_ds.model import build_model, load_hf_clip
+from neuclip_ds.presets import PRESETS, get_preset
+
+# total parameters of OpenCLIP's models (open_clip model configs, logit_scale included), in millions
+OPENCLIP_PARAMS_M = {"ViT-B-32": 151.28, "ViT-B-16": 149.62, "ViT-L-14": 427.62, "ViT-H-14": 986.11}
+
+
+@pytest.mark.parametrize("name", list(OPENCLIP_PARAMS_M))
+def test_presets_match_openclip_sizes(name):
+    with torch.device("meta"):
+        model = build_model(name)
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    assert n == pytest.approx(OPENCLIP_PARAMS_M[name], abs=0.01)
+    assert model.image_size == 224 and model.context_length == 77
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="^preset:"):
+        get_preset("ViT-Z-99")
+
+
+def test_tiny_forward_normalized_with_shape1_tau():
+    torch.manual_seed(0)
+    model = build_model("tiny", init_tau=0.07)
+    p = PRESETS["tiny"]
+    out = model(torch.randn(4, 3, p.image_size, p.image_size), torch.randint(0, p.vocab_size, (4, p.context_length)))
+    assert out["img"].shape == (4, p.embed_dim) and out["txt"].shape == (4, p.embed_dim)
+    assert torch.allclose(out["img"].norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(out["txt"].norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert model.tau.shape == (1,) and out["tau"].shape == (1,)   # never 0-dim (ZeRO-2/3)
+    assert all(prm.dim() > 0 for prm in model.parameters())
+    assert "bias" not in out
+
+
+def test_temperature_clamped_to_range():
+    model = build_model("tiny", init_tau=0.07, tau_min=0.01, tau_max=0.5, with_bias=True)
+    with torch.no_grad():
+        model.tau.fill_(0.001)
+    assert float(model.temperature().detach()) == pytest.approx(0.01)
+    with torch.no_grad():
+        model.tau.fill_(3.0)
+    assert float(model.temperature().detach()) == pytest.approx(0.5)
+    assert model.logit_bias.shape == (1,)
+    with pytest.raises(ValueError, match="^init_tau:"):
+        build_model("tiny", init_tau=2.0, tau_max=1.0)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    p = PRESETS["tiny"]
+    x = torch.randn(3, 3, p.image_size, p.image_size)
+    ids = torch.randint(0, p.vocab_size, (3, p.context_length))
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = build_model("tiny", grad_checkpointing=ckpt).train()
+        out = model(x, ids)
+        (out["img"] @ out["txt"].T / out["tau"]).sum().backward()
+        grads.append(torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None]))
+        assert model.visual.is_activation_checkpointing == ckpt
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_load_local_hf_clip_directory(tmp_path):
+    p = get_preset("tiny")
+    config = build_model("tiny").hf_config()
+    torch.manual_seed(0)
+    clip = CLIPModel(config).eval()
+    with torch.no_grad():
+        clip.logit_scale.fill_(torch.log(torch.tensor(1 / 0.05)))
+    clip.save_pretrained(tmp_path)
+    model = load_hf_clip(tmp_path).eval()
+    x = torch.randn(2, 3, p.image_size, p.image_size)
+    ids = torch.randint(0, p.vocab_size - 2, (2, p.context_length))
+    ids[:, -1] = config.text_config.eos_token_id
+    with torch.no_grad():
+        ref = clip(input_ids=ids, pixel_values=x)  # CLIPModel returns normalized image/text embeds
+        ref_img, ref_txt = ref.image_embeds, ref.text_embeds
+        out = model(x, ids)
+    assert torch.allclose(out["img"], ref_img, atol=1e-5)
+    assert torch.allclose(out["txt"], ref_txt, atol=1e-5)
+    assert float(out["tau"]) == pytest.approx(0.05, rel=1e-5)
+    with pytest.raises(ValueError, match="^hf_dir:"):
+        load_hf_clip(tmp_path / "missing")
