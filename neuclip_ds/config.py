@@ -1,0 +1,283 @@
+"""One dataclass for a run: defaults < YAML file (--config) < command line. `validate()` checks everything before
+any process group starts and raises ConfigError, which the entry point prints as one line and exits with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import braceexpand
+import yaml
+
+from .presets import PRESETS
+
+LOSS_CHOICES = ("neuclip", "fastclip", "mbcl", "siglip")
+PRECISIONS = ("fp32", "bf16", "fp16")
+REPORT_TO = ("none", "jsonl", "wandb")
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+class ConfigError(ValueError):
+    """A run configuration problem, reported as one line before anything starts."""
+
+
+@dataclass
+class TrainConfig:
+    # model
+    preset: str = "tiny"
+    pretrained_hf: str | None = None
+    grad_checkpointing: bool = False
+    init_tau: float = 0.07
+    tau_min: float = 0.01
+    tau_max: float = 1.0
+    zero_init: str = "auto"
+    # loss
+    loss: str = "neuclip"
+    eps: float = 1e-14
+    rho: float = 6.5
+    fastclip_gamma_min: float = 0.2
+    fastclip_gamma_decay_epochs: int = 10
+    # NPN (E4, E5, E7)
+    npn_prototypes: int = 4096
+    npn_inner_steps: int = 10
+    npn_restart_every: int = 500
+    npn_lr: float = 0.05
+    npn_variant: str = "tailored"
+    npn_update: str = "alternating"
+    # data
+    train_data: str | None = None
+    train_num_samples: int | None = None
+    val_data: str | None = None
+    tokenizer: str | None = None
+    dataset_size: int | None = None
+    workers: int = 1
+    data_resampled: bool = False
+    max_bad_fraction: float = 0.05
+    # optimization
+    global_batch_size: int = 64
+    steps: int | None = None
+    epochs: int | None = None
+    lr: float = 5e-4
+    wd: float = 0.1
+    warmup: int = 10
+    beta1: float = 0.9
+    beta2: float = 0.98
+    adam_eps: float = 1e-6
+    grad_clip: float | None = None
+    max_skipped_in_a_row: int = 5
+    # system
+    ds_config: str = "ds_configs/zero2.json"
+    precision: str = "fp32"
+    seed: int = 0
+    output_dir: str = "runs/neuclip"
+    resume: str | None = None
+    save_every: int = 0
+    keep_last: int = 2
+    eval_every: int = 0
+    log_every: int = 1
+    report_to: str = "jsonl"
+    wandb_project: str = "neuclip_ds"
+    wandb_offline: bool = False
+    # synthetic data (tests, benchmarks): sample count of a deterministic random set used when train_data is unset
+    synthetic_samples: int = 0
+
+    # ---------------------------------------------------------------------------------------------------------
+    def ds_config_dict(self) -> dict:
+        with open(self.ds_config) as f:
+            return json.load(f)
+
+    def gradient_accumulation_steps(self) -> int:
+        return int(self.ds_config_dict().get("gradient_accumulation_steps", 1))
+
+    def validate(self, world_size: int | None = None) -> "TrainConfig":
+        """Raise ConfigError on the first problem found. world_size: from the launcher's env if not given."""
+        if world_size is None:
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.preset not in PRESETS and self.pretrained_hf is None:
+            raise ConfigError(f"--preset: unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
+        if self.pretrained_hf is not None and not (Path(self.pretrained_hf) / "config.json").is_file():
+            raise ConfigError(f"--pretrained-hf: {self.pretrained_hf} is not a transformers CLIPModel directory")
+        if self.loss not in LOSS_CHOICES:
+            raise ConfigError(f"--loss: unknown loss {self.loss!r} (choose from {', '.join(LOSS_CHOICES)})")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.report_to not in REPORT_TO:
+            raise ConfigError(f"--report-to: must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
+        if self.zero_init not in ("auto", "on", "off"):
+            raise ConfigError(f"--zero-init: must be auto, on or off, got {self.zero_init!r}")
+        if self.npn_variant not in ("tailored", "mlp"):
+            raise ConfigError(f"--npn-variant: must be tailored or mlp, got {self.npn_variant!r}")
+        if self.npn_update not in ("alternating", "simultaneous"):
+            raise ConfigError(f"--npn-update: must be alternating or simultaneous, got {self.npn_update!r}")
+        for name in ("npn_prototypes", "npn_restart_every", "global_batch_size", "workers", "keep_last",
+                     "log_every", "max_skipped_in_a_row"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
+        for name in ("npn_inner_steps", "warmup", "save_every", "eval_every", "synthetic_samples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
+        for name in ("npn_lr", "lr", "init_tau", "tau_min", "tau_max"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
+        if not self.tau_min <= self.init_tau <= self.tau_max:
+            raise ConfigError(f"--init-tau: must lie in [--tau-min, --tau-max] = [{self.tau_min}, {self.tau_max}]")
+        if self.eps < 0 or self.rho < 0 or self.wd < 0:
+            raise ConfigError("--eps/--rho/--wd: must be >= 0")
+        if not 0 < self.fastclip_gamma_min <= 1:
+            raise ConfigError(f"--fastclip-gamma-min: must be in (0, 1], got {self.fastclip_gamma_min}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"--max-bad-fraction: must be in [0, 1], got {self.max_bad_fraction}")
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError("--steps/--epochs: give exactly one of them")
+        if (self.steps is not None and self.steps <= 0) or (self.epochs is not None and self.epochs <= 0):
+            raise ConfigError("--steps/--epochs: must be > 0")
+        # data
+        if self.train_data is None and self.synthetic_samples == 0:
+            raise ConfigError("--train-data: no training data given (or use --synthetic-samples N)")
+        if self.train_data is not None:
+            _check_shards("--train-data", self.train_data)
+            if self.train_num_samples is None:
+                raise ConfigError("--train-num-samples: required with --train-data (samples per epoch)")
+        if self.val_data is not None:
+            _check_shards("--val-data", self.val_data)
+        if self.epochs is not None and self.train_data is None and self.synthetic_samples == 0:
+            raise ConfigError("--epochs: needs a data set size (--train-num-samples)")
+        if self.loss == "fastclip" and self.train_data is not None and self.dataset_size is None:
+            raise ConfigError("--dataset-size: FastCLIP's u tables need the number of samples in the data set")
+        if self.tokenizer is not None and not Path(self.tokenizer).is_dir():
+            raise ConfigError(f"--tokenizer: {self.tokenizer} is not a directory")
+        # DeepSpeed config
+        if not Path(self.ds_config).is_file():
+            raise ConfigError(f"--ds-config: file not found: {self.ds_config}")
+        try:
+            ds = self.ds_config_dict()
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--ds-config: {self.ds_config} is not valid JSON ({e})") from None
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        if stage not in ZERO_STAGES:
+            raise ConfigError(f"--ds-config: unknown ZeRO stage {stage!r} in {self.ds_config} (use 0, 1, 2 or 3)")
+        accum = ds.get("gradient_accumulation_steps", 1)
+        if not isinstance(accum, int) or accum <= 0:
+            raise ConfigError(f"--ds-config: gradient_accumulation_steps must be a positive integer, got {accum!r}")
+        if self.global_batch_size % (world_size * accum):
+            raise ConfigError(f"--global-batch-size: {self.global_batch_size} is not divisible by ranks x "
+                              f"accumulation = {world_size} x {accum}")
+        if self.global_batch_size // world_size < 2 and world_size == 1:
+            raise ConfigError("--global-batch-size: need at least 2 pairs for negatives")
+        return self
+
+    def zero_stage(self) -> int:
+        return int(self.ds_config_dict().get("zero_optimization", {}).get("stage", 0))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """'a/{00000..00003}.tar::b/*.tar' -> the list of shard paths (brace expansion, '::' lists, local globs)."""
+    urls: list[str] = []
+    for part in pattern.split("::"):
+        for url in braceexpand.braceexpand(part.strip()):
+            matches = sorted(glob.glob(url)) if ("*" in url or "?" in url) and "://" not in url else [url]
+            urls.extend(matches)
+    return urls
+
+
+def _check_shards(flag: str, pattern: str) -> None:
+    urls = expand_shards(pattern)
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    if not urls or (local and not any(os.path.exists(u) for u in local)):
+        raise ConfigError(f"{flag}: no shard matches {pattern!r}")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# command line
+# -------------------------------------------------------------------------------------------------------------
+_GROUPS = {
+    "model": ["preset", "pretrained_hf", "grad_checkpointing", "init_tau", "tau_min", "tau_max", "zero_init"],
+    "loss": ["loss", "eps", "rho", "fastclip_gamma_min", "fastclip_gamma_decay_epochs"],
+    "NPN (NeuCLIP)": ["npn_prototypes", "npn_inner_steps", "npn_restart_every", "npn_lr", "npn_variant",
+                      "npn_update"],
+    "data": ["train_data", "train_num_samples", "val_data", "tokenizer", "dataset_size", "workers",
+             "data_resampled", "max_bad_fraction", "synthetic_samples"],
+    "optimization": ["global_batch_size", "steps", "epochs", "lr", "wd", "warmup", "beta1", "beta2", "adam_eps",
+                     "grad_clip", "max_skipped_in_a_row"],
+    "system": ["ds_config", "precision", "seed", "output_dir", "resume", "save_every", "keep_last", "eval_every",
+               "log_every", "report_to", "wandb_project", "wandb_offline"],
+}
+_HELP = {
+    "preset": "model preset: " + ", ".join(PRESETS),
+    "pretrained_hf": "local transformers CLIPModel directory to fine-tune (no download)",
+    "grad_checkpointing": "activation checkpointing in both towers",
+    "zero_init": "build the model under deepspeed.zero.Init (auto: ZeRO-3 with ViT-L/H presets)",
+    "loss": "neuclip (E6 + NPN), fastclip (E9 u tables), mbcl (InfoNCE), siglip",
+    "eps": "epsilon of E1", "rho": "rho of E1 (2 rho tau term)",
+    "npn_prototypes": "m, prototypes per side (E4)", "npn_inner_steps": "T_u, NPN AdaGrad steps per step (E7.2)",
+    "npn_restart_every": "T_r, restart the NPN from the batch every T_r steps (E7.4)",
+    "npn_lr": "NPN AdaGrad learning rate", "npn_variant": "tailored (E4) or mlp (ablation)",
+    "npn_update": "alternating (E7) or simultaneous (ablation: alpha predicted before the NPN step)",
+    "train_data": "webdataset shards, brace-expanded, '::'-joined lists", "train_num_samples": "samples per epoch",
+    "val_data": "held-out webdataset shards", "tokenizer": "local HF tokenizer directory",
+    "dataset_size": "number of samples in the data set (FastCLIP u tables)",
+    "max_bad_fraction": "stop when the fraction of skipped bad samples passes this",
+    "synthetic_samples": "train on a deterministic synthetic set of N samples (tests, benchmarks)",
+    "global_batch_size": "pairs per optimizer step over all ranks and micro-batches", "warmup": "warmup steps",
+    "max_skipped_in_a_row": "abort after this many non-finite steps in a row",
+    "ds_config": "DeepSpeed JSON (ZeRO stage, accumulation, clipping)", "precision": "fp32, bf16 or fp16",
+    "resume": "auto (latest in output dir) or a checkpoint directory",
+    "save_every": "checkpoint every N steps (0: only at the end)", "eval_every": "evaluate every N steps (0: end)",
+    "report_to": "none, jsonl (metrics.jsonl) or wandb (+ jsonl)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neuclip-train", description="Train CLIP with NeuCLIP (or FastCLIP/MBCL/SigLIP) under DeepSpeed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML file of options (keys as the long flags, with _ or -); "
+                        "command-line flags override it")
+    defaults = TrainConfig()
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for group_name, names in _GROUPS.items():
+        group = parser.add_argument_group(group_name)
+        for name in names:
+            flag = "--" + name.replace("_", "-")
+            default = getattr(defaults, name)
+            kind = types[name]
+            if kind == "bool":
+                group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                   help=_HELP.get(name, "") + f" (default {default})")
+                continue
+            conv = {"int": int, "float": float, "int | None": int, "float | None": float}.get(kind, str)
+            group.add_argument(flag, dest=name, type=conv, default=None, metavar=name.split("_")[-1].upper(),
+                               help=_HELP.get(name, "") + f" (default {default})")
+    # DeepSpeed's launcher passes --local_rank unless --no_local_rank is given
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    args = vars(build_parser().parse_args(argv))
+    args.pop("local_rank", None)
+    values: dict = {}
+    config_file = args.pop("config")
+    if config_file:
+        if not Path(config_file).is_file():
+            raise ConfigError(f"--config: file not found: {config_file}")
+        with open(config_file) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config: {config_file} must hold a mapping of options")
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        for key, value in loaded.items():
+            key = key.replace("-", "_")
+            if key not in known:
+                raise ConfigError(f"--config: unknown option {key!r} in {config_file}")
+            values[key] = value
+    values.update({k: v for k, v in args.items() if v is not None})
+    return TrainConfig(**values)

@@ -1,0 +1,378 @@
+"""The training step (E7, E8): DeepSpeed ZeRO encoders + a replicated NPN, in the engine's accumulation loop.
+
+One optimizer step, as `NeuCLIPEngine.train_step` reads:
+  1. encode this rank's A micro-batches (A = gradient_accumulation_steps). With A = 1 the forward keeps its graph;
+     with A > 1 it runs without graph and the features are cached (open_clip's accum_freq idea, E8);
+  2. gather the features of the global batch (detached copy) and log g_hat of every anchor against it;
+  3. the alpha estimator on the global batch: NeuCLIP fits the NPN for T_u AdaGrad steps then predicts alpha
+     (E7.2, E5; restart every T_r steps, E7.4); FastCLIP updates its u tables (E9); MBCL/SigLIP have none;
+  4. per micro-batch: (A > 1: re-encode it with graph and splice it into the cached global batch) the loss of the
+     local anchors against the global batch with alpha detached (E6), `engine.backward`, `engine.step`.
+The gradients of the A micro-batches are summed (`scale_wrt_gas=False`: each chunk's loss is already the loss of
+the whole step), and tau / the SigLIP bias take their gradient from chunk 0 only, so 2 x b accumulation gives the
+gradients of 1 x 2b. A non-finite step is skipped on every rank with no parameter, NPN or u-table update.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+from .config import TrainConfig
+from .losses import (LOSSES, FastCLIPLoss, Features, NeuCLIPLoss, all_gather_no_grad, batch_log_normalizers,
+                     gather_features)
+from .npn import NPN
+
+
+class TrainingAborted(RuntimeError):
+    """Raised on every rank when the run cannot go on (e.g. K non-finite steps in a row)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# process group and DeepSpeed config
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def init_distributed() -> DistInfo:
+    """NCCL + CUDA when present, else gloo on CPU (DS_ACCELERATOR=cpu). Works with and without a launcher."""
+    cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    if not cuda:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The user's JSON with the batch sizes and precision this run decides."""
+    ds = cfg.ds_config_dict()
+    accum = int(ds.get("gradient_accumulation_steps", 1))
+    ds["train_batch_size"] = cfg.global_batch_size
+    ds["train_micro_batch_size_per_gpu"] = cfg.global_batch_size // (world_size * accum)
+    ds["gradient_accumulation_steps"] = accum
+    ds["bf16"] = {"enabled": cfg.precision == "bf16"}
+    ds["fp16"] = {"enabled": cfg.precision == "fp16", **({"initial_scale_power": 12} if cfg.precision == "fp16"
+                                                         else {})}
+    if cfg.grad_clip is not None:
+        ds["gradient_clipping"] = cfg.grad_clip
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW for encoders and tau (E6); like OpenCLIP, no weight decay on gains, biases, tau and the SigLIP bias."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.wd}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+
+
+def cosine_with_warmup(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-phase timing
+# ---------------------------------------------------------------------------------------------------------------
+class PhaseTimer:
+    """Wall time per phase of a step; synchronizes CUDA at phase edges so GPU work is charged to its phase."""
+
+    PHASES = ("data", "forward", "gather", "npn", "backward", "optimizer")
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.reset()
+
+    def reset(self) -> None:
+        self.times = dict.fromkeys(self.PHASES, 0.0)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.times[phase] += time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# alpha estimators (step 3): NPN, FastCLIP tables, none
+# ---------------------------------------------------------------------------------------------------------------
+class NoEstimator:
+    """MBCL and SigLIP: no auxiliary variable."""
+
+    def prepare(self, **_) -> dict:
+        return {}
+
+    def snapshot(self):
+        return None
+
+    def restore(self, snap) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class NPNEstimator(NoEstimator):
+    """NeuCLIP: T_u NPN steps on the global batch, then alpha = NPN(e1, e2, tau) detached (E7.2-3)."""
+
+    def __init__(self, npn: NPN, cfg: TrainConfig):
+        self.npn, self.cfg = npn, cfg
+
+    def prepare(self, *, step, img_all, txt_all, log_target_img, log_target_txt, tau, **_) -> dict:
+        if step % self.cfg.npn_restart_every == 0:  # E7.4 (step 0 included: start from the data, not at random)
+            self.npn.restart(img_all, txt_all, seed=self.cfg.seed * 1_000_003 + step)
+        if self.cfg.npn_update == "simultaneous":   # ablation: alpha from the NPN before this step's update
+            alpha = self.npn.predict(img_all, txt_all, tau)
+        npn_loss = self.npn.fit(img_all, txt_all, log_target_img, log_target_txt, tau, self.cfg.npn_inner_steps)
+        if self.cfg.npn_update == "alternating":
+            alpha = self.npn.predict(img_all, txt_all, tau)
+        err = ((alpha[0] - log_target_img).abs().mean() + (alpha[1] - log_target_txt).abs().mean()) / 2
+        return {"alpha_img": alpha[0], "alpha_txt": alpha[1], "npn_loss": npn_loss, "npn_batch_err": float(err)}
+
+    def snapshot(self):
+        return copy.deepcopy(self.npn.state_dict())  # the NPN is small: a copy per step is cheap
+
+    def restore(self, snap) -> None:
+        self.npn.load_state_dict(snap)
+
+    def state_dict(self) -> dict:
+        return {"npn": self.npn.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.npn.load_state_dict(state["npn"])
+
+
+class TableEstimator(NoEstimator):
+    """FastCLIP: u <- (1-gamma)u + gamma g_hat on the global batch, alpha = log(eps + u) (E9)."""
+
+    def __init__(self, loss_fn: FastCLIPLoss):
+        self.loss_fn = loss_fn
+
+    def prepare(self, *, epoch, index_all, log_g_img, log_g_txt, log_target_img, log_target_txt, **_) -> dict:
+        alpha_img, alpha_txt = self.loss_fn.update_alpha(index_all, log_g_img, log_g_txt, epoch)
+        err = ((alpha_img - log_target_img).abs().mean() + (alpha_txt - log_target_txt).abs().mean()) / 2
+        return {"alpha_img": alpha_img, "alpha_txt": alpha_txt, "fastclip_gamma": self.loss_fn.gamma(epoch),
+                "u_batch_err": float(err)}
+
+    def snapshot(self):
+        return [t.log_u.clone() for t in (self.loss_fn.u_img, self.loss_fn.u_txt)]
+
+    def restore(self, snap) -> None:
+        for t, saved in zip((self.loss_fn.u_img, self.loss_fn.u_txt), snap):
+            t.log_u.copy_(saved)
+
+    def state_dict(self) -> dict:
+        return {"u_img": self.loss_fn.u_img.state_dict(), "u_txt": self.loss_fn.u_txt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_fn.u_img.load_state_dict(state["u_img"])
+        self.loss_fn.u_txt.load_state_dict(state["u_txt"])
+
+
+def _log_eps_plus(log_g: torch.Tensor, eps: float) -> torch.Tensor:
+    """log(eps + g) from log g."""
+    if eps <= 0:
+        return log_g
+    return torch.logaddexp(torch.full_like(log_g, math.log(eps)), log_g)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the engine
+# ---------------------------------------------------------------------------------------------------------------
+class NeuCLIPEngine:
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, *, total_steps: int,
+                 dataset_size: int | None = None):
+        self.cfg, self.info = cfg, info
+        ds_config = build_ds_config(cfg, info.world_size)
+        optimizer = build_optimizer(model, cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup, total_steps))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self.accumulation = self.engine.gradient_accumulation_steps()
+        self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
+        self.timer = PhaseTimer(info.device)
+        self.skipped_steps = 0
+        self.skipped_in_a_row = 0
+        self.loss_fn, self.estimator = self._build_loss(model, dataset_size)
+        # FastCLIP's alpha comes from the estimator (tables updated once per step), so call its E6 part directly
+        self.loss_call = self.loss_fn.loss_with_alpha if cfg.loss == "fastclip" else self.loss_fn
+
+    def _build_loss(self, model, dataset_size):
+        cfg = self.cfg
+        if cfg.loss == "neuclip":
+            dim = model.visual.config.projection_dim
+            npn = NPN(dim, num_prototypes=cfg.npn_prototypes, eps=cfg.eps, lr=cfg.npn_lr, variant=cfg.npn_variant,
+                      seed=cfg.seed, device=self.info.device)
+            return NeuCLIPLoss(eps=cfg.eps, rho=cfg.rho), NPNEstimator(npn, cfg)
+        if cfg.loss == "fastclip":
+            if not dataset_size:
+                raise ValueError("dataset_size: FastCLIP needs the number of samples in the data set")
+            loss_fn = FastCLIPLoss(dataset_size, eps=cfg.eps, rho=cfg.rho, gamma_min=cfg.fastclip_gamma_min,
+                                   gamma_decay_epochs=cfg.fastclip_gamma_decay_epochs)
+            return loss_fn, TableEstimator(loss_fn)
+        return LOSSES[cfg.loss](), NoEstimator()
+
+    # -----------------------------------------------------------------------------------------------------------
+    def _to_device(self, mb: dict) -> dict:
+        dev = self.info.device
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision, torch.float32)
+        return {"pixel_values": mb["pixel_values"].to(dev, dtype, non_blocking=True),
+                "input_ids": mb["input_ids"].to(dev, non_blocking=True),
+                "attention_mask": mb["attention_mask"].to(dev, non_blocking=True)}
+
+    def _encode(self, mb: dict) -> dict:
+        out = self.engine(**self._to_device(mb))
+        # the losses run in fp32 whatever the encoders' precision (log-domain sums over the global batch)
+        return {k: v.float() for k, v in out.items()}
+
+    def _all_finite(self, *tensors: torch.Tensor) -> bool:
+        """The same verdict on every rank (one all-reduce)."""
+        bad = torch.zeros(1, device=self.info.device)
+        for t in tensors:
+            if not torch.isfinite(t).all():
+                bad += 1
+        if self.info.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bool(bad.item() == 0)
+
+    def _splice(self, a: int, fresh: dict, cache_img: torch.Tensor, cache_txt: torch.Tensor,
+                glob_img: torch.Tensor, glob_txt: torch.Tensor) -> Features:
+        """Local anchors and global batch for micro-batch a: cached features, with the re-encoded chunk (with
+        graph) in place of chunk a on every rank (gathered with gradient, E8)."""
+        b, A, W, rank = self.micro_batch, self.accumulation, self.info.world_size, self.info.rank
+        sides = []
+        for cache, glob, x in ((cache_img, glob_img, fresh["img"]), (cache_txt, glob_txt, fresh["txt"])):
+            local = torch.cat([cache[:a * b], x, cache[(a + 1) * b:]])
+            parts = dist_fn.all_gather(x) if W > 1 else [x]
+            blocks = []
+            for r in range(W):
+                block = glob[r * A * b:(r + 1) * A * b]
+                blocks += [block[:a * b], parts[r], block[(a + 1) * b:]]
+            sides.append((local, torch.cat(blocks)))
+        return Features(sides[0][0], sides[1][0], sides[0][1], sides[1][1], rank * A * b)
+
+    # -----------------------------------------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[dict], *, step: int, epoch: int) -> dict:
+        """One optimizer step (E7) over this rank's A micro-batches. Returns metrics (rank-local floats)."""
+        A, t, cfg = len(micro_batches), self.timer, self.cfg
+        if A != self.accumulation:
+            raise ValueError(f"micro_batches: expected {self.accumulation} micro-batches, got {A}")
+
+        # 1. encode (A == 1: with graph; A > 1: cache without graph, recompute per chunk below)
+        with t("forward"):
+            if A == 1:
+                out = self._encode(micro_batches[0])
+                img_loc, txt_loc = out["img"], out["txt"]
+            else:
+                with torch.no_grad():
+                    outs = [self._encode(mb) for mb in micro_batches]
+                out = outs[0]
+                img_loc, txt_loc = torch.cat([o["img"] for o in outs]), torch.cat([o["txt"] for o in outs])
+            tau = out["tau"]
+        # 2. the global batch (detached) and log g_hat of each anchor (E1)
+        with t("gather"):
+            feats = gather_features(img_loc, txt_loc) if A == 1 else None
+            img_all = feats.img_all.detach() if A == 1 else all_gather_no_grad(img_loc)
+            txt_all = feats.txt_all.detach() if A == 1 else all_gather_no_grad(txt_loc)
+            offset = self.info.rank * img_loc.shape[0]
+            with torch.no_grad():
+                local = Features(img_loc.detach(), txt_loc.detach(), img_all, txt_all, offset)
+                lg_img, lg_txt = (all_gather_no_grad(x) for x in batch_log_normalizers(local, tau.detach()))
+            index_all = all_gather_no_grad(torch.cat([mb["index"] for mb in micro_batches]).to(self.info.device))
+        if not self._all_finite(img_all, txt_all, tau, lg_img, lg_txt):
+            return self._skip("non-finite features")
+        # 3. alpha on the global batch: NPN inner steps / u-table update (E7.2, E9)
+        with t("npn"):
+            snapshot = self.estimator.snapshot()
+            aux = self.estimator.prepare(
+                step=step, epoch=epoch, img_all=img_all, txt_all=txt_all, tau=tau.detach(), index_all=index_all,
+                log_g_img=lg_img, log_g_txt=lg_txt, log_target_img=_log_eps_plus(lg_img, cfg.eps),
+                log_target_txt=_log_eps_plus(lg_txt, cfg.eps))
+        metrics = {k: v for k, v in aux.items() if not isinstance(v, torch.Tensor)}
+        # 4. the encoder / tau step through DeepSpeed (E6), one backward per micro-batch
+        loss_value = None
+        for a in range(A):
+            with t("backward"):
+                if A == 1:
+                    chunk_tau, chunk_bias = tau, out.get("bias")
+                else:
+                    fresh = self._encode(micro_batches[a])
+                    feats = self._splice(a, fresh, img_loc, txt_loc, img_all, txt_all)
+                    # tau and the bias appear in every chunk's loss: give them their gradient once (chunk 0)
+                    chunk_tau, chunk_bias = fresh["tau"], fresh.get("bias")
+                    if a > 0:
+                        chunk_tau = chunk_tau.detach()
+                        chunk_bias = None if chunk_bias is None else chunk_bias.detach()
+                loss = self.loss_call(feats, chunk_tau, **self._loss_aux(feats, aux, chunk_bias))
+                if a == 0:
+                    if not self._all_finite(loss.detach()):
+                        self.estimator.restore(snapshot)
+                        return self._skip("non-finite loss")
+                    loss_value = loss.detach()
+                self.engine.backward(loss, scale_wrt_gas=False)
+            with t("optimizer"):
+                self.engine.step()
+        self.skipped_in_a_row = 0
+        if self.info.world_size > 1:  # report the mean over ranks (= the full-batch loss, E8)
+            dist.all_reduce(loss_value)
+            loss_value /= self.info.world_size
+        metrics.update(loss=float(loss_value), tau=float(tau.detach()), skipped=False)
+        return metrics
+
+    def _loss_aux(self, feats: Features, aux: dict, bias) -> dict:
+        name = self.loss_fn.name
+        sl = slice(feats.offset, feats.offset + feats.local_size)
+        if name in ("neuclip", "fastclip"):
+            return {"alpha_img": aux["alpha_img"][sl], "alpha_txt": aux["alpha_txt"][sl]}
+        if name == "siglip":
+            return {"bias": bias}
+        return {}
+
+    def _skip(self, why: str) -> dict:
+        """No parameter, NPN or u update happened; count it and abort after K in a row."""
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row >= self.cfg.max_skipped_in_a_row:
+            raise TrainingAborted(f"{self.skipped_in_a_row} steps in a row skipped ({why}); last good state is the "
+                                  f"latest checkpoint. Lower --lr, check the data, or raise --max-skipped-in-a-row")
+        return {"loss": float("nan"), "tau": float("nan"), "skipped": True, "skip_reason": why}
