@@ -1,0 +1,31 @@
+"""Data for neuclip_ds: the embedded digits data set, the tokenizer wrapper and the webdataset pipeline.
+
+    embedded   build_embedded_dataset(out_dir, ...) -> manifest; python -m neuclip_ds.data.embedded --out DIR
+    tokenizer  TextTokenizer(path, context_length); train_caption_tokenizer(captions, out_dir)
+    pipeline   make_train_loader / make_eval_loader -> ClipLoader (batches + data position);
+               BadSampleTracker; image_transform
+Names are re-exported lazily (PEP 562), so ``python -m neuclip_ds.data.embedded`` does not pre-import itself and
+importing the package stays cheap.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "embedded": ["build_embedded_dataset", "dataset_paths", "load_classnames", "load_templates", "is_complete"],
+    "pipeline": ["BAD_REASONS", "CLIP_MEAN", "CLIP_STD", "BadSampleTracker", "BadSampleWarning", "ClipLoader",
+                 "ImageTransform", "TooManyBadSamplesError", "expand_shards", "image_transform",
+                 "make_eval_loader", "make_train_loader"],
+    "tokenizer": ["TextTokenizer", "train_caption_tokenizer"],
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

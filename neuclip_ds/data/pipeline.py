@@ -1,0 +1,671 @@
+"""WebDataset input pipeline for CLIP training: shards -> (shuffle) -> decode/validate -> transform -> batches.
+
+Shards are given as one string: brace patterns and ``::``-joined lists (``"a/{00000..00007}.tar::b/x.tar"``,
+expanded by ``webdataset.shardlists.expand_urls``) or a list of paths/URLs. Local shard files that do not exist
+are dropped with a warning and counted (reason ``missing_shard``); if no listed local file exists at all the
+factories raise ``FileNotFoundError`` naming the pattern. Tar reading and grouping use ``webdataset``
+(``tarfile_samples``) with a counting warn-and-continue handler, so no worker ever dies on bad input.
+
+Distribution and determinism
+    Non-resampled mode (default): each epoch, the full shard list is permuted with a RNG seeded by
+    (seed, epoch) (identical on all ranks), rank r takes shards ``[r::world_size]`` and dataloader worker w of
+    that rank takes ``[w::workers]`` of those; every sample of every readable shard is read exactly once per
+    epoch across all ranks and workers. A sample shuffle buffer (seeded by seed, epoch, rank, worker) mixes
+    samples within a worker; the random-resized-crop RNG is seeded the same way. Batches are formed inside the
+    worker; ``torch.utils.data.DataLoader`` returns them round-robin over workers, so the batch sequence of a
+    rank is a deterministic function of (shards, seed, epoch, rank, world_size, workers, batch_size).
+    Ranks may get different numbers of batches when shards hold different numbers of samples; the last batch
+    of each worker is partial unless ``drop_last=True``.
+    ``num_samples`` (per epoch, all ranks together) caps a rank at ``ceil(num_samples / world_size)`` samples
+    (it stops after the batch that reaches the cap); set it >= the data size to read everything once.
+    Resampled mode (``resampled=True``): each worker draws shards with replacement (RNG seeded by seed, epoch,
+    rank, worker) forever; an epoch is exactly ``num_batches = max(1, num_samples // (batch_size *
+    world_size))`` full batches per rank (split exactly over the workers), the same on every rank. Use it for
+    multi-rank training where every rank must take the same number of steps.
+
+Batch format (a dict)
+    ``pixel_values``   float32 [b, 3, S, S], CLIP mean/std normalized
+    ``input_ids``      int64 [b, context_length] (bos + tokens + eos + pad, see tokenizer.py)
+    ``attention_mask`` int64 [b, context_length]
+    ``index``          int64 [b]: json ``"index"`` of the sample, else ``int(key)`` when the key is all digits
+    ``key``            list[str] of sample keys
+    ``caption``        list[str] of the raw captions
+    ``labels``         (only when every sample's json has a ``"labels"`` dict, e.g. the embedded val split)
+                       dict attribute -> int64 [b]
+    ``bad_samples``    dict reason -> int: samples (or shard-level events) skipped on this rank since the
+                       previous batch this loader yielded (all workers merged; see below)
+    ``num_truncated``  int: captions of this batch truncated to the context length
+
+Bad input and how the counts reach the trainer
+    Reasons: ``missing_shard`` (one per missing shard file; files already missing when the loader is built
+    are attributed to rank ``i % world_size``, i = position among the missing ones, so the sum over ranks
+    counts each once), ``shard_error`` (one per tar read error: truncated or corrupt tar, duplicate member;
+    samples after the error point are lost and cannot be counted),
+    ``missing_image``, ``decode_error`` (image bytes PIL cannot decode), ``missing_caption``, ``empty_caption``
+    (blank after strip, or not utf-8), ``bad_json`` (unparsable json), ``missing_index`` (no json ``index``
+    and a non-numeric key). Each is skipped with a ``BadSampleWarning`` (first 20 per worker and epoch, then
+    one "suppressed" note). Each worker counts locally and ships its counts with its next batch (or, after its
+    last batch, in a stats-only item that the loader absorbs); the main-process loader merges them into the
+    ``bad_samples`` field of the batch it yields, so the sum of ``batch["bad_samples"]`` over all batches of a
+    rank is that rank's total (counts that arrive when no batch follows are carried to the next epoch's first
+    batch and always visible in ``loader.bad_sample_totals``). ``BadSampleTracker.update(batch)`` sums them;
+    ``check(max_fraction)`` raises ``TooManyBadSamplesError`` when ``bad / (bad + good)`` exceeds the limit.
+
+Data position
+    ``loader.state_dict() -> {"epoch", "batches_in_epoch"}`` counts batches already yielded (taken when the
+    batch is handed out, so a checkpoint saved after training on it is exact; after the last batch of an epoch
+    it already reads ``{"epoch": e + 1, "batches_in_epoch": 0}``). ``load_state_dict`` on a freshly built
+    loader with the same arguments makes the next ``iter(loader)`` replay epoch e from its start and drop the
+    first ``batches_in_epoch`` batches, so it continues with exactly the batches (pixels included) an
+    uninterrupted run would have produced. ``set_epoch(e)`` starts epoch e (no-op if e is the current epoch,
+    so a resumed position survives the usual ``set_epoch`` at the top of the epoch loop). Iterating the loader
+    runs the current epoch to its end and then advances to the next epoch.
+
+Image transforms (no torchvision): train = random-resized-crop (scale (0.9, 1.0), ratio (3/4, 4/3), bicubic,
+torchvision's sampling algorithm) to ``image_size``; eval = resize shortest side to ``image_size`` (bicubic) +
+center crop; both then to float [0, 1] and CLIP mean/std normalization.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import re
+import warnings
+from collections import Counter
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+BAD_REASONS = ("missing_shard", "shard_error", "missing_image", "decode_error", "missing_caption",
+               "empty_caption", "bad_json", "missing_index")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+TEXT_EXTS = ("txt", "text", "caption")
+_MAX_WARNINGS = 20
+
+
+class BadSampleWarning(UserWarning):
+    """A sample or shard was skipped (see the ``bad_samples`` counters)."""
+
+
+class TooManyBadSamplesError(RuntimeError):
+    """The fraction of skipped samples passed the configured threshold."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Image transforms
+# ------------------------------------------------------------------------------------------------------------
+class ImageTransform:
+    """PIL image -> normalized float tensor [3, S, S]. ``train``: random-resized-crop; else resize + center crop."""
+
+    def __init__(self, image_size: int, *, train: bool, scale: tuple[float, float] = (0.9, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), mean: Sequence[float] = CLIP_MEAN,
+                 std: Sequence[float] = CLIP_STD):
+        self.image_size = int(image_size)
+        self.train = bool(train)
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def crop_params(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+        """torchvision RandomResizedCrop.get_params: (top, left, crop_h, crop_w)."""
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target_area = area * rng.uniform(self.scale[0], self.scale[1])
+            aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            h, w = height, int(round(height * max(self.ratio)))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def _resize_center_crop(self, img: Image.Image) -> Image.Image:
+        s = self.image_size
+        w, h = img.size
+        if min(w, h) != s:
+            f = s / min(w, h)
+            nw, nh = max(s, int(round(w * f))), max(s, int(round(h * f)))
+            img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+            w, h = nw, nh
+        left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+        if (w, h) != (s, s):
+            img = img.crop((left, top, left + s, top + s))
+        return img
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        s = self.image_size
+        if self.train:
+            top, left, h, w = self.crop_params(img.width, img.height, rng if rng is not None else random)
+            img = img.resize((s, s), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+        else:
+            img = self._resize_center_crop(img)
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        return (x - self.mean) / self.std
+
+
+def image_transform(image_size: int, *, train: bool, scale: tuple[float, float] = (0.9, 1.0),
+                    mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> ImageTransform:
+    return ImageTransform(image_size, train=train, scale=scale, mean=mean, std=std)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Shard lists
+# ------------------------------------------------------------------------------------------------------------
+def _is_local(url: str) -> bool:
+    return not (url.startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url)) or \
+        url.startswith("file://")
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def expand_shards(shards: str | Sequence[str]) -> tuple[list[str], list[str]]:
+    """Expand a shard spec into (usable urls, missing local files).
+
+    Strings are split on ``::`` and brace-expanded (webdataset's ``expand_urls``); lists are taken as they are
+    (each element brace-expanded). Raises ``FileNotFoundError`` naming the spec when nothing usable remains.
+    """
+    from webdataset.shardlists import expand_urls
+
+    if isinstance(shards, (str, os.PathLike)):
+        urls = expand_urls(os.fspath(shards))
+    else:
+        urls = [u for s in shards for u in expand_urls(os.fspath(s))]
+    urls = [u for u in urls if u]
+    present = [u for u in urls if not _is_local(u) or os.path.isfile(_local_path(u))]
+    present_set = set(present)
+    missing = [u for u in urls if u not in present_set]
+    if not present:
+        raise FileNotFoundError(f"data: shard pattern {shards!r} matches no file "
+                                f"({len(urls)} name(s) after expansion, none exists)")
+    return present, missing
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Per-worker stream
+# ------------------------------------------------------------------------------------------------------------
+class _BadSample(Exception):
+    def __init__(self, reason: str, msg: str):
+        super().__init__(msg)
+        self.reason = reason
+
+
+class _Stats:
+    """Per-worker bad-sample counts and rate-limited warnings."""
+
+    def __init__(self, where: str):
+        self.counts: Counter = Counter()
+        self.where = where
+        self.warned = 0
+
+    def add(self, reason: str, msg: str) -> None:
+        self.counts[reason] += 1
+        self.warned += 1
+        if self.warned <= _MAX_WARNINGS:
+            warnings.warn(f"data: skipped ({reason}) {msg} [{self.where}]", BadSampleWarning, stacklevel=2)
+        elif self.warned == _MAX_WARNINGS + 1:
+            warnings.warn(f"data: more bad samples, further warnings suppressed [{self.where}]",
+                          BadSampleWarning, stacklevel=2)
+
+    def handler(self, exn: Exception) -> bool:
+        """webdataset exception handler: count and continue; one count per shard read (an error inside a tar
+        is reported by webdataset twice: by the member loop and by the shard loop)."""
+        shard = getattr(self, "shard_seq", None)
+        if shard is not None and shard == getattr(self, "_counted_shard", None):
+            return True
+        self._counted_shard = shard
+        reason = "missing_shard" if isinstance(exn, FileNotFoundError) else "shard_error"
+        self.add(reason, repr(exn)[:300])
+        return True  # continue
+
+    def take(self) -> dict[str, int]:
+        out = {k: int(v) for k, v in self.counts.items() if v}
+        self.counts.clear()
+        return out
+
+
+def _open_shards(urls: Iterable[dict], stats: _Stats) -> Iterator[dict]:
+    """Open each shard (local files directly, other URLs with webdataset's gopen) and close it once the
+    consumer moves on; yields ``{"url", "stream"}`` as webdataset's tar expander expects."""
+    from webdataset.gopen import gopen
+
+    for seq, item in enumerate(urls):
+        url = item["url"]
+        stats.shard_seq = seq
+        try:
+            stream = open(_local_path(url), "rb") if _is_local(url) else gopen(url)
+        except Exception as exn:  # noqa: BLE001
+            exn.args = exn.args + (url,)
+            stats.handler(exn)
+            continue
+        try:
+            yield dict(item, stream=stream)
+        finally:
+            stream.close()
+
+
+def _first(sample: dict, exts: Sequence[str]):
+    for ext in exts:
+        if ext in sample and sample[ext] is not None:
+            return sample[ext]
+    return None
+
+
+def decode_sample(sample: dict, transform: ImageTransform, rng: random.Random | None) -> dict:
+    """Validate and decode one raw webdataset sample; raises _BadSample(reason) when it must be skipped."""
+    key = str(sample.get("__key__", "?"))
+    where = f"{key} in {sample.get('__url__', '?')}"
+    raw_txt = _first(sample, TEXT_EXTS)
+    if raw_txt is None:
+        raise _BadSample("missing_caption", where)
+    try:
+        caption = raw_txt.decode("utf-8") if isinstance(raw_txt, (bytes, bytearray)) else str(raw_txt)
+    except UnicodeDecodeError:
+        raise _BadSample("empty_caption", f"{where} (caption is not utf-8)") from None
+    caption = caption.strip()
+    if not caption:
+        raise _BadSample("empty_caption", where)
+    meta: dict = {}
+    if sample.get("json") is not None:
+        try:
+            meta = json.loads(sample["json"])
+            if not isinstance(meta, dict):
+                raise ValueError("json is not an object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _BadSample("bad_json", f"{where}: {exc}") from None
+    index = meta.get("index")
+    if isinstance(index, bool) or not isinstance(index, int):
+        base = key.rsplit("/", 1)[-1]
+        if index is None and base.isdigit():
+            index = int(base)
+        else:
+            raise _BadSample("missing_index", where)
+    raw_img = _first(sample, IMAGE_EXTS)
+    if raw_img is None:
+        raise _BadSample("missing_image", where)
+    try:
+        with Image.open(io.BytesIO(raw_img)) as im:
+            im.load()
+            img = im.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - any decoder failure
+        raise _BadSample("decode_error", f"{where}: {exc!r}"[:300]) from None
+    out = {"pixel_values": transform(img, rng), "caption": caption, "index": int(index), "key": key}
+    labels = meta.get("labels")
+    if isinstance(labels, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
+        out["labels"] = labels
+    return out
+
+
+class ShardStream(IterableDataset):
+    """The per-rank stream of ready batches (runs inside each DataLoader worker). Prefer the loader factories."""
+
+    def __init__(self, urls: list[str], *, tokenizer, transform: ImageTransform, batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True, resampled: bool = False,
+                 shuffle_buffer: int = 1000, shuffle_initial: int = 100, drop_last: bool = False,
+                 batches_per_epoch: int | None = None):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError("data: batch_size must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"data: rank {rank} not in [0, {world_size})")
+        if resampled and not batches_per_epoch:
+            raise ValueError("data: resampled mode needs num_samples (batches per epoch)")
+        self.urls = list(urls)
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.batch_size = int(batch_size)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.shuffle, self.resampled = bool(shuffle), bool(resampled)
+        self.shuffle_buffer, self.shuffle_initial = int(shuffle_buffer), int(shuffle_initial)
+        self.drop_last = bool(drop_last)
+        self.batches_per_epoch = batches_per_epoch
+        self.epoch = 0
+
+    def _rng(self, worker: int, what: str) -> random.Random:
+        return random.Random(f"neuclip:{self.seed}:{self.epoch}:{self.rank}:{worker}:{what}")
+
+    def shards_for(self, worker: int, num_workers: int) -> list[str]:
+        """Non-resampled: the shards this (rank, worker) reads in the current epoch, in order."""
+        order = list(self.urls)
+        if self.shuffle:
+            random.Random(f"neuclip:{self.seed}:{self.epoch}:shards").shuffle(order)
+        return order[self.rank::self.world_size][worker::num_workers]
+
+    def worker_quota(self, worker: int, num_workers: int) -> int | None:
+        if not self.resampled:
+            return None
+        base, rem = divmod(self.batches_per_epoch, num_workers)
+        return base + (1 if worker < rem else 0)
+
+    def _shard_source(self, worker: int, num_workers: int, state: dict) -> Iterator[dict]:
+        if not self.resampled:
+            for url in self.shards_for(worker, num_workers):
+                yield {"url": url}
+            return
+        rng = self._rng(worker, "resample")
+        limit = 2 * len(self.urls) + 10
+        while True:
+            if state["shards_since_good"] >= limit:
+                warnings.warn(f"data: {limit} shards in a row gave no usable sample; ending this worker's epoch "
+                              f"early (rank {self.rank}, worker {worker})", BadSampleWarning)
+                return
+            state["shards_since_good"] += 1
+            yield {"url": rng.choice(self.urls)}
+
+    def _collate(self, samples: list[dict], stats: _Stats) -> dict[str, Any]:
+        text, truncated = self.tokenizer.encode_batch([s["caption"] for s in samples])
+        batch = {
+            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+            "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+            "key": [s["key"] for s in samples],
+            "caption": [s["caption"] for s in samples],
+        }
+        if all("labels" in s for s in samples):
+            names = samples[0]["labels"].keys()
+            if all(s["labels"].keys() == names for s in samples):
+                batch["labels"] = {k: torch.tensor([s["labels"][k] for s in samples], dtype=torch.long)
+                                   for k in names}
+        batch["bad_samples"] = stats.take()
+        batch["num_truncated"] = int(truncated)
+        return batch
+
+    def __iter__(self) -> Iterator[dict]:
+        from webdataset.filters import shuffle as wds_shuffle
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        stats = _Stats(f"rank {self.rank} worker {worker} epoch {self.epoch}")
+        state = {"shards_since_good": 0}
+        quota = self.worker_quota(worker, num_workers)
+        if quota == 0:
+            return
+        streams = _open_shards(self._shard_source(worker, num_workers, state), stats)
+        samples: Iterable[dict] = group_by_keys(tar_file_expander(streams, handler=stats.handler),
+                                                handler=stats.handler)
+        if self.shuffle and self.shuffle_buffer > 1:
+            samples = wds_shuffle(self.shuffle_buffer, self.shuffle_initial,
+                                  rng=self._rng(worker, "samples"))(samples)
+        aug_rng = self._rng(worker, "augment")
+        pending: list[dict] = []
+        produced = 0
+        for raw in samples:
+            try:
+                pending.append(decode_sample(raw, self.transform, aug_rng))
+            except _BadSample as bad:
+                stats.add(bad.reason, str(bad))
+                continue
+            state["shards_since_good"] = 0
+            if len(pending) == self.batch_size:
+                yield self._collate(pending, stats)
+                pending = []
+                produced += 1
+                if quota is not None and produced >= quota:
+                    return
+        if pending and not self.drop_last and quota is None:
+            yield self._collate(pending, stats)
+        leftover = stats.take()
+        if leftover:
+            yield {"__stats_only__": True, "bad_samples": leftover}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Main-process loader with a data position
+# ------------------------------------------------------------------------------------------------------------
+def _merge(into: Counter, counts: dict | None) -> None:
+    for k, v in (counts or {}).items():
+        into[k] += int(v)
+
+
+class ClipLoader:
+    """Iterable over one epoch of batches of this rank; keeps the data position and bad-sample totals.
+
+    Attributes: ``num_batches`` (nominal batches per epoch for this rank, exact in resampled mode; also
+    ``len(loader)``), ``num_samples``, ``epoch``, ``batches_in_epoch``, ``bad_sample_totals`` (Counter over
+    the loader's lifetime), ``samples_yielded``, ``truncated_total``, ``urls``, ``missing_shards``.
+    """
+
+    def __init__(self, stream: ShardStream, *, workers: int = 0, num_samples: int | None = None,
+                 missing_shards: Sequence[str] = (), pin_memory: bool = False, prefetch_factor: int = 2,
+                 epoch: int = 0):
+        self.stream = stream
+        self.workers = int(workers)
+        self.num_samples = num_samples
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.urls = stream.urls
+        self.missing_shards = list(missing_shards)
+        self.epoch = int(epoch)
+        self.batches_in_epoch = 0
+        self._attached: Counter = Counter()  # counts handed out in batches
+        self.samples_yielded = 0
+        self.truncated_total = 0
+        self._pending: Counter = Counter()
+        if self.missing_shards:
+            warnings.warn(f"data: skipped (missing_shard) {len(self.missing_shards)} of {len(self.urls) + len(self.missing_shards)} "
+                          f"shard file(s) missing, skipped: {self.missing_shards[:5]}"
+                          f"{' ...' if len(self.missing_shards) > 5 else ''}", BadSampleWarning, stacklevel=3)
+            # attribute missing shard i to rank i % world_size, so summing over ranks counts each once
+            mine = len(self.missing_shards[stream.rank::stream.world_size])
+            if mine:
+                self._pending["missing_shard"] += mine
+        gb = stream.batch_size * stream.world_size
+        if stream.resampled:
+            self.num_batches = stream.batches_per_epoch
+            self._sample_cap = None
+        elif num_samples is not None:
+            self.num_batches = max(1, (num_samples // gb) if stream.drop_last else -(-num_samples // gb))
+            self._sample_cap = -(-int(num_samples) // stream.world_size)
+        else:
+            self.num_batches = None
+            self._sample_cap = None
+        if not stream.resampled and len(self.urls) < stream.world_size * max(1, self.workers):
+            warnings.warn(f"data: {len(self.urls)} shard(s) for {stream.world_size} rank(s) x "
+                          f"{max(1, self.workers)} worker(s): some workers get no shard", stacklevel=3)
+
+    @property
+    def bad_sample_totals(self) -> Counter:
+        """All bad counts of this loader so far: those handed out in batches plus those still pending."""
+        return self._attached + self._pending
+
+    # -- position ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.batches_in_epoch = int(state.get("batches_in_epoch", 0))
+
+    def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self.epoch = int(epoch)
+            self.batches_in_epoch = 0
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("data: length unknown (pass num_samples)")
+        return self.num_batches
+
+    # -- iteration ---------------------------------------------------------------------------------------------
+    def _raw_items(self, epoch: int) -> Iterator[dict]:
+        self.stream.epoch = epoch  # picked up by the workers, which are started per epoch
+        if self.workers <= 0:
+            return iter(self.stream)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return iter(DataLoader(self.stream, batch_size=None, num_workers=self.workers, persistent_workers=False,
+                               pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor))
+
+    def _real_batches(self, items: Iterator[dict], counts: Counter) -> Iterator[dict]:
+        """Real batches only; stats-only items are merged into ``counts`` (shared with the caller)."""
+        for item in items:
+            if item.get("__stats_only__"):
+                _merge(counts, item["bad_samples"])
+                continue
+            _merge(counts, item.pop("bad_samples", None))
+            yield item
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch, skip = self.epoch, self.batches_in_epoch
+        counts: Counter = Counter()  # bad counts seen since the last yielded (or skipped) batch
+        batches = self._real_batches(self._raw_items(epoch), counts)
+        seen = samples = 0
+        cur = next(batches, None)
+        while cur is not None:
+            seen += 1
+            samples += len(cur["key"])
+            capped = (self.num_batches is not None and self.stream.resampled and seen >= self.num_batches) or \
+                (self._sample_cap is not None and samples >= self._sample_cap)
+            nxt = None if capped else next(batches, None)  # look ahead: know whether cur ends the epoch
+            if seen <= skip:  # already consumed before the checkpoint
+                counts.clear()
+                cur = nxt
+                continue
+            _merge(self._pending, counts)
+            counts.clear()
+            cur["bad_samples"] = {k: v for k, v in sorted(self._pending.items()) if v}
+            _merge(self._attached, cur["bad_samples"])
+            self._pending.clear()
+            self.samples_yielded += len(cur["key"])
+            self.truncated_total += cur["num_truncated"]
+            if nxt is None:
+                self.epoch, self.batches_in_epoch = epoch + 1, 0
+            else:
+                self.batches_in_epoch = seen
+            yield cur
+            cur = nxt
+        # epoch ended without a batch to carry late counts: keep them for the next batch
+        _merge(self._pending, counts)
+        if self.epoch == epoch:
+            self.epoch, self.batches_in_epoch = epoch + 1, 0
+
+
+def _check_common(batch_size: int, world_size: int, rank: int, image_size: int) -> None:
+    if batch_size < 1 or image_size < 1:
+        raise ValueError("data: batch_size and image_size must be >= 1")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"data: rank {rank} / world_size {world_size} invalid")
+
+
+def make_train_loader(shards: str | Sequence[str], *, tokenizer, image_size: int, batch_size: int,
+                      num_samples: int | None, rank: int = 0, world_size: int = 1, workers: int = 0,
+                      seed: int = 0, resampled: bool = False, epoch: int = 0, shuffle_buffer: int = 1000,
+                      shuffle_initial: int = 100, crop_scale: tuple[float, float] = (0.9, 1.0),
+                      drop_last: bool = False, pin_memory: bool = False) -> ClipLoader:
+    """Training loader for this rank (``batch_size`` per rank). See the module docstring for the semantics."""
+    _check_common(batch_size, world_size, rank, image_size)
+    urls, missing = expand_shards(shards)
+    batches = None
+    if resampled:
+        if not num_samples or num_samples < 1:
+            raise ValueError("data: resampled mode needs num_samples >= 1")
+        batches = max(1, int(num_samples) // (batch_size * world_size))
+    stream = ShardStream(urls, tokenizer=tokenizer, transform=ImageTransform(image_size, train=True,
+                                                                             scale=crop_scale),
+                         batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, shuffle=True,
+                         resampled=resampled, shuffle_buffer=shuffle_buffer, shuffle_initial=shuffle_initial,
+                         drop_last=drop_last, batches_per_epoch=batches)
+    return ClipLoader(stream, workers=workers, num_samples=num_samples, missing_shards=missing,
+                      pin_memory=pin_memory, epoch=epoch)
+
+
+def make_eval_loader(shards: str | Sequence[str], *, tokenizer, image_size: int, batch_size: int,
+                     rank: int = 0, world_size: int = 1, workers: int = 0,
+                     pin_memory: bool = False) -> ClipLoader:
+    """Evaluation loader: no shuffle, no drop, every readable sample once (split over ranks/workers by shard)."""
+    _check_common(batch_size, world_size, rank, image_size)
+    urls, missing = expand_shards(shards)
+    stream = ShardStream(urls, tokenizer=tokenizer, transform=ImageTransform(image_size, train=False),
+                         batch_size=batch_size, rank=rank, world_size=world_size, shuffle=False,
+                         resampled=False, drop_last=False)
+    return ClipLoader(stream, workers=workers, num_samples=None, missing_shards=missing, pin_memory=pin_memory)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bad-sample accounting for the trainer
+# ------------------------------------------------------------------------------------------------------------
+class BadSampleTracker:
+    """Sums ``batch["bad_samples"]`` and good samples; ``check`` raises when the bad fraction is too high.
+
+    ``fraction = bad / (bad + good)`` where shard-level events (missing_shard, shard_error) count as one each.
+    ``check`` only judges once ``min_seen`` units were seen, so one early bad shard does not stop a run.
+    Multi-rank: all-reduce ``counts_vector()`` (order ``("good",) + BAD_REASONS`` then extra reasons sorted)
+    or sum ``as_dict()`` across ranks.
+    """
+
+    def __init__(self, max_fraction: float | None = None, *, min_seen: int = 100):
+        self.max_fraction = max_fraction
+        self.min_seen = int(min_seen)
+        self.good = 0
+        self.bad: Counter = Counter()
+
+    def update(self, batch: dict) -> dict[str, int]:
+        counts = batch.get("bad_samples") or {}
+        _merge(self.bad, counts)
+        if "key" in batch:
+            self.good += len(batch["key"])
+        elif "index" in batch:
+            self.good += int(batch["index"].shape[0])
+        return dict(counts)
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.bad.values()))
+
+    @property
+    def seen(self) -> int:
+        return self.good + self.total
+
+    @property
+    def fraction(self) -> float:
+        return self.total / self.seen if self.seen else 0.0
+
+    def check(self, max_fraction: float | None = None) -> None:
+        limit = self.max_fraction if max_fraction is None else max_fraction
+        if limit is None or self.seen < self.min_seen:
+            return
+        if self.fraction > limit:
+            detail = ", ".join(f"{k}={v}" for k, v in sorted(self.bad.items()) if v)
+            raise TooManyBadSamplesError(
+                f"data: {self.total} of {self.seen} samples skipped ({self.fraction:.2%} > limit {limit:.2%}): "
+                f"{detail}")
+
+    def as_dict(self) -> dict[str, float]:
+        out: dict[str, float] = {"bad_samples": self.total, "good_samples": self.good,
+                                 "bad_fraction": self.fraction}
+        for k, v in sorted(self.bad.items()):
+            out[f"bad_samples/{k}"] = int(v)
+        return out
+
+    def counts_vector(self) -> list[int]:
+        extra = sorted(k for k in self.bad if k not in BAD_REASONS)
+        return [self.good] + [int(self.bad.get(k, 0)) for k in BAD_REASONS + tuple(extra)]
+
+    def state_dict(self) -> dict:
+        return {"good": self.good, "bad": dict(self.bad)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.good = int(state.get("good", 0))
+        self.bad = Counter({k: int(v) for k, v in state.get("bad", {}).items()})
