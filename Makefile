@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_DIR ?= data/digits
 RUN_DIR ?= runs/tiny-neuclip
+NPROC ?= 2
+TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
 export DS_ACCELERATOR ?= cpu
@@ -23,6 +25,16 @@ $(STAMP): pyproject.toml requirements.txt
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# The embedded default data set (real digits from scikit-learn, rendered with attributes); a no-op once built.
+data: install
+	$(PY) -m neuclip_ds.data.embedded --out $(DATA_DIR)
+
+# The embedded default run: tiny preset, NeuCLIP, ZeRO-2 on $(NPROC) CPU ranks, then evaluation.
+# Re-running resumes an interrupted run (--resume auto); `make clean` starts over.
+train: data
+	launchers/single_node.sh $(NPROC) --config configs/tiny-neuclip.yaml --dataset-dir $(DATA_DIR) \
+		--output-dir $(RUN_DIR) --resume auto $(TRAIN_ARGS)
 
 # pytest exits 5 when nothing was collected; that is not a failure.
 test: install

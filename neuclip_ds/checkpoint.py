@@ -8,7 +8,6 @@ RNG states of every rank (gathered with all_gather_object because only rank 0 wr
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from pathlib import Path
@@ -33,7 +32,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _gather_objects(obj) -> list:
+def gather_objects(obj) -> list:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [obj]
     out = [None] * dist.get_world_size()
@@ -46,7 +45,7 @@ def save(engine, output_dir: str | Path, *, step: int, client_state: dict, per_r
     """Save tag `step{N}`. `per_rank_state` (RNG, u-table shards) is gathered from every rank into client_state."""
     ckpt_dir = Path(output_dir) / CHECKPOINT_DIR
     tag = f"step{step:08d}"
-    state = dict(client_state, per_rank=_gather_objects(per_rank_state))
+    state = dict(client_state, per_rank=gather_objects(per_rank_state))
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=True)
     if dist.get_rank() == 0:
         tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
@@ -86,7 +85,3 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict:
     rank = dist.get_rank() if dist.is_initialized() else 0
     client_state["mine"] = per_rank[rank] if rank < len(per_rank) else None
     return client_state
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "0") not in ("0", "", "false")

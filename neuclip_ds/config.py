@@ -50,12 +50,13 @@ class TrainConfig:
     npn_variant: str = "tailored"
     npn_update: str = "alternating"
     # data
+    dataset_dir: str | None = None
     train_data: str | None = None
     train_num_samples: int | None = None
     val_data: str | None = None
     tokenizer: str | None = None
     dataset_size: int | None = None
-    workers: int = 1
+    workers: int = 0
     data_resampled: bool = False
     max_bad_fraction: float = 0.05
     # optimization
@@ -114,11 +115,11 @@ class TrainConfig:
             raise ConfigError(f"--npn-variant: must be tailored or mlp, got {self.npn_variant!r}")
         if self.npn_update not in ("alternating", "simultaneous"):
             raise ConfigError(f"--npn-update: must be alternating or simultaneous, got {self.npn_update!r}")
-        for name in ("npn_prototypes", "npn_restart_every", "global_batch_size", "workers", "keep_last",
+        for name in ("npn_prototypes", "npn_restart_every", "global_batch_size", "keep_last",
                      "log_every", "max_skipped_in_a_row"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
-        for name in ("npn_inner_steps", "warmup", "save_every", "eval_every", "synthetic_samples"):
+        for name in ("npn_inner_steps", "warmup", "save_every", "eval_every", "synthetic_samples", "workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
         for name in ("npn_lr", "lr", "init_tau", "tau_min", "tau_max"):
@@ -137,6 +138,8 @@ class TrainConfig:
         if (self.steps is not None and self.steps <= 0) or (self.epochs is not None and self.epochs <= 0):
             raise ConfigError("--steps/--epochs: must be > 0")
         # data
+        if self.dataset_dir is not None:
+            self._fill_from_dataset_dir()
         if self.train_data is None and self.synthetic_samples == 0:
             raise ConfigError("--train-data: no training data given (or use --synthetic-samples N)")
         if self.train_data is not None:
@@ -151,6 +154,8 @@ class TrainConfig:
             raise ConfigError("--dataset-size: FastCLIP's u tables need the number of samples in the data set")
         if self.tokenizer is not None and not Path(self.tokenizer).is_dir():
             raise ConfigError(f"--tokenizer: {self.tokenizer} is not a directory")
+        if self.train_data is not None and self.tokenizer is None:
+            raise ConfigError("--tokenizer: required with --train-data (a local HF tokenizer directory)")
         # DeepSpeed config
         if not Path(self.ds_config).is_file():
             raise ConfigError(f"--ds-config: file not found: {self.ds_config}")
@@ -170,6 +175,20 @@ class TrainConfig:
         if self.global_batch_size // world_size < 2 and world_size == 1:
             raise ConfigError("--global-batch-size: need at least 2 pairs for negatives")
         return self
+
+    def _fill_from_dataset_dir(self) -> None:
+        """--dataset-dir: a data set built by neuclip_ds (the embedded one) fills the unset data options."""
+        from .data.embedded import dataset_paths
+
+        try:
+            paths = dataset_paths(self.dataset_dir)
+        except FileNotFoundError as e:
+            raise ConfigError(f"--dataset-dir: {e}") from None
+        self.train_data = self.train_data or paths["train"]
+        self.val_data = self.val_data or paths["val"]
+        self.tokenizer = self.tokenizer or paths["tokenizer"]
+        self.train_num_samples = self.train_num_samples or paths["num_train"]
+        self.dataset_size = self.dataset_size or paths["num_train"]
 
     def zero_stage(self) -> int:
         return int(self.ds_config_dict().get("zero_optimization", {}).get("stage", 0))
@@ -203,7 +222,7 @@ _GROUPS = {
     "loss": ["loss", "eps", "rho", "fastclip_gamma_min", "fastclip_gamma_decay_epochs"],
     "NPN (NeuCLIP)": ["npn_prototypes", "npn_inner_steps", "npn_restart_every", "npn_lr", "npn_variant",
                       "npn_update"],
-    "data": ["train_data", "train_num_samples", "val_data", "tokenizer", "dataset_size", "workers",
+    "data": ["dataset_dir", "train_data", "train_num_samples", "val_data", "tokenizer", "dataset_size", "workers",
              "data_resampled", "max_bad_fraction", "synthetic_samples"],
     "optimization": ["global_batch_size", "steps", "epochs", "lr", "wd", "warmup", "beta1", "beta2", "adam_eps",
                      "grad_clip", "max_skipped_in_a_row"],
@@ -221,6 +240,7 @@ _HELP = {
     "npn_restart_every": "T_r, restart the NPN from the batch every T_r steps (E7.4)",
     "npn_lr": "NPN AdaGrad learning rate", "npn_variant": "tailored (E4) or mlp (ablation)",
     "npn_update": "alternating (E7) or simultaneous (ablation: alpha predicted before the NPN step)",
+    "dataset_dir": "a data set built by neuclip_ds (sets train/val data, tokenizer, sizes)",
     "train_data": "webdataset shards, brace-expanded, '::'-joined lists", "train_num_samples": "samples per epoch",
     "val_data": "held-out webdataset shards", "tokenizer": "local HF tokenizer directory",
     "dataset_size": "number of samples in the data set (FastCLIP u tables)",

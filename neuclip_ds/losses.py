@@ -17,6 +17,7 @@ small as 0.01 (exponents up to 200) does not overflow in fp32.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,10 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# torch marks torch.distributed.nn.functional.all_gather deprecated in favour of a private functional API; it is
+# still the public autograd-aware all-gather (backward = reduce-scatter), so keep it and keep the log readable.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
 # ---------------------------------------------------------------------------------------------------------------
 # input checks (ValueError naming the argument)

@@ -26,11 +26,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_data(cfg: TrainConfig, info, accumulation: int, vocab: dict):
+def build_tokenizer_vocab(cfg: TrainConfig):
+    """The tokenizer (None for synthetic data) and the ids the text tower must know."""
+    preset = get_preset(cfg.preset)
+    if cfg.tokenizer is None:
+        return None, {"vocab_size": preset.vocab_size, "eos_token_id": preset.vocab_size - 1,
+                      "bos_token_id": preset.vocab_size - 2, "pad_token_id": 0}
+    from .data.tokenizer import TextTokenizer
+
+    tok = TextTokenizer(cfg.tokenizer, context_length=preset.context_length)
+    return tok, {"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
+                 "pad_token_id": tok.pad_token_id}
+
+
+def build_data(cfg: TrainConfig, info, accumulation: int, vocab: dict, tokenizer):
     """The training stream: per optimizer step, this rank's list of micro-batches."""
+    preset = get_preset(cfg.preset)
+    micro = cfg.global_batch_size // (info.world_size * accumulation)
+    if cfg.train_data is not None:
+        from .data.pipeline import make_train_loader
+        from .data.stream import LoaderStream
+
+        loader = make_train_loader(cfg.train_data, tokenizer=tokenizer, image_size=preset.image_size,
+                                   batch_size=micro, num_samples=cfg.train_num_samples, rank=info.rank,
+                                   world_size=info.world_size, workers=cfg.workers, seed=cfg.seed,
+                                   resampled=cfg.data_resampled, drop_last=True)
+        stream = LoaderStream(loader, accumulation=accumulation, max_bad_fraction=cfg.max_bad_fraction)
+        return stream, cfg.dataset_size or cfg.train_num_samples, stream.steps_per_epoch
     from .synthetic import SyntheticPairs, SyntheticStream
 
-    preset = get_preset(cfg.preset)
     data = SyntheticPairs(cfg.synthetic_samples, image_size=preset.image_size, context_length=preset.context_length,
                           vocab_size=vocab["vocab_size"], eos_token_id=vocab["eos_token_id"],
                           bos_token_id=vocab["bos_token_id"], pad_token_id=vocab["pad_token_id"], seed=cfg.seed)
@@ -58,7 +82,7 @@ def build_model_for(cfg: TrainConfig, ds_config: dict, vocab: dict):
 def run(cfg: TrainConfig) -> dict:
     from . import checkpoint
     from .engine import NeuCLIPEngine, build_ds_config, init_distributed
-    from .metrics import MetricsLogger, plot_training
+    from .metrics import MetricsLogger, plot_training, read_metrics
 
     info = init_distributed()
     out_dir = Path(cfg.output_dir)
@@ -67,10 +91,8 @@ def run(cfg: TrainConfig) -> dict:
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     seed_everything(cfg.seed)  # the same on every rank: identical initial weights
     accumulation = cfg.gradient_accumulation_steps()
-    preset = get_preset(cfg.preset)
-    vocab = {"vocab_size": preset.vocab_size, "eos_token_id": preset.vocab_size - 1,
-             "bos_token_id": preset.vocab_size - 2, "pad_token_id": 0}
-    stream, dataset_size, steps_per_epoch = build_data(cfg, info, accumulation, vocab)
+    tokenizer, vocab = build_tokenizer_vocab(cfg)
+    stream, dataset_size, steps_per_epoch = build_data(cfg, info, accumulation, vocab, tokenizer)
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     model = build_model_for(cfg, build_ds_config(cfg, info.world_size), vocab)
     eng = NeuCLIPEngine(cfg, model, info, total_steps=total_steps, dataset_size=cfg.dataset_size or dataset_size)
@@ -104,26 +126,80 @@ def run(cfg: TrainConfig) -> dict:
             t0 = time.perf_counter()
             with eng.timer("data"):
                 micro_batches = stream.next_step()
-            m = eng.train_step(micro_batches, step=step, epoch=stream.epoch)
+            epoch = step // steps_per_epoch  # the same on every rank (FastCLIP's gamma schedule, E9)
+            m = eng.train_step(micro_batches, step=step, epoch=epoch)
+            bad = _check_bad_samples(stream, cfg.max_bad_fraction)
             elapsed = time.perf_counter() - t0
             times = eng.timer.times
-            record = {"step": step + 1, "epoch": stream.epoch, "loss": m["loss"], "tau": m["tau"],
+            record = {"step": step + 1, "epoch": epoch, "loss": m["loss"], "tau": m["tau"],
                       "lr": eng.scheduler.get_last_lr()[0], "samples_per_s": cfg.global_batch_size / elapsed,
                       "step_time_s": elapsed, "npn_time_frac": times["npn"] / elapsed,
-                      "skipped_steps": eng.skipped_steps, "bad_samples": int(getattr(stream, "bad_samples", 0)),
+                      "skipped_steps": eng.skipped_steps, "optimizer_steps": eng.engine.global_steps, "bad_samples": bad,
                       **{f"time_{k}": v for k, v in times.items()},
                       **{k: v for k, v in m.items() if k not in ("loss", "tau", "skipped")}}
             logger.log(record)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
                 save(step + 1)
-        ckpt = save(total_steps)
+        if start_step < total_steps:
+            ckpt = save(total_steps)
+        else:  # resumed a finished run: nothing to train, report it as it is
+            ckpt = resume[0] / resume[1]
+            if info.rank == 0:
+                print(f"neuclip-train: {ckpt} is already at step {total_steps}; nothing to train", file=sys.stderr)
     finally:
         logger.close()
+    if not record and info.rank == 0 and (out_dir / "metrics.jsonl").exists():
+        rows = read_metrics(out_dir / "metrics.jsonl")
+        record = rows[-1] if rows else {}
     summary = {"final": record, "checkpoint": str(ckpt), "metrics": str(out_dir / "metrics.jsonl")}
+    if cfg.val_data is not None:
+        summary.update(final_evaluation(eng, cfg, tokenizer, info, out_dir))
+    if hasattr(eng.estimator, "npn"):  # E8: the replicas must be identical; say so, and fail loudly if not
+        summary["npn_checksums"] = checkpoint.gather_objects(eng.estimator.npn.checksum())
+        if len(set(summary["npn_checksums"])) != 1:
+            raise RuntimeError(f"NPN replicas diverged across ranks: {summary['npn_checksums']}")
     if info.rank == 0:
         summary["plot"] = str(plot_training(out_dir / "metrics.jsonl", out_dir / "plots" / "training.png"))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def final_evaluation(eng, cfg: TrainConfig, tokenizer, info, out_dir: Path) -> dict:
+    """Zero-shot + retrieval on the held-out split, on rank 0 (ZeRO-3: parameters gathered on every rank first)."""
+    import contextlib
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from .evaluate import evaluate, format_table, write_results
+
+    model = eng.engine.module
+    gather = (deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+              if cfg.zero_stage() == 3 else contextlib.nullcontext())
+    out = {}
+    with gather:
+        if info.rank == 0:
+            results = evaluate(model, val_data=cfg.val_data, tokenizer=tokenizer, dataset_dir=cfg.dataset_dir,
+                               device=info.device, batch_size=256)
+            path = out_dir / "eval_results.json"
+            write_results(results, path)
+            out = {"eval": results, "eval_results": str(path), "eval_table": format_table(results)}
+    dist.barrier()
+    return out
+
+
+def _check_bad_samples(stream, max_fraction: float) -> int:
+    """Bad samples skipped so far over all ranks; abort (on every rank alike) past the allowed fraction."""
+    if not hasattr(stream, "global_bad_stats"):
+        return 0
+    from .engine import TrainingAborted
+
+    stats = stream.global_bad_stats()
+    if stats["good"] + stats["bad"] >= 100 and stats["fraction"] > max_fraction:
+        raise TrainingAborted(f"data: {stats['bad']} of {stats['good'] + stats['bad']} samples were bad "
+                              f"({stats['fraction']:.1%} > --max-bad-fraction {max_fraction:.1%}); see the "
+                              f"warnings above for which shards and why")
+    return stats["bad"]
 
 
 def _split_estimator_state(eng) -> tuple[dict, dict]:
@@ -132,6 +208,18 @@ def _split_estimator_state(eng) -> tuple[dict, dict]:
     if "npn" in state:
         return state, {}
     return {}, state
+
+
+def shutdown_distributed() -> None:
+    """Tear the process group down before interpreter exit: leaving it to static destructors makes gloo abort
+    now and then ('terminate called without an active exception')."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,10 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingAborted as e:
         print(f"neuclip-train: aborted: {e}", file=sys.stderr)
         return 1
+    finally:
+        shutdown_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         final = summary["final"]
         print(f"done: step {final.get('step')} loss {final.get('loss')} tau {final.get('tau')}")
+        if "eval_table" in summary:
+            print(summary["eval_table"])
         print(f"metrics:    {summary['metrics']}\nplot:       {summary['plot']}\ncheckpoint: {summary['checkpoint']}")
+        if "eval_results" in summary:
+            print(f"evaluation: {summary['eval_results']}")
     return 0
 
 

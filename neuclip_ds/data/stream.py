@@ -1,0 +1,53 @@
+"""Optimizer-step view of a training loader: per step, this rank's A micro-batches (A = gradient accumulation),
+the epoch they belong to, a resumable position, and bad-sample accounting summed over all ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .pipeline import BadSampleTracker, ClipLoader
+
+
+class LoaderStream:
+    def __init__(self, loader: ClipLoader, *, accumulation: int, max_bad_fraction: float, min_seen: int = 100):
+        self.loader, self.A = loader, accumulation
+        self.steps_per_epoch = max(1, len(loader) // accumulation)
+        self.tracker = BadSampleTracker(max_bad_fraction, min_seen=min_seen)
+        self.epoch = loader.epoch
+        self._iter = None
+
+    def next_step(self) -> list[dict]:
+        batches: list[dict] = []
+        self.epoch = self.loader.epoch  # the epoch this step's first micro-batch comes from
+        empty_epochs = 0
+        while len(batches) < self.A:
+            if self._iter is None:
+                self._iter = iter(self.loader)
+            batch = next(self._iter, None)
+            if batch is None:  # end of an epoch: the loader has moved to the next one
+                self._iter = None
+                empty_epochs += 1
+                if empty_epochs > 1:
+                    raise RuntimeError("data: a whole epoch produced no batch (all shards unreadable?)")
+                continue
+            empty_epochs = 0
+            self.tracker.update(batch)
+            batches.append(batch)
+        return batches
+
+    def global_bad_stats(self) -> dict:
+        """Good and bad sample counts summed over ranks (one small all-reduce), identical on every rank."""
+        counts = torch.tensor([self.tracker.good, self.tracker.total], dtype=torch.float64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+        good, bad = (int(x) for x in counts.tolist())
+        return {"good": good, "bad": bad, "fraction": bad / max(1, good + bad)}
+
+    def state_dict(self) -> dict:
+        return {"loader": self.loader.state_dict(), "tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.epoch, self._iter = self.loader.epoch, None

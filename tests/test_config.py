@@ -1,0 +1,84 @@
+"""Configuration: YAML + overrides, and every error found before any process group starts (one line, exit 2)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+from neuclip_ds.config import TrainConfig, parse_config
+from neuclip_ds.train import main
+
+OK = ["--synthetic-samples", "64", "--steps", "2", "--global-batch-size", "16", "--ds-config", "ds_configs/zero2.json"]
+
+
+def run_main(capsys, args, world_size=None, monkeypatch=None):
+    if world_size is not None:
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not dist.is_initialized()  # nothing started
+    return code, err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--preset", "ViT-Z-99"], "--preset: unknown preset 'ViT-Z-99'"),
+    (["--npn-prototypes", "0"], "--npn-prototypes: must be > 0"),
+    (["--npn-prototypes", "-5"], "--npn-prototypes: must be > 0"),
+    (["--train-data", "/nonexistent/{00000..00003}.tar", "--train-num-samples", "10"], "--train-data: no shard"),
+    (["--loss", "infonce"], "--loss: unknown loss 'infonce'"),
+    (["--ds-config", "/nonexistent.json"], "--ds-config: file not found"),
+    (["--tau-min", "0.5", "--init-tau", "0.07"], "--init-tau: must lie in"),
+    (["--precision", "fp8"], "--precision: must be one of"),
+])
+def test_config_errors_are_one_line_exit_2(capsys, args, needle):
+    code, err = run_main(capsys, OK + args)
+    assert code == 2
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_batch_not_divisible_by_ranks(capsys, monkeypatch):
+    code, err = run_main(capsys, OK + ["--global-batch-size", "15"], world_size=2, monkeypatch=monkeypatch)
+    assert code == 2 and "--global-batch-size: 15 is not divisible by ranks x accumulation = 2 x 1" in err[0]
+
+
+def test_unknown_zero_stage(capsys, tmp_path):
+    bad = tmp_path / "z7.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 7}}))
+    code, err = run_main(capsys, OK + ["--ds-config", str(bad)])
+    assert code == 2 and len(err) == 1 and "unknown ZeRO stage 7" in err[0]
+
+
+def test_batch_not_divisible_by_ranks_times_accumulation(capsys, tmp_path, monkeypatch):
+    acc = tmp_path / "acc.json"
+    acc.write_text(json.dumps({"gradient_accumulation_steps": 3, "zero_optimization": {"stage": 2}}))
+    code, err = run_main(capsys, OK + ["--ds-config", str(acc)], world_size=2, monkeypatch=monkeypatch)
+    assert code == 2 and "not divisible by ranks x accumulation = 2 x 3" in err[0]
+
+
+def test_missing_data(capsys):
+    code, err = run_main(capsys, ["--steps", "2"])
+    assert code == 2 and "--train-data: no training data" in err[0]
+
+
+def test_yaml_with_command_line_overrides(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("preset: tiny\nnpn-prototypes: 128\nlr: 0.01\nloss: fastclip\n")
+    cfg = parse_config(["--config", str(cfg_file), "--lr", "0.002", "--steps", "3"])
+    assert (cfg.npn_prototypes, cfg.lr, cfg.loss, cfg.steps) == (128, 0.002, "fastclip", 3)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("npn_protoypes: 3\n")
+    with pytest.raises(ValueError, match="unknown option 'npn_protoypes'"):
+        parse_config(["--config", str(bad)])
+    assert TrainConfig().npn_prototypes == 4096
+
+
+def test_cli_exit_code_and_grouped_help():
+    proc = subprocess.run([sys.executable, "-m", "neuclip_ds.train", "--npn-prototypes", "0", *OK[:2]],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    help_text = subprocess.run([sys.executable, "-m", "neuclip_ds.train", "--help"], capture_output=True,
+                               text=True).stdout
+    for group in ("model:", "loss:", "NPN (NeuCLIP):", "data:", "optimization:", "system:"):
+        assert group in help_text
