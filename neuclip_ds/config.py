@@ -49,6 +49,7 @@ class TrainConfig:
     npn_lr: float = 0.05
     npn_variant: str = "tailored"
     npn_update: str = "alternating"
+    npn_restart_resets_adagrad: bool = False
     # data
     dataset_dir: str | None = None
     train_data: str | None = None
@@ -221,7 +222,7 @@ _GROUPS = {
     "model": ["preset", "pretrained_hf", "grad_checkpointing", "init_tau", "tau_min", "tau_max", "zero_init"],
     "loss": ["loss", "eps", "rho", "fastclip_gamma_min", "fastclip_gamma_decay_epochs"],
     "NPN (NeuCLIP)": ["npn_prototypes", "npn_inner_steps", "npn_restart_every", "npn_lr", "npn_variant",
-                      "npn_update"],
+                      "npn_update", "npn_restart_resets_adagrad"],
     "data": ["dataset_dir", "train_data", "train_num_samples", "val_data", "tokenizer", "dataset_size", "workers",
              "data_resampled", "max_bad_fraction", "synthetic_samples"],
     "optimization": ["global_batch_size", "steps", "epochs", "lr", "wd", "warmup", "beta1", "beta2", "adam_eps",
@@ -238,7 +239,8 @@ _HELP = {
     "eps": "epsilon of E1", "rho": "rho of E1 (2 rho tau term)",
     "npn_prototypes": "m, prototypes per side (E4)", "npn_inner_steps": "T_u, NPN AdaGrad steps per step (E7.2)",
     "npn_restart_every": "T_r, restart the NPN from the batch every T_r steps (E7.4)",
-    "npn_lr": "NPN AdaGrad learning rate", "npn_variant": "tailored (E4) or mlp (ablation)",
+    "npn_lr": "NPN AdaGrad learning rate",
+    "npn_restart_resets_adagrad": "also reset AdaGrad's accumulators at a restart (E7.4)", "npn_variant": "tailored (E4) or mlp (ablation)",
     "npn_update": "alternating (E7) or simultaneous (ablation: alpha predicted before the NPN step)",
     "dataset_dir": "a data set built by neuclip_ds (sets train/val data, tokenizer, sizes)",
     "train_data": "webdataset shards, brace-expanded, '::'-joined lists", "train_num_samples": "samples per epoch",
@@ -300,4 +302,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
                 raise ConfigError(f"--config: unknown option {key!r} in {config_file}")
             values[key] = value
     values.update({k: v for k, v in args.items() if v is not None})
+    # launched by `accelerate launch` with its DeepSpeed plugin: use the plugin's JSON unless one was given
+    if "ds_config" not in values and os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        values["ds_config"] = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
     return TrainConfig(**values)

@@ -160,7 +160,8 @@ class NPNEstimator(NoEstimator):
 
     def prepare(self, *, step, img_all, txt_all, log_target_img, log_target_txt, tau, **_) -> dict:
         if step % self.cfg.npn_restart_every == 0:  # E7.4 (step 0 included: start from the data, not at random)
-            self.npn.restart(img_all, txt_all, seed=self.cfg.seed * 1_000_003 + step)
+            self.npn.restart(img_all, txt_all, seed=self.cfg.seed * 1_000_003 + step,
+                             reset_optimizer=self.cfg.npn_restart_resets_adagrad)
         if self.cfg.npn_update == "simultaneous":   # ablation: alpha from the NPN before this step's update
             alpha = self.npn.predict(img_all, txt_all, tau)
         npn_loss = self.npn.fit(img_all, txt_all, log_target_img, log_target_txt, tau, self.cfg.npn_inner_steps)

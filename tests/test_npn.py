@@ -78,10 +78,12 @@ def test_restart_draws_prototypes_from_the_batch_deterministically_and_resets_ad
     assert a.checksum() != b.checksum()
     for npn in (a, b):
         npn.fit(img, txt, *targets, tau, steps=3)
-        npn.restart(img, txt, seed=123)
-        # AdaGrad state reset with the prototypes
+        npn.restart(img, txt, seed=123, reset_optimizer=True)
         assert all(float(st["sum"].abs().sum()) == 0 for st in npn.optimizer.state.values())
     assert a.checksum() == b.checksum()  # same batch + same seed -> identical replicas
+    a.fit(img, txt, *targets, tau, steps=2)
+    a.restart(img, txt, seed=7)  # default: AdaGrad accumulators kept
+    assert all(float(st["sum"].abs().sum()) > 0 for st in a.optimizer.state.values())
     protos = a.net.proto_txt.detach()
     # every text-side prototype is one of the batch's text embeddings (W1 <- e2 of random samples)
     assert torch.allclose((protos @ txt.T).max(dim=1).values, torch.ones(8), atol=1e-5)
