@@ -88,8 +88,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.wd}, {"params": no_decay, "weight_decay": 0.0}]
+            shape = getattr(p, "ds_shape", p.shape)  # under zero.Init p itself is an empty partition
+            (decay if len(shape) >= 2 else no_decay).append(p)
+    groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((decay, cfg.wd), (no_decay, 0.0)) if ps]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
 
 

@@ -95,6 +95,24 @@ def build_model(preset: str, *, vocab_size: int | None = None, eos_token_id: int
     return model
 
 
+def reinitialize_partitioned(model: CLIPDualEncoder) -> None:
+    """Apply the HF CLIP initialization to a model built under `deepspeed.zero.Init`.
+
+    zero.Init partitions each parameter as soon as it is created, so the towers' own initialization (run at the
+    end of their __init__) writes into empty partitions and torch's defaults remain (token/position embeddings
+    N(0, 1) instead of N(0, 0.02)). Gather each tower once, re-run the HF initialization on rank 0, and let
+    DeepSpeed re-partition (broadcasting rank 0's values)."""
+    import deepspeed
+
+    for tower in (model.visual, model.text):
+        for module in tower.modules():
+            module._is_hf_initialized = False
+            for p in module.parameters(recurse=False):
+                p._is_hf_initialized = False
+        with deepspeed.zero.GatheredParameters(list(tower.parameters()), modifier_rank=0):
+            tower.initialize_weights()
+
+
 def load_hf_clip(hf_dir: str | Path, *, tau_min: float = 0.01, tau_max: float = 1.0,
                  with_bias: bool = False) -> CLIPDualEncoder:
     """A local `transformers.CLIPModel` directory -> CLIPDualEncoder with the same weights.

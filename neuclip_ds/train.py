@@ -66,17 +66,20 @@ def build_data(cfg: TrainConfig, info, accumulation: int, vocab: dict, tokenizer
 def build_model_for(cfg: TrainConfig, ds_config: dict, vocab: dict):
     import deepspeed
 
-    from .model import build_model
+    from .model import build_model, reinitialize_partitioned
 
     zero_init = cfg.zero_init == "on" or (cfg.zero_init == "auto" and cfg.zero_stage() == 3
                                           and cfg.preset in ("ViT-L-14", "ViT-H-14"))
     # deepspeed.zero.Init partitions each parameter as it is created, for presets that do not fit one rank
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_init):
-        return build_model(cfg.preset, vocab_size=vocab["vocab_size"], eos_token_id=vocab["eos_token_id"],
-                           bos_token_id=vocab["bos_token_id"], pad_token_id=vocab["pad_token_id"],
-                           init_tau=cfg.init_tau, tau_min=cfg.tau_min, tau_max=cfg.tau_max,
-                           with_bias=cfg.loss == "siglip", grad_checkpointing=cfg.grad_checkpointing,
-                           hf_dir=cfg.pretrained_hf)
+        model = build_model(cfg.preset, vocab_size=vocab["vocab_size"], eos_token_id=vocab["eos_token_id"],
+                            bos_token_id=vocab["bos_token_id"], pad_token_id=vocab["pad_token_id"],
+                            init_tau=cfg.init_tau, tau_min=cfg.tau_min, tau_max=cfg.tau_max,
+                            with_bias=cfg.loss == "siglip", grad_checkpointing=cfg.grad_checkpointing,
+                            hf_dir=cfg.pretrained_hf)
+    if zero_init and cfg.pretrained_hf is None:
+        reinitialize_partitioned(model)
+    return model
 
 
 def run(cfg: TrainConfig) -> dict:

@@ -129,3 +129,20 @@ def test_accelerate_launch_runs_the_same_entry_point(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(summary(out)["npn_checksums"]) == 2  # two ranks
     assert_same_curve(runs("r2_z2", nproc=2, stage=2), out)
+
+
+def test_zero_init_build_has_the_hf_initialization():
+    """deepspeed.zero.Init (large presets under ZeRO-3) must not leave torch's default init behind."""
+    import os
+
+    script = os.path.join(os.path.dirname(__file__), "scripts", "zero_init_stats.py")
+    proc = launch_script(script, [], nproc=2)
+    assert proc.stdout.count("zero.Init statistics match") == 2
+
+
+def test_zero_init_and_bf16_train_under_zero3(runs):
+    out = runs("r2_z3_init_bf16", nproc=2, stage=3, extra=("--zero-init", "on", "--precision", "bf16"))
+    rows = metrics(out)
+    assert len(rows) == STEPS and all(math.isfinite(r["loss"]) for r in rows)
+    ref = metrics(runs("r1_z2", nproc=1, stage=2))
+    assert abs(rows[0]["loss"] - ref[0]["loss"]) < 0.1  # the same initialization scheme, another draw
