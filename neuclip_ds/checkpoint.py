@@ -1,15 +1,25 @@
-"""Checkpoints through the DeepSpeed engine, with everything else a resume needs in client state.
+"""Checkpoints through the DeepSpeed engine, plus what the engine does not save, written beside it.
 
-The engine saves model, optimizer, LR scheduler and its step counters. It does not save RNG states or anything
-outside it, so client_state carries: the step, the data position, the alpha estimator (NPN weights + AdaGrad state,
-identical on every rank; FastCLIP u-table shards, one per rank), the skip counters, the resolved config, and the
-RNG states of every rank (gathered with all_gather_object because only rank 0 writes client_state under ZeRO-1/2).
+Layout of `<output_dir>/checkpoints/`:
+    stepNNNNNNNN/                 engine.save_checkpoint: model (ZeRO shards), optimizer, LR scheduler, counters
+    stepNNNNNNNN/neuclip_state.pt rank 0: step, world size, config, NPN weights + AdaGrad state (identical on
+                                  every rank, saved once), skip counters, the data position of synthetic streams
+    stepNNNNNNNN/neuclip_rankR.pt every rank: its RNG states (torch, numpy, python, cuda), its data position,
+                                  its FastCLIP u-table shards (sharded as they live: never gathered)
+    stepNNNNNNNN/COMPLETE         written by rank 0 after every rank finished writing (a barrier)
+    latest                        moved (atomic rename) only after COMPLETE exists: a kill during a save leaves
+                                  the previous checkpoint as `latest`, and resume refuses a tag without COMPLETE
+Everything of ours is plain tensors / numbers / strings and is loaded with `torch.load(weights_only=True)`.
+The last `keep_last` complete checkpoints are kept.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,71 +27,174 @@ import torch
 import torch.distributed as dist
 
 CHECKPOINT_DIR = "checkpoints"
+COMPLETE = "COMPLETE"
+SHARED_FILE = "neuclip_state.pt"
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names the problem (one line)."""
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def gather_objects(obj) -> list:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world() == 1:
         return [obj]
-    out = [None] * dist.get_world_size()
+    out = [None] * _world()
     dist.all_gather_object(out, obj)
     return out
 
 
-def save(engine, output_dir: str | Path, *, step: int, client_state: dict, per_rank_state: dict,
+# ---------------------------------------------------------------------------------------------------------------
+# RNG states as weights_only-loadable values
+# ---------------------------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                      int(has_gauss), float(cached)],
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------------------------------------------
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _atomic_write(path: Path, payload, *, text: bool = False) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    if text:
+        tmp.write_text(payload)
+    else:
+        torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def save(engine, output_dir: str | Path, *, step: int, shared_state: dict, rank_state: dict,
          keep_last: int) -> Path:
-    """Save tag `step{N}`. `per_rank_state` (RNG, u-table shards) is gathered from every rank into client_state."""
+    """Collective: every rank calls it. Returns the checkpoint directory."""
     ckpt_dir = Path(output_dir) / CHECKPOINT_DIR
-    tag = f"step{step:08d}"
-    state = dict(client_state, per_rank=gather_objects(per_rank_state))
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=True)
-    if dist.get_rank() == 0:
-        tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
-        for old in tags[:-keep_last]:
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    tag_dir = ckpt_dir / tag
+    _atomic_write(tag_dir / f"neuclip_rank{_rank()}.pt", rank_state)
+    if _rank() == 0:
+        _atomic_write(tag_dir / SHARED_FILE, dict(shared_state, step=step, world_size=_world()))
+    _barrier()  # every rank's files are on disk
+    if _rank() == 0:
+        (tag_dir / COMPLETE).write_text(f"{step}\n")
+        _atomic_write(ckpt_dir / "latest", tag, text=True)
+        complete = sorted(p.name for p in ckpt_dir.glob("step*") if (p / COMPLETE).is_file())
+        for old in complete[:-keep_last]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
-    return ckpt_dir / tag
+        for half in ckpt_dir.glob("step*"):  # leftovers of a save killed half-way, older than this one
+            if not (half / COMPLETE).is_file() and half.name < tag:
+                shutil.rmtree(half, ignore_errors=True)
+    _barrier()
+    return tag_dir
 
 
-def resolve_resume(resume: str | None, output_dir: str | Path) -> tuple[Path, str] | None:
-    """auto -> latest checkpoint of output_dir (None if there is none); PATH -> (checkpoints dir, tag)."""
+# ---------------------------------------------------------------------------------------------------------------
+# resume
+# ---------------------------------------------------------------------------------------------------------------
+def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """auto -> the latest complete checkpoint of output_dir (None: start fresh); PATH -> that checkpoint.
+
+    PATH may be a tag directory (`.../checkpoints/step00000100`), a checkpoints directory or a run directory."""
     if resume is None:
         return None
     if resume == "auto":
-        ckpt_dir = Path(output_dir) / CHECKPOINT_DIR
-        latest = ckpt_dir / "latest"
+        latest = Path(output_dir) / CHECKPOINT_DIR / "latest"
         if not latest.is_file():
             return None
-        return ckpt_dir, latest.read_text().strip()
-    path = Path(resume)
-    if (path / "latest").is_file():
-        return path, (path / "latest").read_text().strip()
-    if path.is_dir() and path.parent.is_dir() and path.name.startswith("step"):
-        return path.parent, path.name
-    raise FileNotFoundError(f"--resume: {resume} is neither 'auto' nor a checkpoint directory")
+        tag_dir = latest.parent / latest.read_text().strip()
+    else:
+        path = Path(resume)
+        if not path.exists():
+            raise CheckpointError(f"--resume: {resume} does not exist")
+        for candidate in (path / CHECKPOINT_DIR / "latest", path / "latest"):
+            if candidate.is_file():
+                path = candidate.parent / candidate.read_text().strip()
+                break
+        tag_dir = path
+    if not (tag_dir / COMPLETE).is_file() or not (tag_dir / SHARED_FILE).is_file():
+        raise CheckpointError(f"--resume: {tag_dir} is not a complete checkpoint (no {COMPLETE} marker: the save "
+                              f"was interrupted); resume from an earlier tag")
+    return tag_dir
 
 
-def load(engine, ckpt_dir: Path, tag: str) -> dict:
-    """Load engine state and return the client state with this rank's per-rank entry under 'mine'."""
-    if not (ckpt_dir / tag).is_dir():
-        raise FileNotFoundError(f"--resume: checkpoint {ckpt_dir / tag} does not exist")
-    load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+def read_shared(tag_dir: Path) -> dict:
+    return torch.load(tag_dir / SHARED_FILE, weights_only=True)
+
+
+def read_rank(tag_dir: Path, rank: int) -> dict:
+    path = tag_dir / f"neuclip_rank{rank}.pt"
+    if not path.is_file():
+        raise CheckpointError(f"--resume: {path} is missing")
+    return torch.load(path, weights_only=True)
+
+
+# the options that define what a checkpoint holds; resuming with another value is an error, not a surprise
+MUST_MATCH = ("preset", "pretrained_hf", "loss", "npn_prototypes", "npn_variant", "dataset_size")
+
+
+def check_compatible(saved_config: dict, config: dict, zero_stage: int | None = None) -> None:
+    if zero_stage is not None and saved_config.get("zero_stage", zero_stage) != zero_stage:
+        raise CheckpointError(f"--resume: the checkpoint is ZeRO stage {saved_config.get('zero_stage')}, this run "
+                              f"uses stage {zero_stage}; DeepSpeed cannot change the stage on resume (export the "
+                              f"weights with neuclip-export and start a fresh run from them)")
+    for key in MUST_MATCH:
+        if saved_config.get(key) != config.get(key):
+            raise CheckpointError(f"--resume: the checkpoint was written with --{key.replace('_', '-')} "
+                                  f"{saved_config.get(key)!r}, this run has {config.get(key)!r}")
+
+
+def to_universal(tag_dir: Path) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (rank 0 runs ds_to_universal; others wait).
+
+    Used when the world size changed; the engine then loads it with `checkpoint.load_universal`."""
+    out = tag_dir.parent / (tag_dir.name + "_universal")
+    if _rank() == 0 and not (out / COMPLETE).is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+               "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
+               "--inject_missing_state"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            _barrier()
+            raise CheckpointError(f"--resume: ds_to_universal failed on {tag_dir}: "
+                                  f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+        (out / COMPLETE).write_text("universal\n")
+    _barrier()
+    if not (out / COMPLETE).is_file():
+        raise CheckpointError(f"--resume: universal conversion of {tag_dir} failed")
+    return out
+
+
+def load_engine(engine, tag_dir: Path) -> None:
+    load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
     if load_path is None:
-        raise RuntimeError(f"--resume: DeepSpeed could not load {ckpt_dir / tag}")
-    per_rank = client_state.get("per_rank", [])
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    client_state["mine"] = per_rank[rank] if rank < len(per_rank) else None
-    return client_state
+        raise CheckpointError(f"--resume: DeepSpeed could not load {tag_dir}")

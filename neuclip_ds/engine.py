@@ -210,6 +210,11 @@ class TableEstimator(NoEstimator):
         self.loss_fn.u_img.load_state_dict(state["u_img"])
         self.loss_fn.u_txt.load_state_dict(state["u_txt"])
 
+    def load_resharded(self, old_shards: list[dict]) -> None:
+        """u-table shards written at another world size -> this rank's shard (index owner = index % W)."""
+        for side in ("u_img", "u_txt"):
+            getattr(self.loss_fn, side).load_from_shards([s[side] for s in old_shards])
+
 
 def _log_eps_plus(log_g: torch.Tensor, eps: float) -> torch.Tensor:
     """log(eps + g) from log g."""
@@ -223,9 +228,11 @@ def _log_eps_plus(log_g: torch.Tensor, eps: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 class NeuCLIPEngine:
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, *, total_steps: int,
-                 dataset_size: int | None = None):
+                 dataset_size: int | None = None, load_universal: bool = False):
         self.cfg, self.info = cfg, info
         ds_config = build_ds_config(cfg, info.world_size)
+        if load_universal:  # resuming at another world size from a universal checkpoint
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
         optimizer = build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup, total_steps))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

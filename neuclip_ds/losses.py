@@ -331,6 +331,16 @@ class ShardedLogTable:
             raise ValueError("state: u-table shard was written for another data size or world layout")
         self.log_u.copy_(state["log_u"])
 
+    def load_from_shards(self, shards: list[dict]) -> None:
+        """Re-shard tables written by another world size: old rank r held the indices with index % W_old == r."""
+        old_world = len(shards)
+        if any(s["num_samples"] != self.num_samples or s["world_size"] != old_world for s in shards):
+            raise ValueError("state: u-table shards do not form one table of this data size")
+        mine = torch.arange(self.rank, self.num_samples, self.world_size)
+        for r, shard in enumerate(shards):
+            owned = (mine % old_world) == r
+            self.log_u[owned.nonzero().squeeze(1)] = shard["log_u"][mine[owned] // old_world].to(self.log_u)
+
 
 class FastCLIPLoss(NeuCLIPLoss):
     """FastCLIP-v3 (RGCL-g, E9): E6 with e^{-alpha} = 1/(eps + u), u tables indexed by the dataset index.

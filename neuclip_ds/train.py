@@ -82,7 +82,7 @@ def build_model_for(cfg: TrainConfig, ds_config: dict, vocab: dict):
     return model
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
     from . import checkpoint
     from .engine import NeuCLIPEngine, build_ds_config, init_distributed
     from .metrics import MetricsLogger, plot_training, read_metrics
@@ -97,30 +97,32 @@ def run(cfg: TrainConfig) -> dict:
     tokenizer, vocab = build_tokenizer_vocab(cfg)
     stream, dataset_size, steps_per_epoch = build_data(cfg, info, accumulation, vocab, tokenizer)
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    saved = checkpoint.read_shared(resume_dir) if resume_dir is not None else None
+    resized = saved is not None and saved["world_size"] != info.world_size
+    load_dir = checkpoint.to_universal(resume_dir) if resized else resume_dir
     model = build_model_for(cfg, build_ds_config(cfg, info.world_size), vocab)
-    eng = NeuCLIPEngine(cfg, model, info, total_steps=total_steps, dataset_size=cfg.dataset_size or dataset_size)
+    eng = NeuCLIPEngine(cfg, model, info, total_steps=total_steps, dataset_size=cfg.dataset_size or dataset_size,
+                        load_universal=resized)
 
     start_step = 0
-    resume = checkpoint.resolve_resume(cfg.resume, out_dir)
-    if resume is not None:
-        state = checkpoint.load(eng.engine, *resume)
-        start_step = int(state["step"])
-        stream.load_state_dict(state["data"])
-        eng.estimator.load_state_dict(state["estimator_shared"] | (state["mine"].get("estimator") or {}))
-        eng.skipped_steps = int(state.get("skipped_steps", 0))
-        checkpoint.set_rng_state(state["mine"]["rng"])
-    seed_everything(cfg.seed * 1000 + info.rank) if resume is None else None  # per-rank streams (augmentation)
+    if saved is None:
+        seed_everything(cfg.seed * 1000 + info.rank)  # per-rank random streams from here on (augmentation)
+    else:
+        checkpoint.load_engine(eng.engine, load_dir)
+        start_step = restore_run_state(saved, resume_dir, eng, stream, info, cfg)
 
     logger = MetricsLogger(out_dir, rank=info.rank, total_steps=total_steps, report_to=cfg.report_to,
                            config=cfg.to_dict(), wandb_project=cfg.wandb_project, wandb_offline=cfg.wandb_offline,
-                           initial_step=start_step, resume=resume is not None)
+                           initial_step=start_step, resume=saved is not None)
 
     def save(step: int) -> Path:
-        shared, mine = _split_estimator_state(eng)
-        return checkpoint.save(eng.engine, out_dir, step=step, keep_last=cfg.keep_last, client_state={
-            "step": step, "data": stream.state_dict(), "estimator_shared": shared,
-            "skipped_steps": eng.skipped_steps, "config": cfg.to_dict()},
-            per_rank_state={"rng": checkpoint.rng_state(), "estimator": mine})
+        estimator = eng.estimator.state_dict()
+        shared_estimator = estimator if "npn" in estimator else {}  # identical on every rank: saved once
+        return checkpoint.save(eng.engine, out_dir, step=step, keep_last=cfg.keep_last, shared_state={
+            "config": dict(cfg.to_dict(), zero_stage=cfg.zero_stage()), "estimator": shared_estimator,
+            "skipped_steps": eng.skipped_steps, "data_rank0": stream.state_dict()},
+            rank_state={"rng": checkpoint.rng_state(), "data": stream.state_dict(),
+                        "estimator": {} if shared_estimator else estimator})
 
     record = {}
     try:
@@ -146,7 +148,7 @@ def run(cfg: TrainConfig) -> dict:
         if start_step < total_steps:
             ckpt = save(total_steps)
         else:  # resumed a finished run: nothing to train, report it as it is
-            ckpt = resume[0] / resume[1]
+            ckpt = resume_dir
             if info.rank == 0:
                 print(f"neuclip-train: {ckpt} is already at step {total_steps}; nothing to train", file=sys.stderr)
     finally:
@@ -165,6 +167,42 @@ def run(cfg: TrainConfig) -> dict:
         summary["plot"] = str(plot_training(out_dir / "metrics.jsonl", out_dir / "plots" / "training.png"))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def restore_run_state(saved: dict, tag_dir: Path, eng, stream, info, cfg: TrainConfig) -> int:
+    """Everything outside the engine: NPN / u tables, data position, RNG, counters. Returns the step.
+
+    Same world size: exact (each rank takes its own RNG, data position and u-table shard). Another world size
+    (universal checkpoint): the NPN and the engine state (weights, tau, optimizer, schedule) carry over exactly;
+    the u tables are re-sharded by index owner; per-rank RNG states cannot map 1:1, so every rank is reseeded
+    from (seed, step, rank); synthetic data continues exactly (its global batches do not depend on the world
+    size), webdataset streams restart the saved epoch and skip the same fraction of it (the sample order differs)."""
+    from .checkpoint import read_rank, set_rng_state
+
+    step = int(saved["step"])
+    eng.skipped_steps = int(saved.get("skipped_steps", 0))
+    if saved["world_size"] == info.world_size:
+        mine = read_rank(tag_dir, info.rank)
+        eng.estimator.load_state_dict(saved["estimator"] or mine["estimator"])
+        stream.load_state_dict(mine["data"])
+        set_rng_state(mine["rng"])
+        return step
+    if saved["estimator"]:
+        eng.estimator.load_state_dict(saved["estimator"])
+    elif hasattr(eng.estimator, "load_resharded"):
+        eng.estimator.load_resharded([read_rank(tag_dir, r)["estimator"] for r in range(saved["world_size"])])
+    data = saved["data_rank0"]
+    if "step_in_epoch" in data:  # synthetic: world-size independent
+        stream.load_state_dict(data)
+    else:
+        loader = dict(data["loader"])
+        loader["batches_in_epoch"] = loader["batches_in_epoch"] * saved["world_size"] // info.world_size
+        stream.load_state_dict({"loader": loader, "tracker": {}})
+    seed_everything(cfg.seed * 1000 + info.rank + 7919 * step)
+    if info.rank == 0:
+        print(f"neuclip-train: resuming a {saved['world_size']}-rank checkpoint on {info.world_size} ranks "
+              f"(universal checkpoint); RNG reseeded per rank", file=sys.stderr)
+    return step
 
 
 def final_evaluation(eng, cfg: TrainConfig, tokenizer, info, out_dir: Path) -> dict:
@@ -226,16 +264,22 @@ def shutdown_distributed() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError, check_compatible, read_shared, resolve_resume
+
     try:
         cfg = parse_config(argv)
         cfg.validate()
-    except ConfigError as e:
+        # a checkpoint to resume from is checked before anything starts or is written
+        resume_dir = resolve_resume(cfg.resume, cfg.output_dir)
+        if resume_dir is not None:
+            check_compatible(read_shared(resume_dir)["config"], cfg.to_dict(), cfg.zero_stage())
+    except (ConfigError, CheckpointError) as e:
         print(f"neuclip-train: error: {e}", file=sys.stderr)
         return 2
     from .engine import TrainingAborted
 
     try:
-        summary = run(cfg)
+        summary = run(cfg, resume_dir)
     except TrainingAborted as e:
         print(f"neuclip-train: aborted: {e}", file=sys.stderr)
         return 1

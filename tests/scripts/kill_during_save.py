@@ -1,0 +1,21 @@
+"""neuclip-train whose rank 0 is SIGKILLed in the middle of the save of step KILL_SAVE_STEP: after the engine
+wrote its shards and the per-rank files, before neuclip_state.pt, COMPLETE and `latest`."""
+
+import os
+import signal
+import sys
+
+from neuclip_ds import checkpoint, train
+
+kill_step = int(os.environ["KILL_SAVE_STEP"])
+original = checkpoint._atomic_write
+
+
+def atomic_write(path, payload, *, text=False):
+    if path.name == checkpoint.SHARED_FILE and path.parent.name == checkpoint.tag_for(kill_step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(path, payload, text=text)
+
+
+checkpoint._atomic_write = atomic_write
+sys.exit(train.main(sys.argv[1:]))
