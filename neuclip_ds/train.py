@@ -207,21 +207,19 @@ def restore_run_state(saved: dict, tag_dir: Path, eng, stream, info, cfg: TrainC
 
 def final_evaluation(eng, cfg: TrainConfig, tokenizer, info, out_dir: Path) -> dict:
     """Zero-shot + retrieval on the held-out split, on rank 0 (ZeRO-3: parameters gathered on every rank first)."""
-    import contextlib
-
-    import deepspeed
     import torch.distributed as dist
 
     from .evaluate import evaluate, format_table, write_results
 
     model = eng.engine.module
-    gather = (deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-              if cfg.zero_stage() == 3 else contextlib.nullcontext())
+    # ZeRO-3: the module's forward hooks all-gather parameters, so every rank must run the same forwards: all
+    # ranks evaluate the whole split in lockstep (rank 0 writes). ZeRO-1/2 hold full weights: rank 0 alone.
+    everyone = cfg.zero_stage() == 3
     out = {}
-    with gather:
+    if everyone or info.rank == 0:
+        results = evaluate(model, val_data=cfg.val_data, tokenizer=tokenizer, dataset_dir=cfg.dataset_dir,
+                           device=info.device, batch_size=256, progress=info.rank == 0)
         if info.rank == 0:
-            results = evaluate(model, val_data=cfg.val_data, tokenizer=tokenizer, dataset_dir=cfg.dataset_dir,
-                               device=info.device, batch_size=256)
             path = out_dir / "eval_results.json"
             write_results(results, path)
             out = {"eval": results, "eval_results": str(path), "eval_table": format_table(results)}

@@ -25,7 +25,7 @@ def env() -> dict:
     return e
 
 
-def launch(args: list[str], *, nproc: int = 1, module: str = "neuclip_ds.train", timeout: int = 600,
+def launch(args: list[str], *, nproc: int = 1, module: str = "neuclip_ds.train", timeout: int = 300,
            check: bool = True) -> subprocess.CompletedProcess:
     if nproc == 1:
         cmd = [sys.executable, "-m", module, *args]
@@ -52,7 +52,7 @@ def write_ds_config(path: Path, *, stage: int, accumulation: int = 1) -> str:
     return str(path)
 
 
-def launch_script(script: str, args: list[str], *, nproc: int = 1, timeout: int = 600,
+def launch_script(script: str, args: list[str], *, nproc: int = 1, timeout: int = 300,
                   check: bool = True) -> subprocess.CompletedProcess:
     if nproc == 1:
         cmd = [sys.executable, script, *args]
