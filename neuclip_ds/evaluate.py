@@ -448,9 +448,10 @@ def read_run_config(run_dir: str | os.PathLike, ckpt_dir: str | os.PathLike | No
             raise EvalError(f"--checkpoint: {path} does not hold a mapping")
         return cfg
     if ckpt_dir is not None and tag is not None:
-        for f in sorted((Path(ckpt_dir) / tag).glob("*mp_rank_00_model_states.pt"))[:1]:
-            blob = torch.load(f, map_location="cpu", weights_only=False)
-            if isinstance(blob, dict) and isinstance(blob.get("config"), dict):
+        shared = Path(ckpt_dir) / tag / "neuclip_state.pt"  # written by neuclip_ds.checkpoint (plain values)
+        if shared.is_file():
+            blob = torch.load(shared, map_location="cpu", weights_only=True)
+            if isinstance(blob.get("config"), dict):
                 return blob["config"]
     raise EvalError(f"--checkpoint: no config.yaml in {run_dir} (needed to rebuild the model)")
 
