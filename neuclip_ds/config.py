@@ -81,6 +81,8 @@ class TrainConfig:
     save_every: int = 0
     keep_last: int = 2
     eval_every: int = 0
+    norm_err_every: int = 0
+    norm_err_anchors: int = 256
     log_every: int = 1
     report_to: str = "jsonl"
     wandb_project: str = "neuclip_ds"
@@ -120,7 +122,10 @@ class TrainConfig:
                      "log_every", "max_skipped_in_a_row"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
-        for name in ("npn_inner_steps", "warmup", "save_every", "eval_every", "synthetic_samples", "workers"):
+        if self.norm_err_anchors < 2:
+            raise ConfigError(f"--norm-err-anchors: must be >= 2, got {self.norm_err_anchors}")
+        for name in ("npn_inner_steps", "warmup", "save_every", "eval_every", "synthetic_samples", "workers",
+                     "norm_err_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
         for name in ("npn_lr", "lr", "init_tau", "tau_min", "tau_max"):
@@ -228,7 +233,7 @@ _GROUPS = {
     "optimization": ["global_batch_size", "steps", "epochs", "lr", "wd", "warmup", "beta1", "beta2", "adam_eps",
                      "grad_clip", "max_skipped_in_a_row"],
     "system": ["ds_config", "precision", "seed", "output_dir", "resume", "save_every", "keep_last", "eval_every",
-               "log_every", "report_to", "wandb_project", "wandb_offline"],
+               "log_every", "report_to", "wandb_project", "wandb_offline", "norm_err_every", "norm_err_anchors"],
 }
 _HELP = {
     "preset": "model preset: " + ", ".join(PRESETS),
@@ -253,6 +258,9 @@ _HELP = {
     "ds_config": "DeepSpeed JSON (ZeRO stage, accumulation, clipping)", "precision": "fp32, bf16 or fp16",
     "resume": "auto (latest in output dir) or a checkpoint directory",
     "save_every": "checkpoint every N steps (0: only at the end)", "eval_every": "evaluate every N steps (0: end)",
+    "norm_err_every": "every N steps: exact log-normalizer of fixed anchors over the whole training set vs "
+                      "the estimates (norm_err in metrics.jsonl; 0: off)",
+    "norm_err_anchors": "number of fixed anchors of the normalizer-error diagnostic",
     "report_to": "none, jsonl (metrics.jsonl) or wandb (+ jsonl)",
 }
 

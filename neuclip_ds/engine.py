@@ -242,6 +242,7 @@ class NeuCLIPEngine:
         self.timer = PhaseTimer(info.device)
         self.skipped_steps = 0
         self.skipped_in_a_row = 0
+        self.last_global_batch = None
         self.loss_fn, self.estimator = self._build_loss(model, dataset_size)
         # FastCLIP's alpha comes from the estimator (tables updated once per step), so call its E6 part directly
         self.loss_call = self.loss_fn.loss_with_alpha if cfg.loss == "fastclip" else self.loss_fn
@@ -268,6 +269,12 @@ class NeuCLIPEngine:
         return {"pixel_values": mb["pixel_values"].to(dev, dtype, non_blocking=True),
                 "input_ids": mb["input_ids"].to(dev, non_blocking=True),
                 "attention_mask": mb["attention_mask"].to(dev, non_blocking=True)}
+
+    @torch.no_grad()
+    def encode(self, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized (img, txt) features of a batch with the current encoders (a collective under ZeRO-3)."""
+        out = self._encode(mb)
+        return out["img"], out["txt"]
 
     def _encode(self, mb: dict) -> dict:
         out = self.engine(**self._to_device(mb))
@@ -330,6 +337,7 @@ class NeuCLIPEngine:
             index_all = all_gather_no_grad(torch.cat([mb["index"] for mb in micro_batches]).to(self.info.device))
         if not self._all_finite(img_all, txt_all, tau, lg_img, lg_txt):
             return self._skip("non-finite features")
+        self.last_global_batch = (img_all, txt_all)  # for the normalizer-error diagnostic's MBCL estimate
         # 3. alpha on the global batch: NPN inner steps / u-table update (E7.2, E9)
         with t("npn"):
             snapshot = self.estimator.snapshot()

@@ -77,9 +77,17 @@ def plot_training(metrics_path: str | Path, out_png: str | Path) -> Path:
     steps = [r["step"] for r in rows]
     panels = [("loss", "loss"), ("tau", "temperature tau"), ("samples_per_s", "samples / s"),
               ("npn_time_frac", "NPN share of step time")]
+    if any(r.get("norm_err") is not None for r in rows):
+        panels.append(("norm_err", "normalizer error (nats)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (key, title) in zip(axes, panels):
-        ax.plot(steps, [r.get(key) if r.get(key) is not None else float("nan") for r in rows])
+        if key == "norm_err":  # sparse: measured every --norm-err-every steps, one line per estimate
+            for name in sorted({k for r in rows for k in r if k.startswith("norm_err_")}):
+                pts = [(r["step"], r[name]) for r in rows if r.get(name) is not None]
+                ax.plot(*zip(*pts), marker="o", label=name.removeprefix("norm_err_"))
+            ax.legend(fontsize=8)
+        else:
+            ax.plot(steps, [r.get(key) if r.get(key) is not None else float("nan") for r in rows])
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -111,6 +111,8 @@ def run(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
         checkpoint.load_engine(eng.engine, load_dir)
         start_step = restore_run_state(saved, resume_dir, eng, stream, info, cfg)
 
+    probe = build_norm_err_probe(cfg, info, stream, tokenizer) if cfg.norm_err_every else None
+
     logger = MetricsLogger(out_dir, rank=info.rank, total_steps=total_steps, report_to=cfg.report_to,
                            config=cfg.to_dict(), wandb_project=cfg.wandb_project, wandb_offline=cfg.wandb_offline,
                            initial_step=start_step, resume=saved is not None)
@@ -142,6 +144,10 @@ def run(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
                       "skipped_steps": eng.skipped_steps, "optimizer_steps": eng.engine.global_steps, "bad_samples": bad,
                       **{f"time_{k}": v for k, v in times.items()},
                       **{k: v for k, v in m.items() if k not in ("loss", "tau", "skipped")}}
+            if probe is not None and ((step + 1) % cfg.norm_err_every == 0 or step + 1 == total_steps):
+                record.update(measure_norm_err(probe, eng, cfg, info))
+            if cfg.val_data and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
+                record.update(periodic_evaluation(eng, cfg, tokenizer, info))
             logger.log(record)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
                 save(step + 1)
@@ -167,6 +173,49 @@ def run(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
         summary["plot"] = str(plot_training(out_dir / "metrics.jsonl", out_dir / "plots" / "training.png"))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def build_norm_err_probe(cfg: TrainConfig, info, stream, tokenizer):
+    """Fixed anchors (the first S training samples) and this rank's share of the training set."""
+    import torch
+
+    from .diagnostics import NormErrProbe
+
+    S = cfg.norm_err_anchors
+    if cfg.train_data is None:  # synthetic: in memory
+        data = stream.data
+        anchors = data.batch(torch.arange(min(S, data.num_samples)))
+        mine = torch.arange(info.rank, data.num_samples, info.world_size)
+        return NormErrProbe(anchors, lambda: (data.batch(i) for i in mine.split(256)), eps=cfg.eps)
+    from .data.pipeline import make_eval_loader
+
+    preset = get_preset(cfg.preset)
+    first = make_eval_loader(cfg.train_data, tokenizer=tokenizer, image_size=preset.image_size, batch_size=S)
+    anchors = next(iter(first))
+    share = make_eval_loader(cfg.train_data, tokenizer=tokenizer, image_size=preset.image_size, batch_size=256,
+                             rank=info.rank, world_size=info.world_size)
+    return NormErrProbe(anchors, lambda: iter(share), eps=cfg.eps)
+
+
+def measure_norm_err(probe, eng, cfg: TrainConfig, info) -> dict:
+    """norm_err = the run's own estimator's error (NeuCLIP: NPN; FastCLIP: u; others: a mini-batch's log g_hat),
+    plus norm_err_<method> for each estimate available (the mini-batch one always)."""
+    import torch
+
+    tau = torch.tensor([float(eng.engine.module.temperature().detach())]) if cfg.zero_stage() < 3 else None
+    if tau is None:  # ZeRO-3: tau is partitioned outside forward; read it the collective way
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        tau = eng.engine.module.tau
+        tau = safe_get_full_fp32_param(tau).clamp(cfg.tau_min, cfg.tau_max).reshape(1)
+    errors = probe.measure(eng.encode, device=info.device, tau=tau.to(info.device),
+                           npn=getattr(eng.estimator, "npn", None),
+                           fastclip_loss=eng.loss_fn if cfg.loss == "fastclip" else None,
+                           batch=eng.last_global_batch)
+    own = {"neuclip": "neuclip", "fastclip": "fastclip"}.get(cfg.loss, "mbcl")
+    out = {f"norm_err_{k}": v for k, v in errors.items()}
+    out["norm_err"] = errors.get(own)
+    return out
 
 
 def restore_run_state(saved: dict, tag_dir: Path, eng, stream, info, cfg: TrainConfig) -> int:
@@ -205,26 +254,39 @@ def restore_run_state(saved: dict, tag_dir: Path, eng, stream, info, cfg: TrainC
     return step
 
 
-def final_evaluation(eng, cfg: TrainConfig, tokenizer, info, out_dir: Path) -> dict:
-    """Zero-shot + retrieval on the held-out split, on rank 0 (ZeRO-3: parameters gathered on every rank first)."""
+def _evaluate_now(eng, cfg: TrainConfig, tokenizer, info, *, progress: bool) -> dict | None:
+    """Zero-shot + retrieval on the held-out split; the results on rank 0, None elsewhere.
+
+    ZeRO-3: the module's forward hooks all-gather parameters, so every rank must run the same forwards: all ranks
+    evaluate the whole split in lockstep. ZeRO-1/2 hold full weights: rank 0 alone."""
     import torch.distributed as dist
 
-    from .evaluate import evaluate, format_table, write_results
+    from .evaluate import evaluate
 
-    model = eng.engine.module
-    # ZeRO-3: the module's forward hooks all-gather parameters, so every rank must run the same forwards: all
-    # ranks evaluate the whole split in lockstep (rank 0 writes). ZeRO-1/2 hold full weights: rank 0 alone.
-    everyone = cfg.zero_stage() == 3
-    out = {}
-    if everyone or info.rank == 0:
-        results = evaluate(model, val_data=cfg.val_data, tokenizer=tokenizer, dataset_dir=cfg.dataset_dir,
-                           device=info.device, batch_size=256, progress=info.rank == 0)
-        if info.rank == 0:
-            path = out_dir / "eval_results.json"
-            write_results(results, path)
-            out = {"eval": results, "eval_results": str(path), "eval_table": format_table(results)}
+    results = None
+    if cfg.zero_stage() == 3 or info.rank == 0:
+        results = evaluate(eng.engine.module, val_data=cfg.val_data, tokenizer=tokenizer,
+                           dataset_dir=cfg.dataset_dir, device=info.device, batch_size=256,
+                           progress=progress and info.rank == 0)
     dist.barrier()
-    return out
+    return results if info.rank == 0 else None
+
+
+def periodic_evaluation(eng, cfg: TrainConfig, tokenizer, info) -> dict:
+    """--eval-every: the evaluation's numbers as eval/... keys of the step's metrics line."""
+    results = _evaluate_now(eng, cfg, tokenizer, info, progress=False) or {}
+    return {f"eval/{k}": v for k, v in results.items() if k != "num_samples"}
+
+
+def final_evaluation(eng, cfg: TrainConfig, tokenizer, info, out_dir: Path) -> dict:
+    from .evaluate import format_table, write_results
+
+    results = _evaluate_now(eng, cfg, tokenizer, info, progress=True)
+    if results is None:
+        return {}
+    path = out_dir / "eval_results.json"
+    write_results(results, path)
+    return {"eval": results, "eval_results": str(path), "eval_table": format_table(results)}
 
 
 def _check_bad_samples(stream, max_fraction: float) -> int:

@@ -146,3 +146,23 @@ def test_zero_init_and_bf16_train_under_zero3(runs):
     assert len(rows) == STEPS and all(math.isfinite(r["loss"]) for r in rows)
     ref = metrics(runs("r1_z2", nproc=1, stage=2))
     assert abs(rows[0]["loss"] - ref[0]["loss"]) < 0.1  # the same initialization scheme, another draw
+
+
+def test_wandb_offline_logging(runs):
+    out = runs("r1_wandb", nproc=1, stage=2, extra=("--report-to", "wandb", "--wandb-offline", "--steps", "2"))
+    runs_dir = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs_dir) == 1 and any(runs_dir[0].rglob("*.wandb"))
+    assert len(metrics(out)) == 2  # jsonl is written alongside
+
+
+def test_normalizer_error_logged_and_world_size_invariant(runs):
+    """The diagnostic (exact log-normalizer over the whole training set, streamed and split over ranks) gives
+    the same numbers on 1 rank (ZeRO-2) and 2 ranks (ZeRO-3, lockstep forwards)."""
+    extra = ("--norm-err-every", "2", "--norm-err-anchors", "16")
+    one = metrics(runs("r1_z2_ne", nproc=1, stage=2, extra=extra))
+    two = metrics(runs("r2_z3_ne", nproc=2, stage=3, extra=extra))
+    measured = [r for r in one if r.get("norm_err") is not None]
+    assert [r["step"] for r in measured] == [2, 4, 5]
+    for a, b in zip(measured, [r for r in two if r.get("norm_err") is not None]):
+        for key in ("norm_err", "norm_err_neuclip", "norm_err_mbcl"):
+            assert 0 < a[key] < 20 and a[key] == pytest.approx(b[key], rel=1e-4), key

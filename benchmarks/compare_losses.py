@@ -1,0 +1,151 @@
+"""Compare NeuCLIP, FastCLIP, MBCL and SigLIP on the embedded data set under one budget, plus NeuCLIP ablations.
+
+    python benchmarks/compare_losses.py            # 4 losses x 3 seeds + ablations (about 30 min on 2 CPU cores)
+    python benchmarks/compare_losses.py --quick    # 4 losses x 1 seed, 1 epoch, no ablations (a few minutes)
+
+Every run is the `make train` default (configs/tiny-neuclip.yaml: tiny preset, ZeRO-2 on 2 CPU ranks, the same
+steps, batch and seeds) with one thing changed, logging the normalizer error (exact log-normalizer of 256 fixed
+training anchors over all 8,000 training samples vs each method's estimate) and the evaluation every few steps.
+Run directories go to --runs (default runs/compare, not in git); the markdown table (mean ± std over seeds) and
+the plot (loss, normalizer error, zero-shot, retrieval vs step) to --out (default benchmarks/results). Runs that
+already finished are reused (delete the runs directory to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LOSSES = ("neuclip", "fastclip", "mbcl", "siglip")
+# NeuCLIP ablations (E7: restarts, alternating updates; E4: m; E7.4: restart period)
+ABLATIONS = {
+    "neuclip-no-restart": ["--npn-restart-every", "1000000"],
+    "neuclip-simultaneous": ["--npn-update", "simultaneous"],
+    "neuclip-m128": ["--npn-prototypes", "128"],
+    "neuclip-m2048": ["--npn-prototypes", "2048"],
+    "neuclip-restart25": ["--npn-restart-every", "25"],
+    "neuclip-restart250": ["--npn-restart-every", "250"],
+    "neuclip-mlp": ["--npn-variant", "mlp"],
+}
+METRICS = {"zero-shot mean top-1": "zeroshot/mean/top1", "zero-shot digit top-1": "zeroshot/digit/top1",
+           "image->text R@1": "retrieval/image_to_text_R@1", "text->image R@1": "retrieval/text_to_image_R@1"}
+
+
+def run(name: str, seed: int, extra: list[str], out: Path, *, epochs: int, every: int) -> Path:
+    run_dir = out / f"{name}_seed{seed}"
+    if (run_dir / "summary.json").is_file():
+        return run_dir
+    loss = name.split("-")[0]
+    cmd = [str(ROOT / "launchers" / "single_node.sh"), "2", "--config", str(ROOT / "configs" / "tiny-neuclip.yaml"),
+           "--dataset-dir", str(ROOT / "data" / "digits"), "--loss", loss, "--seed", str(seed),
+           "--epochs", str(epochs), "--output-dir", str(run_dir), "--norm-err-every", str(every),
+           "--norm-err-anchors", "256", "--eval-every", str(every), *extra]
+    print(f"[compare] {name} seed {seed}", flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    return run_dir
+
+
+def load(run_dir: Path) -> tuple[list[dict], dict]:
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return rows, json.loads((run_dir / "summary.json").read_text())
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(groups: dict[str, list[Path]]) -> str:
+    head = ["run", "seeds", "final loss", "final norm_err (own estimate)", "norm_err of the batch estimate",
+            *METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, dirs in groups.items():
+        finals = [load(d) for d in dirs]
+        cells = [name, str(len(dirs)),
+                 mean_std([s["final"]["loss"] for _, s in finals]),
+                 mean_std([r[-1]["norm_err"] for r, _ in finals if r[-1].get("norm_err") is not None]),
+                 mean_std([r[-1]["norm_err_mbcl"] for r, _ in finals if r[-1].get("norm_err_mbcl") is not None])]
+        cells += [mean_std([100 * s["eval"][key] for _, s in finals]) for key in METRICS.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plots(groups: dict[str, list[Path]], out: Path, filename: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("loss", "training loss (each loss its own scale)"), ("norm_err", "normalizer error (nats)"),
+              ("eval/zeroshot/mean/top1", "zero-shot mean top-1"),
+              ("eval/retrieval/image_to_text_R@1", "image->text R@1")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    for ax, (key, title) in zip(axes, panels):
+        for name, dirs in groups.items():
+            series: dict[int, list[float]] = {}
+            for d in dirs:
+                rows, summary = load(d)
+                for r in rows:
+                    value = r.get(key)
+                    if value is None and key.startswith("eval/") and r is rows[-1]:
+                        value = summary["eval"][key.removeprefix("eval/")]
+                    if value is not None:
+                        series.setdefault(r["step"], []).append(value)
+            if series:
+                steps = sorted(series)
+                ax.plot(steps, [statistics.mean(series[s]) for s in steps], label=name,
+                        marker="o" if key != "loss" else None, markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / filename
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, 1 epoch, no ablations")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "compare"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    seeds, epochs = ([0], 1) if args.quick else (args.seeds, args.epochs)
+    out, runs = Path(args.out), Path(args.runs) / ("quick" if args.quick else "full")
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    subprocess.run([sys.executable, "-m", "neuclip_ds.data.embedded", "--out", str(ROOT / "data" / "digits")],
+                   cwd=ROOT, check=True, capture_output=True)
+    every = 31  # steps between normalizer-error / evaluation measurements (62 steps per epoch)
+    groups: dict[str, list[Path]] = {}
+    for name in LOSSES:
+        groups[name] = [run(name, s, [], runs, epochs=epochs, every=every) for s in seeds]
+    if not args.quick:
+        for name, extra in ABLATIONS.items():
+            groups[name] = [run(name, seeds[0], extra, runs, epochs=epochs, every=every)]
+    md = table(groups)
+    png = plots(groups, out, "compare_quick.png" if args.quick else "compare.png")
+    md_path = out / ("compare_quick.md" if args.quick else "compare.md")
+    md_path.write_text(f"{md}\n\nPlot: {png.name}\n")
+    print(md)
+    print(f"\nwritten: {md_path}, {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
