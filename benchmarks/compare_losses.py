@@ -91,8 +91,11 @@ def plots(groups: dict[str, list[Path]], out: Path, filename: str) -> Path:
               ("eval/zeroshot/mean/top1", "zero-shot mean top-1"),
               ("eval/retrieval/image_to_text_R@1", "image->text R@1")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    colors = plt.get_cmap("tab20").colors
     for ax, (key, title) in zip(axes, panels):
-        for name, dirs in groups.items():
+        if key == "norm_err":
+            ax.set_yscale("log")  # FastCLIP's unvisited rows (first epoch) and a diverged NPN dwarf the rest
+        for color, (name, dirs) in zip(colors, groups.items()):
             series: dict[int, list[float]] = {}
             for d in dirs:
                 rows, summary = load(d)
@@ -104,7 +107,7 @@ def plots(groups: dict[str, list[Path]], out: Path, filename: str) -> Path:
                         series.setdefault(r["step"], []).append(value)
             if series:
                 steps = sorted(series)
-                ax.plot(steps, [statistics.mean(series[s]) for s in steps], label=name,
+                ax.plot(steps, [statistics.mean(series[s]) for s in steps], label=name, color=color,
                         marker="o" if key != "loss" else None, markersize=3)
         ax.set_title(title)
         ax.set_xlabel("step")

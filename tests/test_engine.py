@@ -166,3 +166,11 @@ def test_normalizer_error_logged_and_world_size_invariant(runs):
     for a, b in zip(measured, [r for r in two if r.get("norm_err") is not None]):
         for key in ("norm_err", "norm_err_neuclip", "norm_err_mbcl"):
             assert 0 < a[key] < 20 and a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
+@pytest.mark.parametrize("ds_file", ["zero1.json", "zero3_offload.json"])
+def test_shipped_ds_configs_give_the_same_curve(runs, tmp_path, ds_file):
+    """ZeRO-1 and ZeRO-3 with CPU offload (the shipped JSONs, 2 ranks) reproduce the 1-rank ZeRO-2 curve."""
+    out = tmp_path / ds_file
+    launch([*BASE, "--ds-config", f"ds_configs/{ds_file}", "--output-dir", str(out)], nproc=2)
+    assert_same_curve(runs("r1_z2", nproc=1, stage=2), out)

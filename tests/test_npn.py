@@ -43,7 +43,11 @@ def test_mlp_variant_learns():
     npn = NPN(16, eps=EPS, lr=0.05, variant="mlp", mlp_hidden=64, seed=0)
     before = error(npn, img, txt, tau, targets)
     npn.fit(img, txt, *targets, tau, steps=200)
-    assert error(npn, img, txt, tau, targets) < 0.5 * before
+    after = error(npn, img, txt, tau, targets)
+    assert after < 0.5 * before
+    checksum = npn.checksum()
+    npn.restart(img, txt, seed=3)  # no prototypes to re-draw: the fitted MLP is kept
+    assert npn.checksum() == checksum and error(npn, img, txt, tau, targets) == after
 
 
 def test_tailored_npn_is_e4():
