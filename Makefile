@@ -12,16 +12,18 @@ NPROC ?= 2
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
-export DS_ACCELERATOR ?= cpu
+# DeepSpeed's JIT ops are built into the venv (see neuclip_ds/extensions.py), never into a cache that venvs share.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test train data clean
+.PHONY: install test train data clean openclip-venv
 
 $(STAMP): pyproject.toml requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m neuclip_ds.extensions
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -42,3 +44,16 @@ test: install
 
 clean:
 	rm -rf $(RUN_DIR)
+
+# Only for benchmarks/vs_openclip.py: OpenCLIP's trainer needs torchvision, which does not import beside the core
+# venv's CPU torch wheel, so it gets its own venv with a matching torch/torchvision pair (and neuclip_ds itself,
+# so both trainers run on the same torch).
+OPENCLIP_VENV := .venv-openclip
+OPENCLIP_TORCH ?= torch==2.14.1 torchvision==0.29.1
+openclip-venv: $(OPENCLIP_VENV)/.installed
+$(OPENCLIP_VENV)/.installed: pyproject.toml requirements.txt
+	@test -x $(OPENCLIP_VENV)/bin/python || $(PYTHON) -m venv $(OPENCLIP_VENV)
+	$(OPENCLIP_VENV)/bin/python -m pip install -q $(OPENCLIP_TORCH)
+	$(OPENCLIP_VENV)/bin/python -m pip install -q "open_clip_torch[training]" -e .
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(OPENCLIP_VENV)/torch_extensions $(OPENCLIP_VENV)/bin/python -m neuclip_ds.extensions
+	@touch $@

@@ -83,7 +83,6 @@ class TrainConfig:
     eval_every: int = 0
     norm_err_every: int = 0
     norm_err_anchors: int = 256
-    log_every: int = 1
     report_to: str = "jsonl"
     wandb_project: str = "neuclip_ds"
     wandb_offline: bool = False
@@ -119,7 +118,7 @@ class TrainConfig:
         if self.npn_update not in ("alternating", "simultaneous"):
             raise ConfigError(f"--npn-update: must be alternating or simultaneous, got {self.npn_update!r}")
         for name in ("npn_prototypes", "npn_restart_every", "global_batch_size", "keep_last",
-                     "log_every", "max_skipped_in_a_row"):
+                     "max_skipped_in_a_row"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
         if self.norm_err_anchors < 2:
@@ -233,7 +232,7 @@ _GROUPS = {
     "optimization": ["global_batch_size", "steps", "epochs", "lr", "wd", "warmup", "beta1", "beta2", "adam_eps",
                      "grad_clip", "max_skipped_in_a_row"],
     "system": ["ds_config", "precision", "seed", "output_dir", "resume", "save_every", "keep_last", "eval_every",
-               "log_every", "report_to", "wandb_project", "wandb_offline", "norm_err_every", "norm_err_anchors"],
+               "report_to", "wandb_project", "wandb_offline", "norm_err_every", "norm_err_anchors"],
 }
 _HELP = {
     "preset": "model preset: " + ", ".join(PRESETS),

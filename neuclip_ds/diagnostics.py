@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .losses import ShardedLogTable, _log
+from .losses import ShardedLogTable, log_eps_plus
 
 __all__ = ["exact_log_normalizers", "normalizer_errors", "mbcl_estimate", "fastclip_estimate", "npn_estimate"]
 
@@ -71,11 +71,6 @@ def _block_log_sums(anchor_img: Tensor, anchor_txt: Tensor, pos: Tensor, other_i
             z = z.masked_fill(exclude, float("-inf"))
         out.append(torch.logsumexp(z, dim=1))
     return out[0], out[1]
-
-
-def _log_eps_plus(log_g: Tensor, eps: float) -> Tensor:
-    """log(eps + g) from log g (eps = 0 gives log g)."""
-    return torch.logaddexp(torch.full_like(log_g, _log(eps)), log_g)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,7 +156,7 @@ def exact_log_normalizers(anchor_img: Tensor, anchor_txt: Tensor, anchor_index: 
     if bool((negatives < 1).any()):
         raise ValueError(f"all_img_chunks: need at least one negative per anchor, saw n = {n} samples")
     log_neg = torch.log(negatives)
-    return _log_eps_plus(lse1 - log_neg, eps), _log_eps_plus(lse2 - log_neg, eps)
+    return log_eps_plus(lse1 - log_neg, eps), log_eps_plus(lse2 - log_neg, eps)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,7 +237,7 @@ def mbcl_estimate(anchor_img: Tensor, anchor_txt: Tensor, batch_img: Tensor | No
         raise ValueError("batch_img: every anchor needs at least one negative in the batch")
     lse1, lse2 = _block_log_sums(a_img, a_txt, pos, b_img, b_txt, t, exclude)
     log_neg = torch.log(negatives)
-    return _log_eps_plus(lse1 - log_neg, eps), _log_eps_plus(lse2 - log_neg, eps)
+    return log_eps_plus(lse1 - log_neg, eps), log_eps_plus(lse2 - log_neg, eps)
 
 
 @torch.no_grad()
@@ -274,7 +269,7 @@ def fastclip_estimate(table_img: ShardedLogTable, table_txt: ShardedLogTable, an
         log_u[mine] = table.lookup_local(anchor_index[mine]).to(log_u)
         if world > 1:
             dist.all_reduce(log_u, op=dist.ReduceOp.MAX)
-        out.append(_log_eps_plus(log_u, eps))
+        out.append(log_eps_plus(log_u, eps))
     return out[0], out[1]
 
 

@@ -28,8 +28,9 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
 from .config import TrainConfig
+from .extensions import prepare_cpu_ops
 from .losses import (LOSSES, FastCLIPLoss, Features, NeuCLIPLoss, all_gather_no_grad, batch_log_normalizers,
-                     gather_features)
+                     gather_features, log_eps_plus)
 from .npn import NPN
 
 
@@ -53,6 +54,7 @@ def init_distributed() -> DistInfo:
     cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
     if not cuda:
         os.environ["DS_ACCELERATOR"] = "cpu"
+        prepare_cpu_ops()   # per-venv build folder for the shm op, never wait on a dead build lock
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -216,13 +218,6 @@ class TableEstimator(NoEstimator):
             getattr(self.loss_fn, side).load_from_shards([s[side] for s in old_shards])
 
 
-def _log_eps_plus(log_g: torch.Tensor, eps: float) -> torch.Tensor:
-    """log(eps + g) from log g."""
-    if eps <= 0:
-        return log_g
-    return torch.logaddexp(torch.full_like(log_g, math.log(eps)), log_g)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the engine
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,8 +338,8 @@ class NeuCLIPEngine:
             snapshot = self.estimator.snapshot()
             aux = self.estimator.prepare(
                 step=step, epoch=epoch, img_all=img_all, txt_all=txt_all, tau=tau.detach(), index_all=index_all,
-                log_g_img=lg_img, log_g_txt=lg_txt, log_target_img=_log_eps_plus(lg_img, cfg.eps),
-                log_target_txt=_log_eps_plus(lg_txt, cfg.eps))
+                log_g_img=lg_img, log_g_txt=lg_txt, log_target_img=log_eps_plus(lg_img, cfg.eps),
+                log_target_txt=log_eps_plus(lg_txt, cfg.eps))
         metrics = {k: v for k, v in aux.items() if not isinstance(v, torch.Tensor)}
         # 4. the encoder / tau step through DeepSpeed (E6), one backward per micro-batch
         loss_value = None

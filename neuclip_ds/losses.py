@@ -75,6 +75,11 @@ def _log(x: float) -> float:
     return math.log(x) if x > 0 else float("-inf")
 
 
+def log_eps_plus(log_g: Tensor, eps: float) -> Tensor:
+    """log(eps + g) from log g, without leaving the log domain (E6 stable form); eps = 0 gives log g."""
+    return torch.logaddexp(torch.full_like(log_g, _log(eps)), log_g)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # gathering (E8)
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,12 +167,10 @@ def conjugate_objective(log_g_img: Tensor, log_g_txt: Tensor, alpha_img: Tensor,
 
     Each (eps+g)e^-a term is exp(logaddexp(log eps, log g) - a) (E6, stable form). tau multiplies the bracket, so
     the tau-gradient contains the bracket itself plus the d g/d tau part plus 2 rho (E6)."""
-    log_eps = _log(eps)
     t = tau.reshape(())
     total = 0.0
     for log_g, alpha in ((log_g_img, alpha_img), (log_g_txt, alpha_txt)):
-        log_eps_g = torch.logaddexp(torch.full_like(log_g, log_eps), log_g)
-        total = total + torch.exp(log_eps_g - alpha) + alpha - 1
+        total = total + torch.exp(log_eps_plus(log_g, eps) - alpha) + alpha - 1
     return t * total.mean() + 2 * rho * t
 
 
@@ -180,9 +183,8 @@ def rgcl_log_loss(img: Tensor, txt: Tensor, tau: Tensor, eps: float, rho: float)
     _check_tau(tau)
     _check_constants(eps, rho)
     log_g_img, log_g_txt = batch_log_normalizers(Features(img, txt, img, txt, 0), tau)
-    log_eps = _log(eps)
     t = tau.reshape(())
-    terms = sum(torch.logaddexp(torch.full_like(g, log_eps), g) for g in (log_g_img, log_g_txt))
+    terms = log_eps_plus(log_g_img, eps) + log_eps_plus(log_g_txt, eps)
     return t * terms.mean() + 2 * rho * t
 
 
@@ -369,11 +371,10 @@ class FastCLIPLoss(NeuCLIPLoss):
                      epoch: int) -> tuple[Tensor, Tensor]:
         """E9 update on the global batch; returns alpha = log(eps + u_new) for all B samples."""
         gamma = self.gamma(epoch)
-        log_eps = _log(self.eps)
         alphas = []
         for table, log_g in ((self.u_img, log_g_img_all), (self.u_txt, log_g_txt_all)):
             log_u = table.update(index_all, log_g.detach().float(), gamma)
-            alphas.append(torch.logaddexp(torch.full_like(log_u, log_eps), log_u).to(log_g.dtype))
+            alphas.append(log_eps_plus(log_u, self.eps).to(log_g.dtype))
         return alphas[0], alphas[1]
 
     def loss_with_alpha(self, feats: Features, tau: Tensor, alpha_img: Tensor, alpha_txt: Tensor) -> Tensor:

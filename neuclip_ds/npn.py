@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .losses import log_eps_plus
+
 NPN_VARIANTS = ("tailored", "mlp")
 
 
@@ -45,7 +47,7 @@ class TailoredNPN(nn.Module):
         for anchors, protos in ((img, self.proto_txt), (txt, self.proto_img)):
             z = (anchors @ F.normalize(protos, dim=-1).T - pos) / tau   # (cos(e_i, W_k) - s_ii) / tau
             log_mean = torch.logsumexp(z, dim=1) - math.log(m)          # log domain throughout (E4)
-            out.append(torch.logaddexp(torch.full_like(log_mean, _log(self.eps)), log_mean))
+            out.append(log_eps_plus(log_mean, self.eps))
         return out[0], out[1]
 
     @torch.no_grad()
@@ -102,10 +104,6 @@ def npn_objective(alpha_img: Tensor, alpha_txt: Tensor, log_target_img: Tensor, 
     alpha = log(eps + g_hat)."""
     total = torch.exp(log_target_img - alpha_img) + alpha_img + torch.exp(log_target_txt - alpha_txt) + alpha_txt
     return tau.reshape(()) * total.mean()
-
-
-def _log(x: float) -> float:
-    return math.log(x) if x > 0 else float("-inf")
 
 
 class NPN:

@@ -303,14 +303,6 @@ def _check_bad_samples(stream, max_fraction: float) -> int:
     return stats["bad"]
 
 
-def _split_estimator_state(eng) -> tuple[dict, dict]:
-    """NPN state is identical on every rank (saved once); u-table shards differ per rank."""
-    state = eng.estimator.state_dict()
-    if "npn" in state:
-        return state, {}
-    return {}, state
-
-
 def shutdown_distributed() -> None:
     """Tear the process group down before interpreter exit: leaving it to static destructors makes gloo abort
     now and then ('terminate called without an active exception')."""

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,17 +26,37 @@ def env() -> dict:
     return e
 
 
-def launch(args: list[str], *, nproc: int = 1, module: str = "neuclip_ds.train", timeout: int = 300,
-           check: bool = True) -> subprocess.CompletedProcess:
+def command(args: list[str], *, nproc: int = 1, module: str = "neuclip_ds.train",
+            script: str | None = None) -> list[str]:
+    """1 rank: the interpreter; N ranks: the deepspeed launcher (CPU ranks over gloo). A script, else a module."""
+    target = [script] if script else ["-m", module]
     if nproc == 1:
-        cmd = [sys.executable, "-m", module, *args]
-    else:
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--no_local_rank", "--master_port",
-               str(free_port()), "--module", module, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+        return [sys.executable, *target, *args]
+    ds_target = [script] if script else ["--module", module]
+    return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--no_local_rank", "--master_port", str(free_port()),
+            *ds_target, *args]
+
+
+def run_command(cmd: list[str], *, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run in a session of its own, so that a timeout kills every rank the launcher started, not only the
+    launcher (orphaned ranks would keep CPU, ports and build locks for the rest of the suite)."""
+    with subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as child:
+        try:
+            out, err = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            out, err = child.communicate()
+            raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s\n{err[-4000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, child.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def launch(args: list[str], *, nproc: int = 1, module: str = "neuclip_ds.train", timeout: int = 300,
+           check: bool = True) -> subprocess.CompletedProcess:
+    return run_command(command(args, nproc=nproc, module=module), timeout=timeout, check=check)
 
 
 def metrics(out_dir) -> list[dict]:
@@ -54,12 +75,4 @@ def write_ds_config(path: Path, *, stage: int, accumulation: int = 1) -> str:
 
 def launch_script(script: str, args: list[str], *, nproc: int = 1, timeout: int = 300,
                   check: bool = True) -> subprocess.CompletedProcess:
-    if nproc == 1:
-        cmd = [sys.executable, script, *args]
-    else:
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--no_local_rank", "--master_port",
-               str(free_port()), script, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
-    return proc
+    return run_command(command(args, nproc=nproc, script=script), timeout=timeout, check=check)

@@ -5,12 +5,11 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from _launch import BIN, ROOT, env, free_port, launch, launch_script, metrics, summary
+from _launch import ROOT, command, env, launch, launch_script, metrics, summary
 
 STEPS = 8
 BASE = ["--synthetic-samples", "160", "--steps", str(STEPS), "--global-batch-size", "16", "--npn-prototypes", "32",
@@ -36,11 +35,8 @@ def reference(tmp_path_factory):
 
 
 def spawn(args, nproc):
-    cmd = ([sys.executable, "-m", "neuclip_ds.train", *args] if nproc == 1 else
-           [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--no_local_rank", "--master_port", str(free_port()),
-            "--module", "neuclip_ds.train", *args])
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    return subprocess.Popen(command(args, nproc=nproc), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def kill_after_step(args, nproc, out, kill_step, timeout=300):

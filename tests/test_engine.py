@@ -118,15 +118,13 @@ def test_accelerate_launch_runs_the_same_entry_point(runs, tmp_path):
     """accelerate's DeepSpeed plugin (2 processes, its JSON) gives the same run as the deepspeed launcher."""
     import sys
 
-    from _launch import ROOT, env
-    import subprocess
+    from _launch import ROOT, run_command
 
     out = tmp_path / "acc"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "launchers" / "accelerate_deepspeed.yaml"), "--main_process_port", "0",
            "-m", "neuclip_ds.train", *BASE, "--output-dir", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_command(cmd, timeout=600)
     assert len(summary(out)["npn_checksums"]) == 2  # two ranks
     assert_same_curve(runs("r2_z2", nproc=2, stage=2), out)
 
