@@ -8,7 +8,7 @@ import dataclasses
 import glob
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand

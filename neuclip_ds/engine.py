@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
 from .config import TrainConfig
-from .extensions import prepare_cpu_ops
+from .extensions import prepare_cpu_ops, release_shm_buffers
 from .losses import (LOSSES, FastCLIPLoss, Features, NeuCLIPLoss, all_gather_no_grad, batch_log_normalizers,
                      gather_features, log_eps_plus)
 from .npn import NPN
@@ -62,6 +62,8 @@ def init_distributed() -> DistInfo:
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        if not cuda:
+            release_shm_buffers()   # DeepSpeed never unlinks its 66 MB /dev/shm buffer per rank
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local_rank)

@@ -11,6 +11,11 @@ that makes every later DeepSpeed process wait on it forever (this hung a whole C
 - `make install` builds the op once (`python -m neuclip_ds.extensions`), outside any test timeout;
 - a lock older than any real build (STALE_LOCK_S) is a leftover of a killed process: it is removed with a warning
   instead of being waited on.
+
+The op's shared-memory buffers (`/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`, 66 MB per rank,
+in RAM) are never unlinked by DeepSpeed 0.19: every multi-rank CPU run left them behind (9 GB after a day of tests
+and benchmarks). `release_shm_buffers` unlinks this rank's buffer name once every rank has mapped every buffer;
+the mappings stay valid and the kernel frees the memory when the last rank exits, even after a SIGKILL.
 """
 
 from __future__ import annotations
@@ -52,6 +57,23 @@ def prepare_cpu_ops() -> None:
     """Called before `deepspeed.init_distributed`: per-venv extensions folder, no waiting on a dead lock."""
     extensions_dir()
     clear_stale_locks()
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """The name DeepSpeed's shm op gives this rank's buffer (shm.cpp: SHM_BUFFER_NAME_uid_addr_port_rank)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_buffers() -> None:
+    """After `deepspeed.init_distributed` on CPU: a barrier (so every rank has opened every other rank's buffer,
+    which DeepSpeed does inside init), then unlink this rank's buffer name."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    dist.barrier()
+    shm_buffer_path(dist.get_rank()).unlink(missing_ok=True)
 
 
 def build_cpu_ops() -> str:

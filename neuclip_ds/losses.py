@@ -151,12 +151,14 @@ def batch_log_normalizers(feats: Features, tau: Tensor) -> tuple[Tensor, Tensor]
         raise ValueError("img: the global batch needs at least 2 pairs to have negatives")
     cols = feats.anchor_columns()
     rows = torch.arange(feats.local_size, device=cols.device)
+    positive = torch.zeros(feats.local_size, B, dtype=torch.bool, device=cols.device)
+    positive[rows, cols] = True                                    # j == i, left out of the sum
     out = []
     for anchors, others in ((feats.img, feats.txt_all), (feats.txt, feats.img_all)):
-        s = anchors @ others.T                                     # [b, B]
-        pos = s[rows, cols]                                        # s_ii
-        z = (s - pos[:, None]) / tau
-        z = z.masked_fill(F.one_hot(cols, B).bool(), float("-inf"))  # j != i
+        pos = (anchors * others[cols]).sum(-1, keepdim=True)      # s_ii, [b, 1]
+        # one addmm gives (s_ij - s_ii)/tau: autograd keeps only the [b, d] / [B, d] inputs, no [b, B] temporary
+        # (the loss's peak memory stays a few [b, B] matrices; benchmarks/memory.py)
+        z = torch.addmm(-pos / tau, anchors / tau, others.T).masked_fill(positive, float("-inf"))
         out.append(torch.logsumexp(z, dim=1) - math.log(B - 1))
     return out[0], out[1]
 

@@ -41,12 +41,21 @@ class TailoredNPN(nn.Module):
         self.proto_img = nn.Parameter(F.normalize(torch.randn(num_prototypes, dim, generator=generator), dim=-1))
 
     def forward(self, img: Tensor, txt: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
-        pos = (img * txt).sum(-1, keepdim=True)  # s_ii
+        return self.alpha(*self.prepare(img, txt, tau))
+
+    @staticmethod
+    def prepare(img: Tensor, txt: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """What is constant while the encoders and tau are frozen (E5): e/tau and -s_ii/tau. `fit` computes it once
+        for its T_u inner steps, so each step is one addmm + logsumexp per side (no [B, m] subtract or divide)."""
+        neg_pos = -(img * txt).sum(-1, keepdim=True) / tau   # -s_ii / tau, [B, 1]
+        return img / tau, txt / tau, neg_pos
+
+    def alpha(self, img_over_tau: Tensor, txt_over_tau: Tensor, neg_pos: Tensor) -> tuple[Tensor, Tensor]:
         m = self.proto_txt.shape[0]
         out = []
-        for anchors, protos in ((img, self.proto_txt), (txt, self.proto_img)):
-            z = (anchors @ F.normalize(protos, dim=-1).T - pos) / tau   # (cos(e_i, W_k) - s_ii) / tau
-            log_mean = torch.logsumexp(z, dim=1) - math.log(m)          # log domain throughout (E4)
+        for anchors, protos in ((img_over_tau, self.proto_txt), (txt_over_tau, self.proto_img)):
+            z = torch.addmm(neg_pos, anchors, F.normalize(protos, dim=-1).T)   # (cos(e_i, W_k) - s_ii) / tau
+            log_mean = torch.logsumexp(z, dim=1) - math.log(m)                 # log domain throughout (E4)
             out.append(log_eps_plus(log_mean, self.eps))
         return out[0], out[1]
 
@@ -86,8 +95,15 @@ class MLPNPN(nn.Module):
                 layer.bias.zero_()
 
     def forward(self, img: Tensor, txt: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
+        return self.alpha(*self.prepare(img, txt, tau))
+
+    @staticmethod
+    def prepare(img: Tensor, txt: Tensor, tau: Tensor) -> tuple[Tensor]:
         log_tau = torch.log(tau).reshape(1, 1).expand(img.shape[0], 1)
-        out = self.net(torch.cat([img, txt, log_tau.to(img)], dim=-1))
+        return (torch.cat([img, txt, log_tau.to(img)], dim=-1),)
+
+    def alpha(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.net(inputs)
         return out[:, 0], out[:, 1]
 
     @torch.no_grad()
@@ -167,9 +183,10 @@ class NPN:
             raise ValueError(f"log_target_img: expected shape [{img.shape[0]}]")
         value = float("nan")
         self.net.train()
+        constants = self.net.prepare(img, txt, tau)   # frozen encoders and tau: the same for every inner step
         for _ in range(steps):
             self.optimizer.zero_grad(set_to_none=True)
-            loss = npn_objective(*self.net(img, txt, tau), *targets, tau)
+            loss = npn_objective(*self.net.alpha(*constants), *targets, tau)
             loss.backward()
             self.optimizer.step()
             value = loss.detach()

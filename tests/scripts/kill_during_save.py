@@ -3,7 +3,6 @@ wrote its shards and the per-rank files, before neuclip_state.pt, COMPLETE and `
 
 import os
 import signal
-import sys
 
 from neuclip_ds import checkpoint, train
 
@@ -18,4 +17,4 @@ def atomic_write(path, payload, *, text=False):
 
 
 checkpoint._atomic_write = atomic_write
-sys.exit(train.main(sys.argv[1:]))
+train.cli()

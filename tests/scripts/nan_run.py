@@ -3,7 +3,6 @@
 NAN_STEPS: comma-separated 0-based optimizer steps; NAN_RANK: the rank whose batches are poisoned."""
 
 import os
-import sys
 
 import torch
 
@@ -25,4 +24,4 @@ def next_step(self):
 
 synthetic.SyntheticStream.next_step = next_step
 torch.manual_seed(0)
-sys.exit(train.main(sys.argv[1:]))
+train.cli()

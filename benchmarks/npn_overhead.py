@@ -1,0 +1,111 @@
+"""NPN overhead: step time of NeuCLIP ÷ MBCL, same preset, batch and DS config (issue 8.1).
+
+    python benchmarks/npn_overhead.py            # tiny + ViT-B-32, T_u = 10, m = 4096
+    python benchmarks/npn_overhead.py --quick    # fewer steps (a few minutes on 2 CPU cores)
+
+Each run is `neuclip-train` on synthetic data (no files), 1 rank, fp32, ZeRO-1, timed by the engine's own per-phase
+timers (metrics.jsonl: time_data/forward/gather/npn/backward/optimizer). The NeuCLIP and MBCL runs of a preset are
+interleaved (A B A B ...) so that drift of this shared machine hits both alike; the ratio is the median step time of
+all NeuCLIP steps ÷ that of all MBCL steps, warm-up steps dropped. Absolute times are not comparable across runs.
+
+What the ratio means at scale: the NPN inner loop runs on the *global* batch on every rank (E8 option (a)), so its
+cost per rank grows with B_global while the encoders' grows with b_local; `npn_flops_share` prints the FLOP ratio
+of the inner loop to the encoders' forward+backward for a per-GPU batch and world size (the paper: 6-9 % on 8×H100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import PHASES, ROOT, report, step_time, train
+
+
+def run(preset: str, loss: str, *, batch: int, steps: int, prototypes: int, inner_steps: int, threads: int,
+        out: Path) -> list[dict]:
+    return train(["--preset", preset, "--loss", loss, "--synthetic-samples", str(batch * steps),
+                  "--global-batch-size", str(batch), "--steps", str(steps), "--npn-prototypes", str(prototypes),
+                  "--npn-inner-steps", str(inner_steps), "--precision", "fp32",
+                  "--ds-config", str(ROOT / "ds_configs" / "zero1.json"), "--lr", "1e-4", "--warmup", "1"],
+                 out, threads=threads)
+
+
+def npn_flops_share(preset: str, per_gpu_batch: int, world_size: int, prototypes: int, inner_steps: int) -> float:
+    """FLOPs of T_u inner steps on the global batch ÷ FLOPs of the encoders' fwd+bwd on the local batch.
+
+    Encoders: 6 × params × tokens (fwd 2, bwd 4 per parameter and token); NPN per inner step and side:
+    fwd 2·B·m·d (similarities) + bwd 4·B·m·d."""
+    import torch
+
+    from neuclip_ds.model import build_model
+    from neuclip_ds.presets import get_preset
+
+    p = get_preset(preset)
+    with torch.device("meta"):
+        model = build_model(preset)
+    vis = sum(x.numel() for x in model.visual.parameters())
+    txt = sum(x.numel() for x in model.text.parameters())
+    patches = (p.image_size // p.patch_size) ** 2 + 1
+    encoder = 6 * per_gpu_batch * (vis * patches + txt * p.context_length)
+    d = p.embed_dim
+    npn = inner_steps * 2 * 6 * (per_gpu_batch * world_size) * prototypes * d
+    return npn / encoder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
+    parser.add_argument("--presets", nargs="+", default=["tiny", "ViT-B-32"])
+    parser.add_argument("--batch", type=int, nargs="+", default=[256, 32], help="global batch per preset")
+    parser.add_argument("--prototypes", type=int, default=4096)
+    parser.add_argument("--inner-steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "npn_overhead.md"))
+    args = parser.parse_args(argv)
+    steps, repeats, warm = (6, 1, 2) if args.quick else (10, 2, 3)
+    if len(args.batch) != len(args.presets):
+        parser.error("--batch: give one global batch per preset")
+
+    lines = [f"command: python benchmarks/npn_overhead.py {' '.join(argv or sys.argv[1:])}".rstrip(),
+             f"1 rank, fp32, ZeRO-1, T_u = {args.inner_steps}, m = {args.prototypes}, {steps} steps per run "
+             f"(first {warm} dropped), {repeats} interleaved repeat(s) per loss, {args.threads} threads", "",
+             "| preset | global batch | MBCL step (s) | NeuCLIP step (s) | NeuCLIP ÷ MBCL | NPN phase share "
+             "| NeuCLIP split data/fwd/gather/npn/bwd/opt (%) |", "|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset, batch in zip(args.presets, args.batch):
+            times: dict[str, list[float]] = {"mbcl": [], "neuclip": []}
+            split = {p: [] for p in PHASES}
+            for r in range(repeats):
+                for loss in ("neuclip", "mbcl"):
+                    print(f"[npn_overhead] {preset} {loss} repeat {r}", flush=True)
+                    rows = run(preset, loss, batch=batch, steps=steps, prototypes=args.prototypes,
+                               inner_steps=args.inner_steps, threads=args.threads,
+                               out=Path(tmp) / f"{preset}_{loss}_{r}")[warm:]
+                    times[loss] += [step_time(row) for row in rows]
+                    if loss == "neuclip":
+                        for p in PHASES:
+                            split[p] += [row[f"time_{p}"] for row in rows]
+            mb, nc = statistics.median(times["mbcl"]), statistics.median(times["neuclip"])
+            total = sum(statistics.median(v) for v in split.values())
+            shares = "/".join(f"{100 * statistics.median(split[p]) / total:.1f}" for p in PHASES)
+            lines.append(f"| {preset} | {batch} | {mb:.3f} | {nc:.3f} | {nc / mb:.3f} | "
+                         f"{100 * statistics.median(split['npn']) / total:.1f} % | {shares} |")
+    lines += ["", "FLOP share of the NPN inner loop (global batch, every rank) ÷ encoders fwd+bwd (local batch), "
+              f"T_u = {args.inner_steps}, m = {args.prototypes}:", "",
+              "| preset | per-GPU batch | 1 GPU | 8 GPUs | 64 GPUs |", "|---|---|---|---|---|"]
+    for preset in args.presets:
+        if preset == "tiny":
+            continue
+        for b in (256,):
+            cells = [f"{100 * npn_flops_share(preset, b, w, args.prototypes, args.inner_steps):.1f} %"
+                     for w in (1, 8, 64)]
+            lines.append(f"| {preset} | {b} | " + " | ".join(cells) + " |")
+    report("\n".join(lines), args.out, write=not args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
