@@ -49,6 +49,7 @@ class TrainConfig:
     npn_lr: float = 0.05
     npn_variant: str = "tailored"
     npn_update: str = "alternating"
+    npn_parallel: str = "sharded"
     npn_restart_resets_adagrad: bool = False
     # data
     dataset_dir: str | None = None
@@ -117,6 +118,8 @@ class TrainConfig:
             raise ConfigError(f"--npn-variant: must be tailored or mlp, got {self.npn_variant!r}")
         if self.npn_update not in ("alternating", "simultaneous"):
             raise ConfigError(f"--npn-update: must be alternating or simultaneous, got {self.npn_update!r}")
+        if self.npn_parallel not in ("sharded", "replicated"):
+            raise ConfigError(f"--npn-parallel: must be sharded or replicated, got {self.npn_parallel!r}")
         for name in ("npn_prototypes", "npn_restart_every", "global_batch_size", "keep_last",
                      "max_skipped_in_a_row"):
             if getattr(self, name) <= 0:
@@ -226,7 +229,7 @@ _GROUPS = {
     "model": ["preset", "pretrained_hf", "grad_checkpointing", "init_tau", "tau_min", "tau_max", "zero_init"],
     "loss": ["loss", "eps", "rho", "fastclip_gamma_min", "fastclip_gamma_decay_epochs"],
     "NPN (NeuCLIP)": ["npn_prototypes", "npn_inner_steps", "npn_restart_every", "npn_lr", "npn_variant",
-                      "npn_update", "npn_restart_resets_adagrad"],
+                      "npn_update", "npn_parallel", "npn_restart_resets_adagrad"],
     "data": ["dataset_dir", "train_data", "train_num_samples", "val_data", "tokenizer", "dataset_size", "workers",
              "data_resampled", "max_bad_fraction", "synthetic_samples"],
     "optimization": ["global_batch_size", "steps", "epochs", "lr", "wd", "warmup", "beta1", "beta2", "adam_eps",
@@ -246,6 +249,9 @@ _HELP = {
     "npn_lr": "NPN AdaGrad learning rate",
     "npn_restart_resets_adagrad": "also reset AdaGrad's accumulators at a restart (E7.4)", "npn_variant": "tailored (E4) or mlp (ablation)",
     "npn_update": "alternating (E7) or simultaneous (ablation: alpha predicted before the NPN step)",
+    "npn_parallel": "E8: sharded (each rank's inner steps on its own anchors, NPN gradients all-reduced: NPN cost "
+                    "per rank O(b_local)) or replicated (every rank runs the whole global batch: O(B), no "
+                    "communication)",
     "dataset_dir": "a data set built by neuclip_ds (sets train/val data, tokenizer, sizes)",
     "train_data": "webdataset shards, brace-expanded, '::'-joined lists", "train_num_samples": "samples per epoch",
     "val_data": "held-out webdataset shards", "tokenizer": "local HF tokenizer directory",

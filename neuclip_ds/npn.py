@@ -20,6 +20,7 @@ import hashlib
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -171,26 +172,45 @@ class NPN:
         return self.net(*self._inputs(img, txt, tau))
 
     def fit(self, img: Tensor, txt: Tensor, log_target_img: Tensor, log_target_txt: Tensor, tau: Tensor,
-            steps: int) -> float:
-        """T_u AdaGrad steps on E5 with the encoders and tau frozen (E7.2); returns the last objective value.
+            steps: int, *, rows: slice | None = None) -> float:
+        """T_u AdaGrad steps on E5 with the encoders and tau frozen (E7.2); returns the last objective value (over
+        the whole batch).
 
-        Pass the same global batch on every rank (E8 (a)) and the replicas stay identical."""
+        Every rank passes the same global batch. `rows=None` (E8 option (a)): every rank runs the whole batch and the
+        replicas stay identical without communication. `rows` = this rank's block of it (E8 option (b)): each rank
+        computes E5 on its rows, weighted by rows/B so that the ranks' terms add up to the full-batch objective, and
+        the gradients are summed with one all-reduce per inner step; every rank then applies the same AdaGrad step
+        to the same summed gradient, so the replicas stay identical with O(b_local) work per rank."""
         if steps < 0:
             raise ValueError(f"steps: must be >= 0, got {steps}")
         img, txt, tau = self._inputs(img, txt, tau)
         targets = [t.detach().to(self.device, img.dtype) for t in (log_target_img, log_target_txt)]
         if targets[0].shape != (img.shape[0],) or targets[1].shape != (img.shape[0],):
             raise ValueError(f"log_target_img: expected shape [{img.shape[0]}]")
-        value = float("nan")
+        weight = 1.0
+        if rows is not None:
+            weight = len(range(img.shape[0])[rows]) / img.shape[0]
+            img, txt, targets = img[rows], txt[rows], [t[rows] for t in targets]
+        value = torch.zeros(())
         self.net.train()
         constants = self.net.prepare(img, txt, tau)   # frozen encoders and tau: the same for every inner step
+        params = [p for p in self.net.parameters()]
         for _ in range(steps):
             self.optimizer.zero_grad(set_to_none=True)
-            loss = npn_objective(*self.net.alpha(*constants), *targets, tau)
+            loss = weight * npn_objective(*self.net.alpha(*constants), *targets, tau)
             loss.backward()
+            if rows is not None:
+                flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1)])
+                dist.all_reduce(flat)                          # one collective per inner step
+                offset = 0
+                for p in params:
+                    p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+                value = flat[-1]
+            else:
+                value = loss.detach()
             self.optimizer.step()
-            value = loss.detach()
-        return float(value)
+        return float(value) if steps else float("nan")
 
     def restart(self, img: Tensor, txt: Tensor, seed: int, *, reset_optimizer: bool = False) -> None:
         """Re-draw the prototypes from the global batch (same `seed` and batch on every rank -> same result);

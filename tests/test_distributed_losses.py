@@ -76,8 +76,9 @@ def run_losses(rank, world_size):
     return results
 
 
-def run_npn(rank, world_size):
-    """E8 (a): gather features and log g_hat, identical inner loop on every rank, restart with a shared seed."""
+def run_npn(rank, world_size, sharded=False):
+    """E8 (a): gather features and log g_hat, identical inner loop on every rank, restart with a shared seed.
+    sharded (E8 (b)): each rank's inner steps on its own rows of the global batch, gradients all-reduced."""
     inp = global_inputs()
     b = B // world_size
     sl = slice(rank * b, (rank + 1) * b)
@@ -89,11 +90,15 @@ def run_npn(rank, world_size):
         txt = F.normalize(inp["x_txt"][step, sl].float() @ inp["w_txt"].float(), dim=-1)
         feats = gather_features(img, txt)
         lg1, lg2 = batch_log_normalizers(feats, tau)
-        npn.fit(feats.img_all, feats.txt_all, all_gather_no_grad(lg1), all_gather_no_grad(lg2), tau, steps=5)
+        before = npn.net.proto_txt.detach().clone()
+        value = npn.fit(feats.img_all, feats.txt_all, all_gather_no_grad(lg1), all_gather_no_grad(lg2), tau,
+                        steps=5, rows=sl if sharded else None)
         checksums.append(npn.checksum())
+        fitted = npn.net.proto_txt.detach().clone()
         npn.restart(feats.img_all, feats.txt_all, seed=step)
         checksums.append(npn.checksum())
-    return {"checksums": checksums, "proto": npn.net.proto_txt.detach().clone()}
+    return {"checksums": checksums, "proto": npn.net.proto_txt.detach().clone(), "last_value": value,
+            "fitted": fitted, "moved": float((fitted - before).abs().max())}
 
 
 def test_two_rank_gradients_equal_one_rank_full_batch_for_every_loss():
@@ -122,3 +127,13 @@ def test_npn_replicas_stay_bitwise_identical():
     assert len(set(two[0]["checksums"])) == 4  # the checksum moves with every fit and restart
     one = run_npn(0, 1)
     assert torch.allclose(one["proto"], two[0]["proto"], atol=1e-5)
+
+
+def test_sharded_npn_inner_loop_equals_the_full_batch_one():
+    """E8 (b): each rank's E5 on its rows, weighted b/B, gradients summed -> the single-process full-batch NPN."""
+    two = run_ranks(run_npn, world_size=2, args=(True,))
+    assert two[0]["checksums"] == two[1]["checksums"]          # replicas identical without running the whole batch
+    one = run_npn(0, 1)
+    assert torch.allclose(one["fitted"], two[0]["fitted"], atol=1e-6)
+    assert one["moved"] > 1e-3                                  # the inner steps did move the prototypes
+    assert math.isclose(two[0]["last_value"], one["last_value"], rel_tol=1e-5)  # reported E5 = full-batch value
