@@ -8,9 +8,11 @@ timers (metrics.jsonl: time_data/forward/gather/npn/backward/optimizer). The Neu
 interleaved (A B A B ...) so that drift of this shared machine hits both alike; the ratio is the median step time of
 all NeuCLIP steps ÷ that of all MBCL steps, warm-up steps dropped. Absolute times are not comparable across runs.
 
-What the ratio means at scale: the NPN inner loop runs on the *global* batch on every rank (E8 option (a)), so its
-cost per rank grows with B_global while the encoders' grows with b_local; `npn_flops_share` prints the FLOP ratio
-of the inner loop to the encoders' forward+backward for a per-GPU batch and world size (the paper: 6-9 % on 8×H100).
+What the ratio means at scale: with `--npn-parallel replicated` (E8 option (a)) every rank runs the inner loop on
+the *global* batch, so its cost per rank grows with B_global while the encoders' grows with b_local; with
+`sharded` (option (b), the default) each rank runs its own b_local rows and all-reduces the NPN gradients
+(2·m·d numbers per inner step, not counted in the FLOPs). `flops_table` prints both FLOP ratios for a per-GPU
+batch and world size (the paper: 6-9 % of the step time on 8×H100).
 """
 
 from __future__ import annotations
@@ -55,6 +57,21 @@ def npn_flops_share(preset: str, per_gpu_batch: int, world_size: int, prototypes
     return npn / encoder
 
 
+def flops_table(presets: list[str], prototypes: int, inner_steps: int, per_gpu_batch: int = 256) -> list[str]:
+    """NPN FLOPs ÷ encoder FLOPs per rank: replicated (E8 (a)) runs the inner loop on the global batch on every
+    rank; sharded (E8 (b), the default) on the rank's own b_local rows, whatever the world size."""
+    lines = ["", f"FLOP share of the NPN inner loop ÷ encoders fwd+bwd per rank, per-GPU batch {per_gpu_batch}, "
+             f"T_u = {inner_steps}, m = {prototypes}:", "",
+             "| preset | --npn-parallel | 1 GPU | 8 GPUs | 64 GPUs |", "|---|---|---|---|---|"]
+    for preset in (p for p in presets if p != "tiny"):
+        for mode in ("replicated", "sharded"):
+            shares = [npn_flops_share(preset, per_gpu_batch, w if mode == "replicated" else 1, prototypes,
+                                      inner_steps) for w in (1, 8, 64)]
+            cells = [f"{100 * x:.1f} %" for x in shares]
+            lines.append(f"| {preset} | {mode} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
@@ -93,16 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             shares = "/".join(f"{100 * statistics.median(split[p]) / total:.1f}" for p in PHASES)
             lines.append(f"| {preset} | {batch} | {mb:.3f} | {nc:.3f} | {nc / mb:.3f} | "
                          f"{100 * statistics.median(split['npn']) / total:.1f} % | {shares} |")
-    lines += ["", "FLOP share of the NPN inner loop (global batch, every rank) ÷ encoders fwd+bwd (local batch), "
-              f"T_u = {args.inner_steps}, m = {args.prototypes}:", "",
-              "| preset | per-GPU batch | 1 GPU | 8 GPUs | 64 GPUs |", "|---|---|---|---|---|"]
-    for preset in args.presets:
-        if preset == "tiny":
-            continue
-        for b in (256,):
-            cells = [f"{100 * npn_flops_share(preset, b, w, args.prototypes, args.inner_steps):.1f} %"
-                     for w in (1, 8, 64)]
-            lines.append(f"| {preset} | {b} | " + " | ".join(cells) + " |")
+    lines += flops_table(args.presets, args.prototypes, args.inner_steps)
     report("\n".join(lines), args.out, write=not args.quick)
     return 0
 
