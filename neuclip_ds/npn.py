@@ -187,14 +187,14 @@ class NPN:
         targets = [t.detach().to(self.device, img.dtype) for t in (log_target_img, log_target_txt)]
         if targets[0].shape != (img.shape[0],) or targets[1].shape != (img.shape[0],):
             raise ValueError(f"log_target_img: expected shape [{img.shape[0]}]")
-        weight = 1.0
+        batch = img.shape[0]
         if rows is not None:
-            weight = len(range(img.shape[0])[rows]) / img.shape[0]
             img, txt, targets = img[rows], txt[rows], [t[rows] for t in targets]
-        value = torch.zeros(())
+        weight = img.shape[0] / batch   # 1 for the whole batch
+        value = float("nan")
         self.net.train()
         constants = self.net.prepare(img, txt, tau)   # frozen encoders and tau: the same for every inner step
-        params = [p for p in self.net.parameters()]
+        params = list(self.net.parameters())
         for _ in range(steps):
             self.optimizer.zero_grad(set_to_none=True)
             loss = weight * npn_objective(*self.net.alpha(*constants), *targets, tau)
@@ -210,7 +210,7 @@ class NPN:
             else:
                 value = loss.detach()
             self.optimizer.step()
-        return float(value) if steps else float("nan")
+        return float(value)
 
     def restart(self, img: Tensor, txt: Tensor, seed: int, *, reset_optimizer: bool = False) -> None:
         """Re-draw the prototypes from the global batch (same `seed` and batch on every rank -> same result);

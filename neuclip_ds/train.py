@@ -353,7 +353,7 @@ def cli() -> None:
 
     After a run that finished, saved and closed everything of ours, gloo/DeepSpeed threads still joinable at static
     destruction abort the process now and then ('terminate called without an active exception', exit 250) even
-    after `shutdown_distributed`: seen in about 1 of 60 two-rank test runs. os._exit skips that phase."""
+    after `shutdown_distributed`: seen once in about four full test suites. os._exit skips that phase."""
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
