@@ -4,7 +4,8 @@ from). Needs open_clip: `make openclip-venv`, then
 
     .venv-openclip/bin/python benchmarks/vs_openclip_towers.py      # batch 32, 3 timed repeats, ~2 min on 2 cores
 
-Prints the median seconds per fwd+bwd of both full models and of each tower alone."""
+Prints the median seconds per fwd+bwd of both full models and of each tower alone, then our text tower's fwd+bwd
+when the batch's longest caption has L tokens (what --text-padding longest runs; open_clip always runs 77)."""
 import time, statistics, torch, torch.nn.functional as F
 import open_clip
 from neuclip_ds.model import build_model
@@ -45,3 +46,9 @@ for r in range(4):
 for k, v in res.items(): print(k, f"{statistics.median(v):.3f}")
 t = time.perf_counter(); step_ours(o1); step_ours(o1); print("ours step+adamw", (time.perf_counter() - t) / 2)
 t = time.perf_counter(); step_theirs(o2); step_theirs(o2); print("theirs step+adamw", (time.perf_counter() - t) / 2)
+for L in (10, 20, 40, 77):
+    ts = []
+    for r in range(3):
+        t = time.perf_counter(); ours.text(input_ids=ids[:, :L], attention_mask=mask[:, :L]).text_embeds.sum().backward()
+        ts.append(time.perf_counter() - t); ours.zero_grad(set_to_none=True)
+    print(f"ours_txt longest={L}", f"{statistics.median(ts[1:]):.3f}")

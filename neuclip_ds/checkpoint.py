@@ -11,16 +11,23 @@ Layout of `<output_dir>/checkpoints/`:
                                   the previous checkpoint as `latest`, and resume refuses a tag without COMPLETE
 Everything of ours is plain tensors / numbers / strings and is loaded with `torch.load(weights_only=True)`.
 The last `keep_last` complete checkpoints are kept.
+
+Sections: save, resume (engine + our state), and loading a trained model without an engine
+(`load_checkpoint_model`: the fp32 weights of any ZeRO stage + the run config -> a CLIPDualEncoder), which
+evaluation and export use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -29,10 +36,11 @@ import torch.distributed as dist
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE = "COMPLETE"
 SHARED_FILE = "neuclip_state.pt"
+TOKEN_EMBEDDING_KEY = "text.text_model.embeddings.token_embedding.weight"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from; the message names the problem (one line)."""
+    """A checkpoint that cannot be resumed from or loaded; the message names the problem (one line)."""
 
 
 def _rank() -> int:
@@ -198,3 +206,129 @@ def load_engine(engine, tag_dir: Path) -> None:
     load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
     if load_path is None:
         raise CheckpointError(f"--resume: DeepSpeed could not load {tag_dir}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Loading a trained model from a checkpoint (evaluation, export): no engine, no process group
+# ------------------------------------------------------------------------------------------------------------
+def resolve_checkpoint(path: str | os.PathLike, tag: str | None = None) -> tuple[Path, str, Path]:
+    """(checkpoints dir, tag, run output dir) of a run dir, its ``checkpoints/`` dir or a tag dir."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"--checkpoint: {p} does not exist")
+    if not p.is_dir():
+        raise CheckpointError(f"--checkpoint: {p} is not a directory")
+    if (p / "checkpoints").is_dir() and not (p / "latest").is_file():
+        p = p / "checkpoints"
+    if (p / "latest").is_file() or tag is not None and (p / tag).is_dir():
+        ckpt_dir = p
+        tag = tag or (p / "latest").read_text().strip()
+    elif any(p.glob("*model_states.pt")):
+        ckpt_dir, tag = p.parent, tag or p.name
+    else:
+        raise CheckpointError(f"--checkpoint: {path} is not a DeepSpeed checkpoint (no 'latest' file, no "
+                        f"checkpoints/ dir, no *model_states.pt)")
+    if not (ckpt_dir / tag).is_dir():
+        raise CheckpointError(f"--checkpoint: tag {tag!r} not found in {ckpt_dir}")
+    return ckpt_dir, tag, ckpt_dir.parent
+
+
+def load_checkpoint_state_dict(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 {name: tensor} of the model of one DeepSpeed checkpoint tag (ZeRO-1/2/3 or no ZeRO)."""
+    tag_dir = Path(ckpt_dir) / tag
+    if any(tag_dir.glob("*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(sys.stderr):  # it prints progress; keep stdout for the table
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"--checkpoint: no model states in {tag_dir}")
+    blob = torch.load(files[0], map_location="cpu", weights_only=False)
+    state = blob.get("module") if isinstance(blob, dict) else None
+    if not state:
+        raise CheckpointError(f"--checkpoint: {files[0]} holds no module weights (ZeRO-3 without optimizer shards?)")
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def read_run_config(run_dir: str | os.PathLike, ckpt_dir: str | os.PathLike | None = None,
+                    tag: str | None = None) -> dict:
+    """The run's ``config.yaml``; else the ``config`` saved in the checkpoint's client state."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if path.is_file():
+        cfg = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"--checkpoint: {path} does not hold a mapping")
+        return cfg
+    if ckpt_dir is not None and tag is not None:
+        shared = Path(ckpt_dir) / tag / SHARED_FILE  # written by save() above (plain values)
+        if shared.is_file():
+            blob = torch.load(shared, map_location="cpu", weights_only=True)
+            if isinstance(blob.get("config"), dict):
+                return blob["config"]
+    raise CheckpointError(f"--checkpoint: no config.yaml in {run_dir} (needed to rebuild the model)")
+
+
+def model_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping, tokenizer=None):
+    """Rebuild the trainer's ``CLIPDualEncoder`` from a run config and load ``state_dict`` (strict).
+
+    ``config`` keys used: ``preset``, ``pretrained_hf`` (architecture from that HF dir), ``loss`` (SigLIP adds
+    ``logit_bias``), ``init_tau``/``tau_min``/``tau_max``. The vocabulary size and special-token ids come from
+    ``tokenizer`` (a ``TextTokenizer``) when its size matches the checkpoint's token embedding; otherwise
+    (runs trained without a tokenizer, e.g. on synthetic data) from the checkpoint's embedding rows with the
+    preset's default ids, with a warning (an error when the run named a tokenizer).
+    """
+    from .model import build_model, load_hf_clip
+
+    with_bias = config.get("loss") == "siglip"
+    tau_min = float(config.get("tau_min", 0.01))
+    tau_max = float(config.get("tau_max", 1.0))
+    init_tau = float(config.get("init_tau", 0.07))
+    if config.get("pretrained_hf"):
+        hf = Path(config["pretrained_hf"])
+        if not (hf / "config.json").is_file():
+            raise CheckpointError(f"--checkpoint: the run was fine-tuned from {hf}, which is needed to rebuild the "
+                            f"architecture but is not a CLIPModel directory any more")
+        model = load_hf_clip(hf, tau_min=tau_min, tau_max=tau_max, with_bias=with_bias)
+    else:
+        preset = config.get("preset")
+        if not preset:
+            raise CheckpointError("--checkpoint: the run config names no preset")
+        rows = state_dict[TOKEN_EMBEDDING_KEY].shape[0] if TOKEN_EMBEDDING_KEY in state_dict else None
+        ids = {}
+        vocab_size = rows
+        if tokenizer is not None and (rows is None or tokenizer.vocab_size == rows):
+            vocab_size = tokenizer.vocab_size
+            ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+        elif tokenizer is not None:
+            msg = (f"the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's text embedding has "
+                   f"{rows} rows")
+            if config.get("tokenizer"):
+                raise CheckpointError(f"--tokenizer: {msg}; use the run's tokenizer ({config['tokenizer']})")
+            warnings.warn(f"eval: {msg} (the run was trained without a tokenizer); using the preset's default "
+                          f"special-token ids: text metrics are meaningless unless the vocabularies agree",
+                          stacklevel=2)
+        try:
+            model = build_model(preset, vocab_size=vocab_size, init_tau=min(max(init_tau, tau_min), tau_max),
+                                tau_min=tau_min, tau_max=tau_max, with_bias=with_bias, **ids)
+        except ValueError as e:
+            raise CheckpointError(f"--checkpoint: {e}") from None
+    try:
+        model.load_state_dict(dict(state_dict), strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"--checkpoint: the weights do not match the model of the run config: "
+                        f"{' '.join(s.strip() for s in first[:3])[:400]}") from None
+    return model.eval()
+
+
+def load_checkpoint_model(checkpoint: str | os.PathLike, *, tokenizer=None, tag: str | None = None):
+    """(model, run config, run dir) of a trainer checkpoint (see ``resolve_checkpoint``)."""
+    ckpt_dir, tag, run_dir = resolve_checkpoint(checkpoint, tag)
+    config = read_run_config(run_dir, ckpt_dir, tag)
+    state = load_checkpoint_state_dict(ckpt_dir, tag)
+    return model_from_state_dict(state, config, tokenizer), config, run_dir

@@ -61,6 +61,7 @@ class TrainConfig:
     workers: int = 0
     data_resampled: bool = False
     max_bad_fraction: float = 0.05
+    text_padding: str = "longest"
     # optimization
     global_batch_size: int = 64
     steps: int | None = None
@@ -118,6 +119,8 @@ class TrainConfig:
             raise ConfigError(f"--npn-variant: must be tailored or mlp, got {self.npn_variant!r}")
         if self.npn_update not in ("alternating", "simultaneous"):
             raise ConfigError(f"--npn-update: must be alternating or simultaneous, got {self.npn_update!r}")
+        if self.text_padding not in ("longest", "max_length"):
+            raise ConfigError(f"--text-padding: must be longest or max_length, got {self.text_padding!r}")
         if self.npn_parallel not in ("sharded", "replicated"):
             raise ConfigError(f"--npn-parallel: must be sharded or replicated, got {self.npn_parallel!r}")
         for name in ("npn_prototypes", "npn_restart_every", "global_batch_size", "keep_last",
@@ -231,7 +234,7 @@ _GROUPS = {
     "NPN (NeuCLIP)": ["npn_prototypes", "npn_inner_steps", "npn_restart_every", "npn_lr", "npn_variant",
                       "npn_update", "npn_parallel", "npn_restart_resets_adagrad"],
     "data": ["dataset_dir", "train_data", "train_num_samples", "val_data", "tokenizer", "dataset_size", "workers",
-             "data_resampled", "max_bad_fraction", "synthetic_samples"],
+             "data_resampled", "max_bad_fraction", "text_padding", "synthetic_samples"],
     "optimization": ["global_batch_size", "steps", "epochs", "lr", "wd", "warmup", "beta1", "beta2", "adam_eps",
                      "grad_clip", "max_skipped_in_a_row"],
     "system": ["ds_config", "precision", "seed", "output_dir", "resume", "save_every", "keep_last", "eval_every",
@@ -257,6 +260,8 @@ _HELP = {
     "val_data": "held-out webdataset shards", "tokenizer": "local HF tokenizer directory",
     "dataset_size": "number of samples in the data set (FastCLIP u tables)",
     "max_bad_fraction": "stop when the fraction of skipped bad samples passes this",
+    "text_padding": "longest: the text tower runs only up to the batch's longest caption (exact: causal "
+                    "attention, EOS pooling); max_length: always the full context length (static shapes)",
     "synthetic_samples": "train on a deterministic synthetic set of N samples (tests, benchmarks)",
     "global_batch_size": "pairs per optimizer step over all ranks and micro-batches", "warmup": "warmup steps",
     "max_skipped_in_a_row": "abort after this many non-finite steps in a row",

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
 from .config import TrainConfig
+from .data.tokenizer import trim_text_padding
 from .extensions import prepare_cpu_ops, release_shm_buffers
 from .losses import (LOSSES, FastCLIPLoss, Features, NeuCLIPLoss, all_gather_no_grad, batch_log_normalizers,
                      gather_features, log_eps_plus)
@@ -278,9 +279,11 @@ class NeuCLIPEngine:
     def _to_device(self, mb: dict) -> dict:
         dev = self.info.device
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision, torch.float32)
+        ids, mask = mb["input_ids"], mb["attention_mask"]
+        if self.cfg.text_padding == "longest":
+            ids, mask = trim_text_padding(ids, mask)   # exact; the text tower runs only the batch's longest caption
         return {"pixel_values": mb["pixel_values"].to(dev, dtype, non_blocking=True),
-                "input_ids": mb["input_ids"].to(dev, non_blocking=True),
-                "attention_mask": mb["attention_mask"].to(dev, non_blocking=True)}
+                "input_ids": ids.to(dev, non_blocking=True), "attention_mask": mask.to(dev, non_blocking=True)}
 
     @torch.no_grad()
     def encode(self, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:

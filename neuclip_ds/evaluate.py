@@ -37,7 +37,6 @@ is used when present) rather than a DeepSpeed engine's forward.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -49,9 +48,12 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import (CheckpointError, load_checkpoint_state_dict, model_from_state_dict, read_run_config,
+                         resolve_checkpoint)
+from .data.tokenizer import trim_text_padding
+
 RETRIEVAL_KS = (1, 5, 10)
 ZEROSHOT_KS = (1, 5)
-TOKEN_EMBEDDING_KEY = "text.text_model.embeddings.token_embedding.weight"
 # Similarities closer than this are a tie (float32 encoding noise is ~1e-7); see "Ties" in the module docstring.
 TIE_TOL = 1e-6
 
@@ -125,7 +127,7 @@ def zero_shot_classifier(encode_text_fn: Callable[..., torch.Tensor], classnames
     chunks = []
     for a in range(0, len(texts), batch_size):
         tok = tokenizer(texts[a:a + batch_size])
-        ids, mask = tok["input_ids"], tok.get("attention_mask")
+        ids, mask = trim_text_padding(tok["input_ids"], tok.get("attention_mask"))
         if device is not None:
             ids = ids.to(device)
             mask = mask.to(device) if mask is not None else None
@@ -203,8 +205,8 @@ def compute_embeddings(model, loader: Iterable[dict], device: str | torch.device
             if max_batches is not None and i >= max_batches:
                 break
             pixels = batch["pixel_values"].to(device=device, dtype=dtype)
-            ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask")
+            ids, mask = trim_text_padding(batch["input_ids"], batch.get("attention_mask"))
+            ids = ids.to(device)
             mask = mask.to(device) if mask is not None else None
             img.append(model.encode_image(pixels).float().cpu())
             txt.append(model.encode_text(ids, mask).float().cpu())
@@ -392,132 +394,6 @@ def write_results(results: Mapping, path_json: str | os.PathLike) -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Loading models: HF directory or trainer checkpoint
-# ------------------------------------------------------------------------------------------------------------
-def resolve_checkpoint(path: str | os.PathLike, tag: str | None = None) -> tuple[Path, str, Path]:
-    """(checkpoints dir, tag, run output dir) of a run dir, its ``checkpoints/`` dir or a tag dir."""
-    p = Path(path)
-    if not p.exists():
-        raise EvalError(f"--checkpoint: {p} does not exist")
-    if not p.is_dir():
-        raise EvalError(f"--checkpoint: {p} is not a directory")
-    if (p / "checkpoints").is_dir() and not (p / "latest").is_file():
-        p = p / "checkpoints"
-    if (p / "latest").is_file() or tag is not None and (p / tag).is_dir():
-        ckpt_dir = p
-        tag = tag or (p / "latest").read_text().strip()
-    elif any(p.glob("*model_states.pt")):
-        ckpt_dir, tag = p.parent, tag or p.name
-    else:
-        raise EvalError(f"--checkpoint: {path} is not a DeepSpeed checkpoint (no 'latest' file, no "
-                        f"checkpoints/ dir, no *model_states.pt)")
-    if not (ckpt_dir / tag).is_dir():
-        raise EvalError(f"--checkpoint: tag {tag!r} not found in {ckpt_dir}")
-    return ckpt_dir, tag, ckpt_dir.parent
-
-
-def load_checkpoint_state_dict(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 {name: tensor} of the model of one DeepSpeed checkpoint tag (ZeRO-1/2/3 or no ZeRO)."""
-    tag_dir = Path(ckpt_dir) / tag
-    if any(tag_dir.glob("*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(sys.stderr):  # it prints progress; keep stdout for the table
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise EvalError(f"--checkpoint: no model states in {tag_dir}")
-    blob = torch.load(files[0], map_location="cpu", weights_only=False)
-    state = blob.get("module") if isinstance(blob, dict) else None
-    if not state:
-        raise EvalError(f"--checkpoint: {files[0]} holds no module weights (ZeRO-3 without optimizer shards?)")
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-
-
-def read_run_config(run_dir: str | os.PathLike, ckpt_dir: str | os.PathLike | None = None,
-                    tag: str | None = None) -> dict:
-    """The run's ``config.yaml``; else the ``config`` saved in the checkpoint's client state."""
-    import yaml
-
-    path = Path(run_dir) / "config.yaml"
-    if path.is_file():
-        cfg = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(cfg, dict):
-            raise EvalError(f"--checkpoint: {path} does not hold a mapping")
-        return cfg
-    if ckpt_dir is not None and tag is not None:
-        shared = Path(ckpt_dir) / tag / "neuclip_state.pt"  # written by neuclip_ds.checkpoint (plain values)
-        if shared.is_file():
-            blob = torch.load(shared, map_location="cpu", weights_only=True)
-            if isinstance(blob.get("config"), dict):
-                return blob["config"]
-    raise EvalError(f"--checkpoint: no config.yaml in {run_dir} (needed to rebuild the model)")
-
-
-def model_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping, tokenizer=None):
-    """Rebuild the trainer's ``CLIPDualEncoder`` from a run config and load ``state_dict`` (strict).
-
-    ``config`` keys used: ``preset``, ``pretrained_hf`` (architecture from that HF dir), ``loss`` (SigLIP adds
-    ``logit_bias``), ``init_tau``/``tau_min``/``tau_max``. The vocabulary size and special-token ids come from
-    ``tokenizer`` (a ``TextTokenizer``) when its size matches the checkpoint's token embedding; otherwise
-    (runs trained without a tokenizer, e.g. on synthetic data) from the checkpoint's embedding rows with the
-    preset's default ids, with a warning (an error when the run named a tokenizer).
-    """
-    from .model import build_model, load_hf_clip
-
-    with_bias = config.get("loss") == "siglip"
-    tau_min = float(config.get("tau_min", 0.01))
-    tau_max = float(config.get("tau_max", 1.0))
-    init_tau = float(config.get("init_tau", 0.07))
-    if config.get("pretrained_hf"):
-        hf = Path(config["pretrained_hf"])
-        if not (hf / "config.json").is_file():
-            raise EvalError(f"--checkpoint: the run was fine-tuned from {hf}, which is needed to rebuild the "
-                            f"architecture but is not a CLIPModel directory any more")
-        model = load_hf_clip(hf, tau_min=tau_min, tau_max=tau_max, with_bias=with_bias)
-    else:
-        preset = config.get("preset")
-        if not preset:
-            raise EvalError("--checkpoint: the run config names no preset")
-        rows = state_dict[TOKEN_EMBEDDING_KEY].shape[0] if TOKEN_EMBEDDING_KEY in state_dict else None
-        ids = {}
-        vocab_size = rows
-        if tokenizer is not None and (rows is None or tokenizer.vocab_size == rows):
-            vocab_size = tokenizer.vocab_size
-            ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-        elif tokenizer is not None:
-            msg = (f"the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's text embedding has "
-                   f"{rows} rows")
-            if config.get("tokenizer"):
-                raise EvalError(f"--tokenizer: {msg}; use the run's tokenizer ({config['tokenizer']})")
-            warnings.warn(f"eval: {msg} (the run was trained without a tokenizer); using the preset's default "
-                          f"special-token ids: text metrics are meaningless unless the vocabularies agree",
-                          stacklevel=2)
-        try:
-            model = build_model(preset, vocab_size=vocab_size, init_tau=min(max(init_tau, tau_min), tau_max),
-                                tau_min=tau_min, tau_max=tau_max, with_bias=with_bias, **ids)
-        except ValueError as e:
-            raise EvalError(f"--checkpoint: {e}") from None
-    try:
-        model.load_state_dict(dict(state_dict), strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise EvalError(f"--checkpoint: the weights do not match the model of the run config: "
-                        f"{' '.join(s.strip() for s in first[:3])[:400]}") from None
-    return model.eval()
-
-
-def load_checkpoint_model(checkpoint: str | os.PathLike, *, tokenizer=None, tag: str | None = None):
-    """(model, run config, run dir) of a trainer checkpoint (see ``resolve_checkpoint``)."""
-    ckpt_dir, tag, run_dir = resolve_checkpoint(checkpoint, tag)
-    config = read_run_config(run_dir, ckpt_dir, tag)
-    state = load_checkpoint_state_dict(ckpt_dir, tag)
-    return model_from_state_dict(state, config, tokenizer), config, run_dir
-
-
 def _is_tokenizer_dir(p: Path | None) -> bool:
     return p is not None and p.is_dir() and any((p / f).is_file() for f in ("tokenizer.json", "vocab.json"))
 
@@ -646,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         results = run_cli(args)
-    except EvalError as e:
+    except (EvalError, CheckpointError) as e:
         print(f"neuclip-eval: error: {e}", file=sys.stderr)
         return 2
     print(format_table(results))

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import COMPLETE, SHARED_FILE
-from .evaluate import (EvalError, load_checkpoint_state_dict, model_from_state_dict, read_run_config,
-                       resolve_checkpoint)
+from .checkpoint import (COMPLETE, SHARED_FILE, CheckpointError, load_checkpoint_state_dict, model_from_state_dict,
+                         read_run_config, resolve_checkpoint)
 
 TOWER_PREFIXES = ("visual.", "text.")  # visual.vision_model.* -> vision_model.*, text.text_model.* -> text_model.*
 
@@ -52,7 +51,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, tag: str | None = None
         raise ExportError(f"--out: {out} exists and is not empty (pass --overwrite to replace it)")
     try:
         ckpt_dir, tag, run_dir = resolve_checkpoint(checkpoint, tag)
-    except EvalError as e:
+    except CheckpointError as e:
         raise ExportError(str(e)) from None
     tag_dir = ckpt_dir / tag
     if (tag_dir / SHARED_FILE).exists() and not (tag_dir / COMPLETE).is_file():
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         info = export_hf(args.checkpoint, args.out, tag=args.tag, overwrite=args.overwrite)
-    except (ExportError, EvalError) as e:
+    except (ExportError, CheckpointError) as e:
         print(f"neuclip-export: error: {e}", file=sys.stderr)
         return 2
     print(f"exported {info['source_checkpoint']} -> {args.out} (tau {info['tau']:.4f}"

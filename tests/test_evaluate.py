@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from neuclip_ds import checkpoint as C
 from neuclip_ds import evaluate as E
 from neuclip_ds.data.embedded import CLASSNAMES, TEMPLATES, build_embedded_dataset, dataset_paths
 from neuclip_ds.data.pipeline import make_eval_loader
@@ -343,21 +344,21 @@ def test_model_from_state_dict_round_trip(tok):
     state = {k: v.clone() for k, v in src.state_dict().items()}
     cfg = {"preset": "tiny", "loss": "siglip", "init_tau": 0.07, "tau_min": 0.01, "tau_max": 1.0,
            "tokenizer": None, "pretrained_hf": None}
-    m = E.model_from_state_dict(state, cfg, tok)
+    m = C.model_from_state_dict(state, cfg, tok)
     assert m.logit_bias is not None and float(m.tau.detach()) == pytest.approx(0.05)
     assert m.text.config.eos_token_id == tok.eos_token_id
     for k, v in m.state_dict().items():
         assert torch.equal(v, state[k]), k
     # the loss decides about logit_bias: a non-SigLIP config does not accept these weights (strict)
-    with pytest.raises(E.EvalError, match="do not match"):
-        E.model_from_state_dict(state, dict(cfg, loss="neuclip"), tok)
+    with pytest.raises(C.CheckpointError, match="do not match"):
+        C.model_from_state_dict(state, dict(cfg, loss="neuclip"), tok)
     # a run without tokenizer (synthetic data, preset vocabulary): warn, build with the checkpoint's vocabulary
     preset_vocab = build_model("tiny").state_dict()
     with pytest.warns(UserWarning, match="rows"):
-        m2 = E.model_from_state_dict(preset_vocab, dict(cfg, loss="neuclip"), tok)
+        m2 = C.model_from_state_dict(preset_vocab, dict(cfg, loss="neuclip"), tok)
     assert m2.text.config.vocab_size == 1024
-    with pytest.raises(E.EvalError, match="tokenizer"):
-        E.model_from_state_dict(preset_vocab, dict(cfg, loss="neuclip", tokenizer="some/tok"), tok)
+    with pytest.raises(C.CheckpointError, match="tokenizer"):
+        C.model_from_state_dict(preset_vocab, dict(cfg, loss="neuclip", tokenizer="some/tok"), tok)
 
 
 def test_checkpoint_without_zero_shards_and_path_forms(model, results, ds, tok, tmp_path):
@@ -365,9 +366,9 @@ def test_checkpoint_without_zero_shards_and_path_forms(model, results, ds, tok, 
                     {"preset": "tiny", "loss": "mbcl", "tokenizer": dataset_paths(ds)["tokenizer"],
                      "val_data": dataset_paths(ds)["val"]})
     for path in (run, run / "checkpoints", run / "checkpoints" / "step00000004"):
-        ckpt_dir, tag, run_dir = E.resolve_checkpoint(path)
+        ckpt_dir, tag, run_dir = C.resolve_checkpoint(path)
         assert (ckpt_dir, tag, run_dir) == (run / "checkpoints", "step00000004", run)
-    loaded, cfg, _ = E.load_checkpoint_model(run, tokenizer=tok)
+    loaded, cfg, _ = C.load_checkpoint_model(run, tokenizer=tok)
     assert cfg["loss"] == "mbcl"
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, model.state_dict()[k])
@@ -413,7 +414,7 @@ def test_deepspeed_zero2_checkpoint_end_to_end(model, results, ds, tmp_path, cap
     assert any((run / "checkpoints" / "step00000001").glob("*optim_states.pt"))
     (run / "config.yaml").write_text(yaml.safe_dump({"preset": "tiny", "loss": "neuclip", "init_tau": 0.07,
                                                      "tau_min": 0.01, "tau_max": 1.0, "tokenizer": None}))
-    loaded, _, _ = E.load_checkpoint_model(run, tokenizer=TextTokenizer(dataset_paths(ds)["tokenizer"], 32))
+    loaded, _, _ = C.load_checkpoint_model(run, tokenizer=TextTokenizer(dataset_paths(ds)["tokenizer"], 32))
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k
     out = tmp_path / "r.json"

@@ -11,7 +11,7 @@ from _launch import launch
 from neuclip_ds.data.embedded import build_embedded_dataset
 from neuclip_ds.data.pipeline import make_eval_loader
 from neuclip_ds.data.tokenizer import TextTokenizer
-from neuclip_ds.evaluate import load_checkpoint_model
+from neuclip_ds.checkpoint import load_checkpoint_model
 
 
 @pytest.fixture(scope="module")

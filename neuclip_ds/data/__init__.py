@@ -1,7 +1,8 @@
 """Data for neuclip_ds: the embedded digits data set, the tokenizer wrapper and the webdataset pipeline.
 
     embedded   build_embedded_dataset(out_dir, ...) -> manifest; python -m neuclip_ds.data.embedded --out DIR
-    tokenizer  TextTokenizer(path, context_length); train_caption_tokenizer(captions, out_dir)
+    tokenizer  TextTokenizer(path, context_length); train_caption_tokenizer(captions, out_dir);
+               trim_text_padding(ids, mask) (pad to the batch's longest caption)
     pipeline   make_train_loader / make_eval_loader -> ClipLoader (batches + data position);
                BadSampleTracker; image_transform
 Names are re-exported lazily (PEP 562), so ``python -m neuclip_ds.data.embedded`` does not pre-import itself and
@@ -15,7 +16,7 @@ _EXPORTS = {
     "pipeline": ["BAD_REASONS", "CLIP_MEAN", "CLIP_STD", "BadSampleTracker", "BadSampleWarning", "ClipLoader",
                  "ImageTransform", "TooManyBadSamplesError", "expand_shards", "image_transform",
                  "make_eval_loader", "make_train_loader"],
-    "tokenizer": ["TextTokenizer", "train_caption_tokenizer"],
+    "tokenizer": ["TextTokenizer", "train_caption_tokenizer", "trim_text_padding"],
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

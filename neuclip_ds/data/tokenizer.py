@@ -108,6 +108,24 @@ def load_hf_tokenizer(path: str | os.PathLike):
     return tok
 
 
+def trim_text_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drop the trailing columns that are padding in every row ("pad to longest", like HF's collators).
+
+    Exact for the CLIP text tower: its attention is causal and it pools the EOS position (first eos, or the
+    largest id, which is eos too, see the module doc), so no position up to a row's EOS attends to a later
+    column, and position embeddings are indexed from 0. The text tower's work shrinks by about
+    1 - longest/context_length (OpenCLIP always runs all 77 positions). Call it on CPU tensors, before the copy
+    to the device: finding the longest row reads the mask (on a GPU that would be a synchronization)."""
+    if attention_mask is None:
+        return input_ids, None
+    used = attention_mask.bool().any(dim=0).nonzero()
+    length = int(used.max()) + 1 if len(used) else 1
+    if length == input_ids.shape[1]:
+        return input_ids, attention_mask
+    return input_ids[:, :length], attention_mask[:, :length]
+
+
 class TextTokenizer:
     """CLIP-style fixed-length tokenization on top of a local HF tokenizer directory.
 
