@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from neuclip_ds.losses import Features, batch_log_normalizers
-from neuclip_ds.npn import NPN, TailoredNPN, npn_objective
+from neuclip_ds.npn import NPN, CosineScores, TailoredNPN, npn_objective
 
 EPS = 1e-14
 
@@ -108,6 +108,41 @@ def test_state_dict_round_trip():
     a.fit(img, txt, *targets, tau, steps=2)
     b.fit(img, txt, *targets, tau, steps=2)
     assert a.checksum() == b.checksum()
+
+
+@pytest.mark.parametrize("rows", [3, 7])   # B < d and B >= d take different forward paths
+def test_cosine_scores_match_autograd_through_normalize(rows):
+    """The hand-written backward of the NPN's similarity (E4) against autograd of the plain formula, float64,
+    prototypes of very different norms; and torch's numerical gradcheck."""
+    g = torch.Generator().manual_seed(3)
+    anchors = torch.randn(rows, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    protos = (torch.randn(11, 5, generator=g, dtype=torch.float64) * torch.logspace(-2, 2, 11, dtype=torch.float64)[:, None]
+              ).requires_grad_()
+    upstream = torch.randn(rows, 11, generator=g, dtype=torch.float64)
+    offset = torch.randn(rows, 1, generator=g, dtype=torch.float64)
+    ours = CosineScores.apply(anchors, protos, offset)
+    reference = offset + anchors @ F.normalize(protos, dim=-1).T
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad((ours * upstream).sum(), (anchors, protos))
+    expected = torch.autograd.grad((reference * upstream).sum(), (anchors, protos))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(CosineScores.apply, (anchors, protos, offset))
+
+
+def test_fused_adagrad_on_cpu_matches_the_loop_and_survives_a_foreign_state():
+    """CPU NPNs use torch's fused AdaGrad: the same steps as the for-loop kernel (to float32 rounding), and a
+    state saved by a loop-kernel NPN (e.g. on a GPU) loads without switching this one's kernel."""
+    img, txt, tau, targets = batch(B=32)
+    fused, loop = NPN(16, num_prototypes=8, seed=0), NPN(16, num_prototypes=8, seed=0)
+    assert fused.optimizer.param_groups[0]["fused"] is True
+    loop.optimizer = torch.optim.Adagrad(loop.net.parameters(), lr=loop.lr, foreach=False)
+    fused.fit(img, txt, *targets, tau, steps=5)
+    loop.fit(img, txt, *targets, tau, steps=5)
+    for a, b in zip(fused.net.parameters(), loop.net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    fused.load_state_dict(loop.state_dict())
+    assert fused.optimizer.param_groups[0]["fused"] is True and fused.checksum() == loop.checksum()
 
 
 @pytest.mark.parametrize("kwargs,arg", [({"num_prototypes": 0}, "num_prototypes"), ({"num_prototypes": -3},
