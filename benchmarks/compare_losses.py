@@ -1,6 +1,6 @@
 """Compare NeuCLIP, FastCLIP, MBCL and SigLIP on the embedded data set under one budget, plus NeuCLIP ablations.
 
-    python benchmarks/compare_losses.py            # 4 losses x 3 seeds + ablations (about 30 min on 2 CPU cores)
+    python benchmarks/compare_losses.py            # 4 losses x 3 seeds + ablations (about 23 min on 2 CPU cores)
     python benchmarks/compare_losses.py --quick    # 4 losses x 1 seed, 1 epoch, no ablations (a few minutes)
 
 Every run is the `make train` default (configs/tiny-neuclip.yaml: tiny preset, ZeRO-2 on 2 CPU ranks, the same

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, rows in times.items():
         lines.append(f"| {name} | {rate(rows, False):.2f} | {rate(rows, True):.2f} | "
                      f"{statistics.median(d for _, d in rows):.3f} |")
-    lines.append("\n| ratio ÷ open_clip | end to end | compute only | target ≥ 1.10 (end to end) |\n|---|---|---|---|")
+    lines += ["", "| ratio ÷ open_clip | end to end | compute only | target ≥ 1.10 (end to end) |", "|---|---|---|---|"]
     for name in (n for n in trainers if n != "open_clip"):
         e2e, compute = (rate(times[name], c) / rate(times["open_clip"], c) for c in (False, True))
         lines.append(f"| {name} | **{e2e:.3f}** | {compute:.3f} | {'met' if e2e >= 1.10 else 'not met'} |")

@@ -49,6 +49,7 @@ t = time.perf_counter(); step_theirs(o2); step_theirs(o2); print("theirs step+ad
 for L in (10, 20, 40, 77):
     ts = []
     for r in range(3):
-        t = time.perf_counter(); ours.text(input_ids=ids[:, :L], attention_mask=mask[:, :L]).text_embeds.sum().backward()
+        t = time.perf_counter()
+        ours.text(input_ids=ids[:, :L], attention_mask=mask[:, :L]).text_embeds.sum().backward()
         ts.append(time.perf_counter() - t); ours.zero_grad(set_to_none=True)
     print(f"ours_txt longest={L}", f"{statistics.median(ts[1:]):.3f}")

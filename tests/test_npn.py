@@ -116,8 +116,8 @@ def test_cosine_scores_match_autograd_through_normalize(rows):
     prototypes of very different norms; and torch's numerical gradcheck."""
     g = torch.Generator().manual_seed(3)
     anchors = torch.randn(rows, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    protos = (torch.randn(11, 5, generator=g, dtype=torch.float64) * torch.logspace(-2, 2, 11, dtype=torch.float64)[:, None]
-              ).requires_grad_()
+    norms = torch.logspace(-2, 2, 11, dtype=torch.float64)[:, None]
+    protos = (torch.randn(11, 5, generator=g, dtype=torch.float64) * norms).requires_grad_()
     upstream = torch.randn(rows, 11, generator=g, dtype=torch.float64)
     offset = torch.randn(rows, 1, generator=g, dtype=torch.float64)
     ours = CosineScores.apply(anchors, protos, offset)
