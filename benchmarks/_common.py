@@ -37,3 +37,22 @@ def report(text: str, out: str | Path, *, write: bool) -> None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
         print(f"\nwritten: {out}")
+
+
+def mean_std(values, *, digits: int = 2) -> str:
+    """'m ± s' (sample std) of the numbers, the number itself for one, 'n/a' for none."""
+    import statistics
+
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def markdown_table(head: list[str], rows: list[list]) -> list[str]:
+    """The lines of a markdown table (cells converted with str)."""
+    lines = ["| " + " | ".join(str(h) for h in head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines

@@ -81,6 +81,33 @@ def table(groups: dict[str, list[Path]]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(groups: dict[str, list[Path]], seeds: list[int]) -> str:
+    """NeuCLIP minus each baseline, per seed (same seed = same initialization and data order), mean ± std over
+    seeds, and whether the mean difference is beyond seed noise: a two-sided paired t-test at 5 % (|t| above the
+    t quantile for n - 1 degrees of freedom)."""
+    from scipy import stats
+
+    if len(seeds) < 2:
+        return "(paired comparison needs at least 2 seeds)"
+    keys = {"final norm_err (own estimate)": None, **METRICS}
+    lines = ["| NeuCLIP − baseline | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    mine = {s: load(d) for s, d in zip(seeds, groups["neuclip"])}
+    for name in LOSSES[1:]:
+        theirs = {s: load(d) for s, d in zip(seeds, groups[name])}
+        cells = [name]
+        for label, key in keys.items():
+            if key is None:
+                diffs = [mine[s][0][-1]["norm_err"] - theirs[s][0][-1]["norm_err"] for s in seeds]
+            else:
+                diffs = [100 * (mine[s][1]["eval"][key] - theirs[s][1]["eval"][key]) for s in seeds]
+            mean, std = statistics.mean(diffs), statistics.stdev(diffs)
+            t = mean / (std / len(diffs) ** 0.5) if std > 0 else float("inf") * (1 if mean else 0)
+            beyond = abs(t) > stats.t.ppf(0.975, len(diffs) - 1)
+            cells.append(f"{mean:+.2f} ± {std:.2f}{' **(beyond noise)**' if beyond else ''}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plots(groups: dict[str, list[Path]], out: Path, filename: str) -> Path:
     import matplotlib
 
@@ -141,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         for name, extra in ABLATIONS.items():
             groups[name] = [run(name, seeds[0], extra, runs, epochs=epochs, every=every)]
-    md = table(groups)
+    md = table(groups) + "\n\nPaired over seeds " + ", ".join(map(str, seeds)) + ":\n\n" + paired_table(groups, seeds)
     png = plots(groups, out, "compare_quick.png" if args.quick else "compare.png")
     md_path = out / ("compare_quick.md" if args.quick else "compare.md")
     md_path.write_text(f"{md}\n\nPlot: {png.name}\n")

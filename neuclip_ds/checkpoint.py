@@ -166,7 +166,7 @@ def read_rank(tag_dir: Path, rank: int) -> dict:
 
 
 # the options that define what a checkpoint holds; resuming with another value is an error, not a surprise
-MUST_MATCH = ("preset", "pretrained_hf", "loss", "npn_prototypes", "npn_variant", "dataset_size")
+MUST_MATCH = ("preset", "pretrained_hf", "loss", "npn_prototypes", "npn_variant", "dataset_size", "tau_param")
 
 
 def check_compatible(saved_config: dict, config: dict, zero_stage: int | None = None) -> None:
@@ -174,6 +174,7 @@ def check_compatible(saved_config: dict, config: dict, zero_stage: int | None = 
         raise CheckpointError(f"--resume: the checkpoint is ZeRO stage {saved_config.get('zero_stage')}, this run "
                               f"uses stage {zero_stage}; DeepSpeed cannot change the stage on resume (export the "
                               f"weights with neuclip-export and start a fresh run from them)")
+    saved_config = {"tau_param": "raw", **saved_config}   # runs before the log parametrization stored raw tau
     for key in MUST_MATCH:
         if saved_config.get(key) != config.get(key):
             raise CheckpointError(f"--resume: the checkpoint was written with --{key.replace('_', '-')} "
@@ -202,7 +203,42 @@ def to_universal(tag_dir: Path) -> Path:
     return out
 
 
+def _load_universal_groups_without_local_elements(optimizer, lp_groups_name: str, checkpoint_dir: str) -> None:
+    """DeepSpeed's ZeRO-1/2 universal-checkpoint loader (`load_hp_checkpoint_state_from_checkpoint_dir`, 0.19.x)
+    with one change: a parameter group of which this rank holds no element gets no step count from its fragments
+    instead of an IndexError. The temperature is a one-element group (its own lr, E6), so at 2+ ranks every rank
+    but one holds only padding of it; without this, resuming at another world size fails on those ranks."""
+    from deepspeed.runtime.base_optimizer import _get_universal_checkpoint_ep_info
+    from deepspeed.runtime.utils import bwc_tensor_model_parallel_rank
+    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
+
+    checkpoint_dir = os.path.join(checkpoint_dir, "zero")
+    optim_sd = torch.load(os.path.join(checkpoint_dir, "optimizer_state.pt"), weights_only=False)
+    optimizer._load_global_state(optim_sd)
+    tp_rank = bwc_tensor_model_parallel_rank(mpu=optimizer.mpu)
+    ep_rank, ep_size = _get_universal_checkpoint_ep_info()
+    for i, (group, loaded) in enumerate(zip(optimizer.optimizer.param_groups, optim_sd["param_groups"])):
+        keys, steps = set(), []
+        for lp in getattr(optimizer, lp_groups_name)[i]:
+            if lp._hp_mapping is not None:
+                steps.append(lp.load_hp_checkpoint_state(os.path.join(checkpoint_dir, optimizer.param_names[lp]),
+                                                         tp_rank, 1, ep_rank=ep_rank, ep_size=ep_size))
+                keys.update(lp._hp_mapping.get_optim_state_keys())
+        if any(step != steps[0] for step in steps):
+            raise CheckpointError(f"--resume: universal checkpoint steps differ within a group: {steps}")
+        if steps and steps[0] is not None:
+            optimizer.optimizer.state[group["params"][0]]["step"] = steps[0]
+        map_to_flat_opt_states(group["params"][0], getattr(optimizer, lp_groups_name)[i], optimizer.optimizer.state,
+                               keys)
+        group.update({k: v for k, v in loaded.items() if k != "params"})
+
+
 def load_engine(engine, tag_dir: Path) -> None:
+    opt = engine.optimizer
+    if engine.load_universal_checkpoint() and hasattr(opt, "load_hp_checkpoint_state_from_checkpoint_dir") \
+            and getattr(opt, "mpu", None) is None and engine.zero_optimization_stage() in (1, 2):
+        opt.load_hp_checkpoint_state_from_checkpoint_dir = \
+            lambda name, folder: _load_universal_groups_without_local_elements(opt, name, folder)
     load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
     if load_path is None:
         raise CheckpointError(f"--resume: DeepSpeed could not load {tag_dir}")
@@ -276,7 +312,8 @@ def model_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mappin
     """Rebuild the trainer's ``CLIPDualEncoder`` from a run config and load ``state_dict`` (strict).
 
     ``config`` keys used: ``preset``, ``pretrained_hf`` (architecture from that HF dir), ``loss`` (SigLIP adds
-    ``logit_bias``), ``init_tau``/``tau_min``/``tau_max``. The vocabulary size and special-token ids come from
+    ``logit_bias``), ``init_tau``/``tau_min``/``tau_max``. How tau is stored is read off the weights themselves
+    (``logit_scale``: log 1/tau; ``tau``: tau itself, as runs before the log parametrization stored it). The vocabulary size and special-token ids come from
     ``tokenizer`` (a ``TextTokenizer``) when its size matches the checkpoint's token embedding; otherwise
     (runs trained without a tokenizer, e.g. on synthetic data) from the checkpoint's embedding rows with the
     preset's default ids, with a warning (an error when the run named a tokenizer).
@@ -287,12 +324,13 @@ def model_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mappin
     tau_min = float(config.get("tau_min", 0.01))
     tau_max = float(config.get("tau_max", 1.0))
     init_tau = float(config.get("init_tau", 0.07))
+    tau_param = "log" if "logit_scale" in state_dict else "raw"
     if config.get("pretrained_hf"):
         hf = Path(config["pretrained_hf"])
         if not (hf / "config.json").is_file():
             raise CheckpointError(f"--checkpoint: the run was fine-tuned from {hf}, which is needed to rebuild the "
                             f"architecture but is not a CLIPModel directory any more")
-        model = load_hf_clip(hf, tau_min=tau_min, tau_max=tau_max, with_bias=with_bias)
+        model = load_hf_clip(hf, tau_min=tau_min, tau_max=tau_max, tau_param=tau_param, with_bias=with_bias)
     else:
         preset = config.get("preset")
         if not preset:
@@ -314,7 +352,8 @@ def model_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mappin
                           stacklevel=2)
         try:
             model = build_model(preset, vocab_size=vocab_size, init_tau=min(max(init_tau, tau_min), tau_max),
-                                tau_min=tau_min, tau_max=tau_max, with_bias=with_bias, **ids)
+                                tau_min=tau_min, tau_max=tau_max, tau_param=tau_param, with_bias=with_bias,
+                                **ids)
         except ValueError as e:
             raise CheckpointError(f"--checkpoint: {e}") from None
     try:

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import glob
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ class TrainConfig:
     init_tau: float = 0.07
     tau_min: float = 0.01
     tau_max: float = 1.0
+    tau_param: str = "log"
     zero_init: str = "auto"
     # loss
     loss: str = "neuclip"
@@ -67,6 +69,8 @@ class TrainConfig:
     steps: int | None = None
     epochs: int | None = None
     lr: float = 5e-4
+    lr_tau: float | None = None
+    lr_tau_schedule: str = "cosine"
     wd: float = 0.1
     warmup: int = 10
     beta1: float = 0.9
@@ -96,6 +100,10 @@ class TrainConfig:
         with open(self.ds_config) as f:
             return json.load(f)
 
+    def tau_lr(self) -> float:
+        """--lr-tau, or the encoders' --lr when unset."""
+        return self.lr if self.lr_tau is None else self.lr_tau
+
     def gradient_accumulation_steps(self) -> int:
         return int(self.ds_config_dict().get("gradient_accumulation_steps", 1))
 
@@ -121,6 +129,14 @@ class TrainConfig:
             raise ConfigError(f"--npn-update: must be alternating or simultaneous, got {self.npn_update!r}")
         if self.text_padding not in ("longest", "max_length"):
             raise ConfigError(f"--text-padding: must be longest or max_length, got {self.text_padding!r}")
+        if self.tau_param not in ("log", "raw"):
+            raise ConfigError(f"--tau-param: must be log or raw, got {self.tau_param!r}")
+        if self.lr_tau_schedule not in ("cosine", "step_thresh"):
+            raise ConfigError(f"--lr-tau-schedule: must be cosine or step_thresh, got {self.lr_tau_schedule!r}")
+        for f in dataclasses.fields(self):   # inf/nan in any float option is a typo, never a setting
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name.replace('_', '-')}: must be a finite number, got {value}")
         if self.npn_parallel not in ("sharded", "replicated"):
             raise ConfigError(f"--npn-parallel: must be sharded or replicated, got {self.npn_parallel!r}")
         for name in ("npn_prototypes", "npn_restart_every", "global_batch_size", "keep_last",
@@ -133,13 +149,17 @@ class TrainConfig:
                      "norm_err_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
-        for name in ("npn_lr", "lr", "init_tau", "tau_min", "tau_max"):
-            if not getattr(self, name) > 0:
+        for name in ("npn_lr", "lr", "lr_tau", "init_tau", "tau_min", "tau_max"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
+        if not self.tau_min < self.tau_max:
+            raise ConfigError(f"--tau-min: must be below --tau-max, got {self.tau_min} >= {self.tau_max}")
         if not self.tau_min <= self.init_tau <= self.tau_max:
             raise ConfigError(f"--init-tau: must lie in [--tau-min, --tau-max] = [{self.tau_min}, {self.tau_max}]")
         if self.eps < 0 or self.rho < 0 or self.wd < 0:
             raise ConfigError("--eps/--rho/--wd: must be >= 0")
+        if self.fastclip_gamma_decay_epochs < 1:
+            raise ConfigError(f"--fastclip-gamma-decay-epochs: must be >= 1, got {self.fastclip_gamma_decay_epochs}")
         if not 0 < self.fastclip_gamma_min <= 1:
             raise ConfigError(f"--fastclip-gamma-min: must be in (0, 1], got {self.fastclip_gamma_min}")
         if not 0 <= self.max_bad_fraction <= 1:
@@ -229,7 +249,8 @@ def _check_shards(flag: str, pattern: str) -> None:
 # command line
 # -------------------------------------------------------------------------------------------------------------
 _GROUPS = {
-    "model": ["preset", "pretrained_hf", "grad_checkpointing", "init_tau", "tau_min", "tau_max", "zero_init"],
+    "model": ["preset", "pretrained_hf", "grad_checkpointing", "zero_init"],
+    "temperature": ["init_tau", "tau_min", "tau_max", "tau_param", "lr_tau", "lr_tau_schedule"],
     "loss": ["loss", "eps", "rho", "fastclip_gamma_min", "fastclip_gamma_decay_epochs"],
     "NPN (NeuCLIP)": ["npn_prototypes", "npn_inner_steps", "npn_restart_every", "npn_lr", "npn_variant",
                       "npn_update", "npn_parallel", "npn_restart_resets_adagrad"],
@@ -245,6 +266,13 @@ _HELP = {
     "pretrained_hf": "local transformers CLIPModel directory to fine-tune (no download)",
     "grad_checkpointing": "activation checkpointing in both towers",
     "zero_init": "build the model under deepspeed.zero.Init (auto: ZeRO-3 with ViT-L/H presets)",
+    "init_tau": "initial temperature tau", "tau_min": "lower bound of tau (kept on the parameter after every step)",
+    "tau_max": "upper bound of tau",
+    "tau_param": "how tau is stored: log (logit_scale = log 1/tau, as OpenCLIP/FastCLIP: steps change tau by a "
+                 "fraction of itself) or raw (tau itself: steps move it by about the learning rate)",
+    "lr_tau": "learning rate of the temperature (default: --lr); its own AdamW group without weight decay",
+    "lr_tau_schedule": "cosine (the encoders' schedule) or step_thresh (FastCLIP-v3: warmup, then constant, "
+                       "divided by 3 while tau <= 0.03)",
     "loss": "neuclip (E6 + NPN), fastclip (E9 u tables), mbcl (InfoNCE), siglip",
     "eps": "epsilon of E1", "rho": "rho of E1 (2 rho tau term)",
     "npn_prototypes": "m, prototypes per side (E4)", "npn_inner_steps": "T_u, NPN AdaGrad steps per step (E7.2)",

@@ -311,8 +311,10 @@ class NormErrProbe:
 
     @torch.no_grad()
     def measure(self, encode, *, device, tau: Tensor, npn=None, fastclip_loss=None,
-                batch: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:
-        """`encode(batch_dict) -> (img, txt)`; `batch`: the last global training batch (for the MBCL estimate)."""
+                batch: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, float]:
+        """`encode(batch_dict) -> (img, txt)`; `batch`: the last global training batch (img, txt, dataset index)
+        for the MBCL estimate. A probe anchor that is also in that batch has its own pair excluded by dataset
+        index (j != i), exactly as in the exact value (E1): MBCL's own normalizer never counts the positive."""
         anchor_img, anchor_txt = encode(self.anchors)
         anchor_index = self.anchors["index"].to(device)
         dummy = {k: v[:1] for k, v in self.anchors.items() if isinstance(v, Tensor)}
@@ -328,7 +330,9 @@ class NormErrProbe:
         exact = exact_log_normalizers(anchor_img, anchor_txt, anchor_index, features(), tau, self.eps)
         estimates = {}
         if batch is not None:
-            estimates["mbcl"] = mbcl_estimate(anchor_img, anchor_txt, batch[0], batch[1], tau, self.eps)
+            batch_img, batch_txt, batch_index = batch
+            estimates["mbcl"] = mbcl_estimate(anchor_img, anchor_txt, batch_img, batch_txt, tau, self.eps,
+                                              anchor_index=anchor_index, batch_index=batch_index.to(device))
         if npn is not None:
             estimates["neuclip"] = npn_estimate(npn, anchor_img, anchor_txt, tau)
         if fastclip_loss is not None:

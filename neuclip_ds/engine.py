@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -89,13 +90,16 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW for encoders and tau (E6); like OpenCLIP, no weight decay on gains, biases, tau and the SigLIP bias."""
+    """AdamW (E6) with three groups, as OpenCLIP/FastCLIP: weights with weight decay; gains, biases and the SigLIP
+    bias without; the temperature alone, without weight decay, at --lr-tau (its schedule: `TemperatureLR`)."""
+    tau = model.temperature_parameter
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and p is not tau:
             shape = getattr(p, "ds_shape", p.shape)  # under zero.Init p itself is an empty partition
             (decay if len(shape) >= 2 else no_decay).append(p)
-    groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((decay, cfg.wd), (no_decay, 0.0)) if ps]
+    groups = [{"params": ps, "weight_decay": wd, "lr": cfg.lr} for ps, wd in ((decay, cfg.wd), (no_decay, 0.0)) if ps]
+    groups.append({"params": [tau], "weight_decay": 0.0, "lr": cfg.tau_lr(), "is_temperature": True})
     # fused: one vectorized kernel over ZeRO's flat fp32 partition, on CPU as on CUDA. Measured on 151 M fp32
     # parameters (ViT-B-32) on 2 CPU cores: 0.06 s per step against 0.45 s for the default per-tensor loop
     # (benchmarks/vs_openclip.py: the optimizer was 10 % of a ViT-B-32 step on CPU)
@@ -109,6 +113,98 @@ def cosine_with_warmup(warmup: int, total: int):
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return factor
+
+
+class TemperatureLR:
+    """The LR factor of the temperature's group (a LambdaLR entry; its attributes are saved with the scheduler).
+
+    cosine:      the encoders' warmup + cosine schedule.
+    step_thresh: FastCLIP-v3's: linear warmup, then constant, times `ratio` (1/3) while tau <= `threshold` (0.03),
+                 so that tau moves more slowly once it is small. `tau` is the current temperature, set by the
+                 engine after every step (the factor of step t uses the tau left by step t - 1)."""
+
+    def __init__(self, schedule: str, warmup: int, total: int, tau: float, threshold: float = 0.03,
+                 ratio: float = 1 / 3):
+        self.schedule, self.warmup, self.total = schedule, warmup, total
+        self.tau, self.threshold, self.ratio = float(tau), threshold, ratio
+
+    def __call__(self, step: int) -> float:
+        if self.schedule == "cosine":
+            return cosine_with_warmup(self.warmup, self.total)(step)
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        return self.ratio if self.tau <= self.threshold else 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    encoders = cosine_with_warmup(cfg.warmup, total_steps)
+    temperature = TemperatureLR(cfg.lr_tau_schedule, cfg.warmup, total_steps, cfg.init_tau)
+    factors = [temperature if g.get("is_temperature") else encoders for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors), temperature
+
+
+class TemperatureKeeper:
+    """Keeps the stored temperature parameter inside [tau_min, tau_max] after every optimizer step.
+
+    What OpenCLIP and FastCLIP do (`logit_scale.clamp_` after `optimizer.step()`), under DeepSpeed: the value is
+    written into the fp32 master copy the optimizer updates (ZeRO-1/2/3, CPU offload included; a write to
+    `engine.module` alone would be overwritten from the master by the next step) and into the module's working
+    copy the next forward reads. The parameter itself is clamped, so its gradient stays alive and tau can come
+    back from a bound as soon as the objective asks for it (a clamp inside forward would zero that gradient for
+    good). Collective: every rank calls `after_step` (one all-reduce of one number; a write only when outside)."""
+
+    def __init__(self, engine, module, *, rank: int, warn_after: int = 50):
+        self.engine, self.rank, self.warn_after = engine, rank, warn_after
+        self.param = module.temperature_parameter
+        self.tau_param = module.tau_param
+        # the bounds as fp32 values: what the master copy can hold exactly, so a clamped value reads back equal
+        self.lo, self.hi = (float(torch.tensor(b, dtype=torch.float32)) for b in module.temperature_bounds())
+        self.tau_min, self.tau_max = module.tau_min, module.tau_max
+        self.steps_at_bound = 0
+        self.value = self._read()
+
+    @property
+    def tau(self) -> float:
+        return math.exp(-self.value) if self.tau_param == "log" else self.value
+
+    def _read(self) -> float:
+        full = deepspeed.utils.safe_get_full_fp32_param(self.param)   # ZeRO-1/2/3 and bf16: the fp32 master
+        if full is None:                                              # no master: the parameter is its own
+            full = self.param.detach()
+        return float(full.reshape(-1)[0])
+
+    def _write(self, value: float) -> None:
+        p = self.param
+        if hasattr(p, "ds_id"):
+            # ZeRO-3: each rank's fp32 partition is a slice of the parameter padded to world x partition size;
+            # DeepSpeed's set_full_hp_param slices the unpadded value, which fails on ranks that hold only padding
+            # (a 1-element tau lives on rank 0), so only ranks that hold real elements write; the rest is padding.
+            part = p.ds_tensor.numel()
+            if (dist.get_rank() + 1) * part <= p.ds_numel:
+                deepspeed.utils.safe_set_full_fp32_param(p, torch.full((p.ds_numel,), value, dtype=torch.float32,
+                                                                        device=p.ds_tensor.device))
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                p.data.fill_(value)                                      # the working copy, re-partitioned
+        else:
+            deepspeed.utils.safe_set_full_fp32_param(p, torch.full_like(p, value, dtype=torch.float32))
+            p.data.fill_(value)                                          # ZeRO-0/1/2: the full working copy
+
+    def after_step(self, step: int) -> float:
+        """Clamp the stored parameter if the step left its range; warn once per episode at a bound. Returns tau."""
+        value = self._read()
+        clamped = min(max(value, self.lo), self.hi)
+        if clamped != value:
+            self._write(clamped)
+        self.value = clamped
+        at_bound = clamped in (self.lo, self.hi)
+        self.steps_at_bound = self.steps_at_bound + 1 if at_bound else 0
+        if self.steps_at_bound == self.warn_after + 1 and self.rank == 0:
+            which, bound = ("lower", self.tau_min) if self.tau <= self.tau_min * (1 + 1e-6) else ("upper",
+                                                                                                  self.tau_max)
+            print(f"neuclip-train: warning: tau has sat at its {which} bound {bound:g} for {self.warn_after} steps "
+                  f"(step {step + 1}); the objective keeps pushing it there: widen --tau-min/--tau-max or lower "
+                  f"--lr-tau", file=sys.stderr)
+        return self.tau
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,9 +343,11 @@ class NeuCLIPEngine:
         if load_universal:  # resuming at another world size from a universal checkpoint
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
         optimizer = build_optimizer(model, cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup, total_steps))
+        scheduler, self.temperature_lr = build_scheduler(optimizer, cfg, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self.temperature = TemperatureKeeper(self.engine, model, rank=info.rank)
+        self.temperature_lr.tau = self.temperature.tau   # --pretrained-hf: the model's own tau, not --init-tau
         self.accumulation = self.engine.gradient_accumulation_steps()
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
         self.timer = PhaseTimer(info.device)
@@ -352,7 +450,7 @@ class NeuCLIPEngine:
             index_all = all_gather_no_grad(torch.cat([mb["index"] for mb in micro_batches]).to(self.info.device))
         if not self._all_finite(img_all, txt_all, tau, lg_img, lg_txt):
             return self._skip("non-finite features")
-        self.last_global_batch = (img_all, txt_all)  # for the normalizer-error diagnostic's MBCL estimate
+        self.last_global_batch = (img_all, txt_all, index_all)  # the normalizer-error diagnostic's MBCL estimate
         # 3. alpha on the global batch: NPN inner steps / u-table update (E7.2, E9)
         with t("npn"):
             snapshot = self.estimator.snapshot()
@@ -385,12 +483,26 @@ class NeuCLIPEngine:
                 self.engine.backward(loss, scale_wrt_gas=False)
             with t("optimizer"):
                 self.engine.step()
+        with t("optimizer"):
+            # the parameter back inside [tau_min, tau_max]; the tau-LR factor of the next step sees the new tau
+            self.temperature_lr.tau = self.temperature.after_step(step)
         self.skipped_in_a_row = 0
         if self.info.world_size > 1:  # report the mean over ranks (= the full-batch loss, E8)
             dist.all_reduce(loss_value)
             loss_value /= self.info.world_size
-        metrics.update(loss=float(loss_value), tau=float(tau.detach()), skipped=False)
+        metrics.update(loss=float(loss_value), tau=float(tau.detach()), lr_tau=self.tau_lr(), skipped=False)
         return metrics
+
+    def tau_lr(self) -> float:
+        return next(g["lr"] for g in self.optimizer.param_groups if g.get("is_temperature"))
+
+    def temperature_state(self) -> dict:
+        return {"steps_at_bound": self.temperature.steps_at_bound}
+
+    def load_temperature_state(self, state: dict) -> None:
+        """After a checkpoint load: the stored tau as loaded (the scheduler restored its own copy of tau)."""
+        self.temperature.value = self.temperature._read()
+        self.temperature.steps_at_bound = int(state.get("steps_at_bound", 0))
 
     def _loss_aux(self, feats: Features, aux: dict, bias) -> dict:
         name = self.loss_fn.name

@@ -278,12 +278,24 @@ class NeuCLIPLoss(ContrastiveLoss):
 
 
 def fastclip_gamma(epoch: int, gamma_min: float, decay_epochs: int) -> float:
-    """E9: gamma = 1 in the first epoch (epoch 0), then a cosine decay to gamma_min over `decay_epochs` epochs,
-    then gamma_min."""
-    if epoch < 1:
+    """E9: FastCLIP's "cosine" gamma schedule, as its reference trainer computes it (`FastCLIPLoss.adjust_gamma` in
+    src/fast_clip/loss.py of Optimization-AI/fast_clip, called with the 0-based epoch):
+
+        gamma(0) = 1                                                              first epoch: u = g_hat
+        gamma(e) = gamma_min + (1 - gamma_min) (1 + cos(pi e / decay_epochs)) / 2   for 1 <= e < decay_epochs
+        gamma(e) = gamma_min                                                      for e >= decay_epochs
+
+    The cosine is indexed by the epoch e itself, so epoch 1 is already one step down it (0.980 for gamma_min 0.2 over
+    10 epochs) and gamma_min is reached at e = decay_epochs. The reference asserts gamma_decay_epochs > 0."""
+    if decay_epochs < 1:
+        raise ValueError(f"decay_epochs: must be >= 1, got {decay_epochs}")
+    if epoch < 0:
+        raise ValueError(f"epoch: must be >= 0, got {epoch}")
+    if epoch == 0:
         return 1.0
-    t = min((epoch - 1) / max(decay_epochs, 1), 1.0)
-    return gamma_min + (1.0 - gamma_min) * 0.5 * (1.0 + math.cos(math.pi * t))
+    if epoch >= decay_epochs:
+        return gamma_min
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / decay_epochs)) * (1.0 - gamma_min) + gamma_min
 
 
 class ShardedLogTable:
@@ -304,14 +316,21 @@ class ShardedLogTable:
     def update(self, index: Tensor, log_g: Tensor, gamma: float) -> Tensor:
         """u <- (1-gamma) u + gamma g_hat for the global batch (identical `index`, `log_g` [B] on every rank); returns
         the new log u of all B entries on every rank (owners fill their rows, an all-reduce(MAX) over -inf fills in
-        the rest). A sample repeated inside one batch keeps its last update."""
+        the rest). A sample repeated inside one batch keeps its last update.
+
+        A row never visited (u = 0, log u = -inf) takes g_hat itself, not gamma g_hat, whatever gamma is: FastCLIP's
+        reference (`FastCLIPLoss.local`) sets u = g_hat on the rows whose old u is < 1e-35, inf or nan. Every visit
+        leaves a finite log u, so -inf marks exactly the rows not visited yet, and no extra mask is stored; +inf /
+        nan rows take g_hat as well. The reference's 1e-35 threshold guards its linear fp32 table against underflow;
+        the log-domain table holds a tiny positive u exactly, so such a row is averaged, not reset."""
         if index.min() < 0 or index.max() >= self.num_samples:
             raise ValueError(f"index: dataset indices must lie in [0, {self.num_samples}), got "
                              f"[{int(index.min())}, {int(index.max())}]")
         mine = (index % self.world_size) == self.rank
         rows = (index[mine] // self.world_size).to(self.log_u.device)
         old = self.log_u[rows]
-        new = torch.logaddexp(old + _log(1.0 - gamma), log_g[mine].to(old) + _log(gamma))
+        g = log_g[mine].to(old)
+        new = torch.where(torch.isfinite(old), torch.logaddexp(old + _log(1.0 - gamma), g + _log(gamma)), g)
         self.log_u[rows] = new
         out = torch.full_like(log_g, float("-inf"))
         out[mine] = new.to(out)
@@ -347,7 +366,9 @@ class ShardedLogTable:
 
 
 class FastCLIPLoss(NeuCLIPLoss):
-    """FastCLIP-v3 (RGCL-g, E9): E6 with e^{-alpha} = 1/(eps + u), u tables indexed by the dataset index.
+    """FastCLIP-v3 (RGCL-g, E9): E6 with e^{-alpha} = 1/(eps + u), u tables indexed by the dataset index, updated as
+    FastCLIP's reference trainer does: u <- (1-gamma) u + gamma g_hat, a row's first visit sets u = g_hat
+    (`ShardedLogTable.update`), gamma from the 0-based epoch by FastCLIP's cosine schedule (`fastclip_gamma`).
 
     `forward(feats, tau, index, epoch)` updates the tables with this batch's g_hat and returns the loss. With
     gradient accumulation the engine calls `update_alpha` once per optimizer step on the whole global batch and
@@ -360,6 +381,8 @@ class FastCLIPLoss(NeuCLIPLoss):
         super().__init__(eps=eps, rho=rho)
         if not 0 < gamma_min <= 1:
             raise ValueError(f"gamma_min: must be in (0, 1], got {gamma_min}")
+        if gamma_decay_epochs < 1:
+            raise ValueError(f"gamma_decay_epochs: must be >= 1, got {gamma_decay_epochs}")
         self.gamma_min, self.gamma_decay_epochs = gamma_min, gamma_decay_epochs
         rank, world = _world()
         self.u_img = ShardedLogTable(num_samples, rank=rank, world_size=world, device=table_device)
@@ -371,7 +394,8 @@ class FastCLIPLoss(NeuCLIPLoss):
     @torch.no_grad()
     def update_alpha(self, index_all: Tensor, log_g_img_all: Tensor, log_g_txt_all: Tensor,
                      epoch: int) -> tuple[Tensor, Tensor]:
-        """E9 update on the global batch; returns alpha = log(eps + u_new) for all B samples."""
+        """E9 update on the global batch with gamma = `fastclip_gamma(epoch, ...)` (epoch 0-based; rows seen for the
+        first time take g_hat); returns alpha = log(eps + u_new) for all B samples."""
         gamma = self.gamma(epoch)
         alphas = []
         for table, log_g in ((self.u_img, log_g_img_all), (self.u_txt, log_g_txt_all)):

@@ -1,13 +1,20 @@
 """The CLIP dual encoder: HF vision/text towers with projections and a learnable temperature.
 
-The temperature tau is stored as a shape-[1] parameter (DeepSpeed ZeRO-2/3 crash on 0-dim parameters, see
-docs/pitfalls.md) and clamped to [tau_min, tau_max] inside forward, so the clamp holds under every ZeRO stage
-(mutating parameters after `engine.step()` is overwritten by the fp32 master copy). Under ZeRO-3 parameters are
-empty outside forward, so forward returns the clamped tau (and the SigLIP bias) together with the features.
+The temperature is one shape-[1] parameter (DeepSpeed ZeRO-2/3 crash on 0-dim parameters, see docs/pitfalls.md),
+in one of two parametrizations (`tau_param`):
+    log  `logit_scale` = log(1/tau), as OpenCLIP and FastCLIP store it: an optimizer step changes tau by a
+         fraction of itself, the same at tau = 0.5 as at 0.01 (the default, see README "Temperature")
+    raw  `tau` itself: a step moves tau by about the learning rate, which at lr 2e-3 is 20 % of tau = 0.01
+The range [tau_min, tau_max] is kept on the *stored* parameter by the engine after every optimizer step
+(`engine.TemperatureKeeper`, on DeepSpeed's fp32 master copy), never by a clamp inside forward: a forward clamp
+zeroes the gradient once the optimizer carries the parameter past the bound, and tau could never come back.
+Under ZeRO-3 parameters are empty outside forward, so forward returns tau (and the SigLIP bias) together with the
+features.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -19,18 +26,37 @@ from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModelWi
 from .presets import get_preset
 
 
+TAU_PARAMS = ("log", "raw")
+
+
+def temperature_from_parameter(p: torch.Tensor, tau_param: str) -> torch.Tensor:
+    return torch.exp(-p) if tau_param == "log" else p
+
+
+def parameter_bounds(tau_param: str, tau_min: float, tau_max: float) -> tuple[float, float]:
+    if tau_param == "log":
+        return math.log(1.0 / tau_max), math.log(1.0 / tau_min)
+    return tau_min, tau_max
+
+
 class CLIPDualEncoder(nn.Module):
     """Image and text towers mapping to one L2-normalized embedding space, plus tau (and an optional bias)."""
 
     def __init__(self, vision_config: CLIPVisionConfig, text_config: CLIPTextConfig, *, init_tau: float = 0.07,
-                 tau_min: float = 0.01, tau_max: float = 1.0, with_bias: bool = False, init_bias: float = -10.0):
+                 tau_min: float = 0.01, tau_max: float = 1.0, tau_param: str = "log", with_bias: bool = False,
+                 init_bias: float = -10.0):
         super().__init__()
         if not 0 < tau_min <= init_tau <= tau_max:
             raise ValueError(f"init_tau: need 0 < tau_min <= init_tau <= tau_max, got {tau_min}, {init_tau}, {tau_max}")
+        if tau_param not in TAU_PARAMS:
+            raise ValueError(f"tau_param: must be one of {', '.join(TAU_PARAMS)}, got {tau_param!r}")
         self.visual = CLIPVisionModelWithProjection(vision_config)
         self.text = CLIPTextModelWithProjection(text_config)
-        self.tau_min, self.tau_max = float(tau_min), float(tau_max)
-        self.tau = nn.Parameter(torch.full([1], float(init_tau)))
+        self.tau_min, self.tau_max, self.tau_param = float(tau_min), float(tau_max), tau_param
+        if tau_param == "log":
+            self.logit_scale = nn.Parameter(torch.full([1], math.log(1.0 / init_tau)))
+        else:
+            self.tau = nn.Parameter(torch.full([1], float(init_tau)))
         # SigLIP's learnable logit bias (only created when that loss is used: unused parameters would get no grad)
         self.logit_bias = nn.Parameter(torch.full([1], float(init_bias))) if with_bias else None
 
@@ -58,9 +84,18 @@ class CLIPDualEncoder(nn.Module):
             else:
                 getattr(tower, "activation_checkpointing_disable", tower.gradient_checkpointing_disable)()
 
+    @property
+    def temperature_parameter(self) -> nn.Parameter:
+        """The stored temperature parameter (logit_scale or tau, by `tau_param`)."""
+        return self.logit_scale if self.tau_param == "log" else self.tau
+
+    def temperature_bounds(self) -> tuple[float, float]:
+        """[tau_min, tau_max] in the stored parametrization (log: [log 1/tau_max, log 1/tau_min])."""
+        return parameter_bounds(self.tau_param, self.tau_min, self.tau_max)
+
     def temperature(self) -> torch.Tensor:
-        """Clamped tau, shape [1]. The gradient is zero outside the range, as with open_clip's logit_scale clamp."""
-        return self.tau.clamp(self.tau_min, self.tau_max)
+        """tau, shape [1], from the stored parameter (kept inside its range by the engine, not here)."""
+        return temperature_from_parameter(self.temperature_parameter, self.tau_param)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.visual(pixel_values=pixel_values).image_embeds, dim=-1)
@@ -79,18 +114,18 @@ class CLIPDualEncoder(nn.Module):
 
 def build_model(preset: str, *, vocab_size: int | None = None, eos_token_id: int | None = None,
                 pad_token_id: int | None = None, bos_token_id: int | None = None, init_tau: float = 0.07,
-                tau_min: float = 0.01, tau_max: float = 1.0, with_bias: bool = False,
+                tau_min: float = 0.01, tau_max: float = 1.0, tau_param: str = "log", with_bias: bool = False,
                 grad_checkpointing: bool = False, hf_dir: str | Path | None = None) -> CLIPDualEncoder:
     """Build a preset from its config (no download), or load a local HF CLIPModel directory for fine-tuning."""
     if hf_dir is not None:
-        model = load_hf_clip(hf_dir, tau_min=tau_min, tau_max=tau_max, with_bias=with_bias)
+        model = load_hf_clip(hf_dir, tau_min=tau_min, tau_max=tau_max, tau_param=tau_param, with_bias=with_bias)
     else:
         p = get_preset(preset)
         model = CLIPDualEncoder(
             p.vision_config(),
             p.text_config(vocab_size=vocab_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                           bos_token_id=bos_token_id),
-            init_tau=init_tau, tau_min=tau_min, tau_max=tau_max, with_bias=with_bias)
+            init_tau=init_tau, tau_min=tau_min, tau_max=tau_max, tau_param=tau_param, with_bias=with_bias)
     model.set_grad_checkpointing(grad_checkpointing)
     return model
 
@@ -113,7 +148,7 @@ def reinitialize_partitioned(model: CLIPDualEncoder) -> None:
             tower.initialize_weights()
 
 
-def load_hf_clip(hf_dir: str | Path, *, tau_min: float = 0.01, tau_max: float = 1.0,
+def load_hf_clip(hf_dir: str | Path, *, tau_min: float = 0.01, tau_max: float = 1.0, tau_param: str = "log",
                  with_bias: bool = False) -> CLIPDualEncoder:
     """A local `transformers.CLIPModel` directory -> CLIPDualEncoder with the same weights.
 
@@ -126,7 +161,7 @@ def load_hf_clip(hf_dir: str | Path, *, tau_min: float = 0.01, tau_max: float = 
     tau = float(torch.exp(-clip.logit_scale.detach().float()))
     tau = min(max(tau, tau_min), tau_max)
     model = CLIPDualEncoder(clip.config.vision_config, clip.config.text_config, init_tau=tau, tau_min=tau_min,
-                            tau_max=tau_max, with_bias=with_bias)
+                            tau_max=tau_max, tau_param=tau_param, with_bias=with_bias)
     state = clip.state_dict()
     for tower, prefixes in ((model.visual, ("vision_model.", "visual_projection.")),
                             (model.text, ("text_model.", "text_projection."))):

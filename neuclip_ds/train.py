@@ -74,7 +74,7 @@ def build_model_for(cfg: TrainConfig, ds_config: dict, vocab: dict):
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_init):
         model = build_model(cfg.preset, vocab_size=vocab["vocab_size"], eos_token_id=vocab["eos_token_id"],
                             bos_token_id=vocab["bos_token_id"], pad_token_id=vocab["pad_token_id"],
-                            init_tau=cfg.init_tau, tau_min=cfg.tau_min, tau_max=cfg.tau_max,
+                            init_tau=cfg.init_tau, tau_min=cfg.tau_min, tau_max=cfg.tau_max, tau_param=cfg.tau_param,
                             with_bias=cfg.loss == "siglip", grad_checkpointing=cfg.grad_checkpointing,
                             hf_dir=cfg.pretrained_hf)
     if zero_init and cfg.pretrained_hf is None:
@@ -122,7 +122,8 @@ def run(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
         shared_estimator = estimator if "npn" in estimator else {}  # identical on every rank: saved once
         return checkpoint.save(eng.engine, out_dir, step=step, keep_last=cfg.keep_last, shared_state={
             "config": dict(cfg.to_dict(), zero_stage=cfg.zero_stage()), "estimator": shared_estimator,
-            "skipped_steps": eng.skipped_steps, "data_rank0": stream.state_dict()},
+            "skipped_steps": eng.skipped_steps, "data_rank0": stream.state_dict(),
+            "temperature": eng.temperature_state()},
             rank_state={"rng": checkpoint.rng_state(), "data": stream.state_dict(),
                         "estimator": {} if shared_estimator else estimator})
 
@@ -202,12 +203,7 @@ def measure_norm_err(probe, eng, cfg: TrainConfig, info) -> dict:
     plus norm_err_<method> for each estimate available (the mini-batch one always)."""
     import torch
 
-    tau = torch.tensor([float(eng.engine.module.temperature().detach())]) if cfg.zero_stage() < 3 else None
-    if tau is None:  # ZeRO-3: tau is partitioned outside forward; read it the collective way
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        tau = eng.engine.module.tau
-        tau = safe_get_full_fp32_param(tau).clamp(cfg.tau_min, cfg.tau_max).reshape(1)
+    tau = torch.tensor([eng.temperature.tau])   # what the next step's forward uses (read after the step)
     errors = probe.measure(eng.encode, device=info.device, tau=tau.to(info.device),
                            npn=getattr(eng.estimator, "npn", None),
                            fastclip_loss=eng.loss_fn if cfg.loss == "fastclip" else None,
@@ -230,6 +226,7 @@ def restore_run_state(saved: dict, tag_dir: Path, eng, stream, info, cfg: TrainC
 
     step = int(saved["step"])
     eng.skipped_steps = int(saved.get("skipped_steps", 0))
+    eng.load_temperature_state(saved.get("temperature", {}))
     if saved["world_size"] == info.world_size:
         mine = read_rank(tag_dir, info.rank)
         eng.estimator.load_state_dict(saved["estimator"] or mine["estimator"])

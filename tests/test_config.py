@@ -31,6 +31,16 @@ def run_main(capsys, args, world_size=None, monkeypatch=None):
     (["--ds-config", "/nonexistent.json"], "--ds-config: file not found"),
     (["--tau-min", "0.5", "--init-tau", "0.07"], "--init-tau: must lie in"),
     (["--precision", "fp8"], "--precision: must be one of"),
+    (["--lr-tau", "0"], "--lr-tau: must be > 0"),
+    (["--lr-tau=-1e-3"], "--lr-tau: must be > 0"),
+    (["--lr-tau", "nan"], "--lr-tau: must be a finite number"),
+    (["--lr-tau", "inf"], "--lr-tau: must be a finite number"),
+    (["--lr", "inf"], "--lr: must be a finite number"),
+    (["--tau-min", "0.5", "--tau-max", "0.5", "--init-tau", "0.5"], "--tau-min: must be below --tau-max"),
+    (["--tau-min", "0.6", "--tau-max", "0.5"], "--tau-min: must be below --tau-max"),
+    (["--init-tau", "2.0"], "--init-tau: must lie in"),
+    (["--tau-param", "exp"], "--tau-param: must be log or raw"),
+    (["--lr-tau-schedule", "linear"], "--lr-tau-schedule: must be cosine or step_thresh"),
 ])
 def test_config_errors_are_one_line_exit_2(capsys, args, needle):
     code, err = run_main(capsys, OK + args)

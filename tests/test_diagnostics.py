@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from _dist_utils import run_ranks
-from neuclip_ds.diagnostics import (exact_log_normalizers, fastclip_estimate, mbcl_estimate, normalizer_errors,
-                                    npn_estimate)
+from neuclip_ds.diagnostics import (NormErrProbe, exact_log_normalizers, fastclip_estimate, mbcl_estimate,
+                                    normalizer_errors, npn_estimate)
 from neuclip_ds.losses import Features, ShardedLogTable, batch_log_normalizers
 from neuclip_ds.npn import NPN
 
@@ -225,6 +225,35 @@ def test_mbcl_estimate_batch_and_self():
     y1, y2 = exact_log_normalizers(a_img, a_txt, index[:6], [(img, txt, index)], tau, EPS)
     torch.testing.assert_close(x1, y1)
     torch.testing.assert_close(x2, y2)
+
+
+def test_probe_mbcl_estimate_excludes_an_anchor_that_is_in_the_training_batch():
+    """The probe's MBCL error for a last training batch that holds probe anchors: their own pair is not a negative
+    (it would add exp(0) to g_hat, ~5 nats off at tau = 0.05 for an anchor with dissimilar negatives)."""
+    img, _, index = dataset(seed=3, n=40)
+    txt = F.normalize(img + 0.1 * torch.randn(img.shape, generator=torch.Generator().manual_seed(1)), dim=-1)
+    tau = torch.tensor([0.05])   # aligned pairs: each negative term ~exp(-20), the self pair's exp(0) dominates
+    anchors = {"index": index[:8], "rows": torch.arange(8)}
+    probe = NormErrProbe(anchors, lambda: iter([{"index": index, "rows": torch.arange(40)}]), eps=EPS)
+
+    def encode(b):                       # stands in for the encoders: features by row
+        return img[b["rows"]], txt[b["rows"]]
+
+    batch_rows = torch.tensor([3, 20, 21, 22, 23, 24, 25, 5])    # anchors 3 and 5 are in the batch
+    batch = (img[batch_rows], txt[batch_rows], index[batch_rows])
+    errors = probe.measure(encode, device=torch.device("cpu"), tau=tau, batch=batch)
+    exact = exact_log_normalizers(img[:8], txt[:8], index[:8], [(img, txt, index)], tau, EPS)
+    # the estimate by hand: j over the batch without j == i, mean over the remaining ones
+    pos = (img[:8].double() * txt[:8].double()).sum(-1, keepdim=True)
+    keep = (index[:8, None] != index[batch_rows][None, :]).double()
+    by_hand = []
+    for anchors_side, others in ((img[:8], txt[batch_rows]), (txt[:8], img[batch_rows])):
+        terms = torch.exp((anchors_side.double() @ others.double().T - pos) / 0.05) * keep
+        by_hand.append(torch.log(EPS + terms.sum(1) / keep.sum(1)))
+    expected = normalizer_errors(*exact, {"mbcl": tuple(by_hand)})["mbcl"]
+    assert errors["mbcl"] == pytest.approx(expected, rel=1e-6)
+    counted = normalizer_errors(*exact, {"mbcl": mbcl_estimate(img[:8], txt[:8], *batch[:2], tau, EPS)})["mbcl"]
+    assert counted > expected + 1.0      # counting the self pair is far worse: the defect this guards
 
 
 def test_npn_estimate_shapes_and_all_three_errors():

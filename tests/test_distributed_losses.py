@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from _dist_utils import run_ranks
-from neuclip_ds.losses import (ClipLoss, FastCLIPLoss, NeuCLIPLoss, SigLipLoss, all_gather_no_grad,
+from neuclip_ds.losses import (ClipLoss, FastCLIPLoss, NeuCLIPLoss, ShardedLogTable, SigLipLoss, all_gather_no_grad,
                                batch_log_normalizers, gather_features)
 from neuclip_ds.npn import NPN
 
@@ -76,6 +76,20 @@ def run_losses(rank, world_size):
     return results
 
 
+def table_steps():
+    """Global batches (index, log g_hat, gamma) with rows seen again and rows first seen at gamma < 1."""
+    g = torch.Generator().manual_seed(3)
+    indices = ([0, 1, 2, 3, 4, 5, 6, 7], [4, 5, 6, 7, 8, 9, 10, 11], [1, 9, 13, 22, 5, 16, 23, 2])
+    return [(torch.tensor(idx), 3 * torch.randn(B, generator=g), gamma)
+            for idx, gamma in zip(indices, (0.6, 0.6, 0.25))]
+
+
+def run_table(rank, world_size):
+    table = ShardedLogTable(N_DATA, rank=rank, world_size=world_size)
+    outs = [table.update(index, log_g, gamma) for index, log_g, gamma in table_steps()]
+    return {"outs": outs, "log_u": table.log_u.clone()}
+
+
 def run_npn(rank, world_size, sharded=False):
     """E8 (a): gather features and log g_hat, identical inner loop on every rank, restart with a shared seed.
     sharded (E8 (b)): each rank's inner steps on its own rows of the global batch, gradients all-reduced."""
@@ -119,6 +133,32 @@ def test_two_rank_gradients_equal_one_rank_full_batch_for_every_loss():
             got = two[r]["fastclip"][2][side]
             assert torch.equal(torch.isinf(got), torch.isinf(ref))
             assert torch.allclose(got[~torch.isinf(ref)], ref[~torch.isinf(ref)], rtol=1e-6)
+
+
+def test_two_rank_u_table_first_visit_and_update_match_dense_reference():
+    """FastCLIP's rule on the sharded table: a row's first visit sets u = g_hat (whatever gamma), later visits
+    u = (1-gamma) u + gamma g_hat; every rank returns all B new values, each rank stores only its rows."""
+    u = torch.zeros(N_DATA, dtype=torch.float64)
+    seen = torch.zeros(N_DATA, dtype=torch.bool)
+    want_outs, first_masks = [], []
+    for index, log_g, gamma in table_steps():
+        g = log_g.double().exp()
+        first = ~seen[index]
+        u[index] = torch.where(first, g, (1 - gamma) * u[index] + gamma * g)
+        seen[index] = True
+        want_outs.append(u[index].log())
+        first_masks.append(first)
+    assert [int(f.sum()) for f in first_masks] == [8, 4, 4]    # first visits (all at gamma < 1) and second ones
+    want_table = torch.where(seen, u.log(), torch.tensor(float("-inf"), dtype=torch.float64))
+    for world_size, results in ((1, [run_table(0, 1)]), (2, run_ranks(run_table, world_size=2))):
+        for rank, res in enumerate(results):
+            for (_, log_g, _), out, want, first in zip(table_steps(), res["outs"], want_outs, first_masks):
+                assert torch.equal(out[first], log_g[first])    # u = g_hat exactly on a first visit
+                torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
+            mine = want_table[rank::world_size]
+            assert torch.equal(torch.isneginf(res["log_u"]), torch.isneginf(mine))
+            torch.testing.assert_close(res["log_u"][seen[rank::world_size]].double(), mine[seen[rank::world_size]],
+                                       rtol=1e-6, atol=1e-6)
 
 
 def test_npn_replicas_stay_bitwise_identical():

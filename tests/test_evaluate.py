@@ -339,13 +339,20 @@ def write_run(run: Path, state: dict, config: dict, *, zero: bool = False) -> Pa
     return run
 
 
+def test_model_from_state_dict_reads_a_raw_tau_checkpoint(tok):
+    """Runs before the log parametrization stored tau itself as `tau`: still loadable for eval and export."""
+    src = tiny_model(tok, seed=5, init_tau=0.05, tau_param="raw")
+    m = C.model_from_state_dict(src.state_dict(), {"preset": "tiny", "loss": "neuclip"}, tok)
+    assert m.tau_param == "raw" and float(m.temperature().detach()) == pytest.approx(0.05)
+
+
 def test_model_from_state_dict_round_trip(tok):
     src = tiny_model(tok, seed=5, with_bias=True, init_tau=0.05)
     state = {k: v.clone() for k, v in src.state_dict().items()}
     cfg = {"preset": "tiny", "loss": "siglip", "init_tau": 0.07, "tau_min": 0.01, "tau_max": 1.0,
            "tokenizer": None, "pretrained_hf": None}
     m = C.model_from_state_dict(state, cfg, tok)
-    assert m.logit_bias is not None and float(m.tau.detach()) == pytest.approx(0.05)
+    assert m.logit_bias is not None and float(m.temperature().detach()) == pytest.approx(0.05)
     assert m.text.config.eos_token_id == tok.eos_token_id
     for k, v in m.state_dict().items():
         assert torch.equal(v, state[k]), k

@@ -1,4 +1,4 @@
-"""E1/E6/E9 against independent float64 references (single process)."""
+"""E1/E6/E9 against independent float64 references (single process); FastCLIP against its reference's formulas."""
 
 import math
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neuclip_ds.losses import (ClipLoss, FastCLIPLoss, Features, NeuCLIPLoss, SigLipLoss, batch_log_normalizers,
-                               fastclip_gamma, gather_features, neuclip_objective, rgcl_log_loss)
+from neuclip_ds.losses import (ClipLoss, FastCLIPLoss, Features, NeuCLIPLoss, ShardedLogTable, SigLipLoss,
+                               batch_log_normalizers, fastclip_gamma, gather_features, neuclip_objective,
+                               rgcl_log_loss)
 
 EPS, RHO = 1e-6, 6.5
 
@@ -143,39 +144,98 @@ def test_siglip_loss_equals_pairwise_reference():
     assert math.isclose(float(loss), ref / 7, rel_tol=1e-10)
 
 
-def test_fastclip_gamma_schedule_matches_e9():
-    assert fastclip_gamma(0, 0.2, 4) == 1.0            # first epoch: gamma = 1
-    assert fastclip_gamma(1, 0.2, 4) == pytest.approx(1.0)
-    assert fastclip_gamma(3, 0.2, 4) == pytest.approx(0.2 + 0.8 * 0.5)  # half way along the cosine
-    assert fastclip_gamma(5, 0.2, 4) == pytest.approx(0.2)
-    assert fastclip_gamma(50, 0.2, 4) == pytest.approx(0.2)
-    values = [fastclip_gamma(e, 0.2, 4) for e in range(1, 6)]
+def reference_gamma(epoch, gamma_min, decay_epochs):
+    """FastCLIP's reference schedule (`adjust_gamma`, gamma_schedule "cosine"), written out independently:
+    1 at epoch 0, gamma_min from epoch decay_epochs on, in between the cosine indexed by the epoch itself
+    ((1 + cos x)/2 = cos^2(x/2))."""
+    if epoch == 0:
+        return 1.0
+    if epoch >= decay_epochs:
+        return gamma_min
+    return gamma_min + (1 - gamma_min) * math.cos(math.pi * epoch / (2 * decay_epochs)) ** 2
+
+
+def test_fastclip_gamma_schedule_matches_reference():
+    expected = {0: 1.0, 1: 0.980423, 2: 0.923607, 5: 0.6, 10: 0.2, 11: 0.2, 20: 0.2}  # gamma_min 0.2, 10 epochs
+    for epoch, value in expected.items():
+        got = fastclip_gamma(epoch, 0.2, 10)
+        assert got == pytest.approx(reference_gamma(epoch, 0.2, 10), rel=1e-12, abs=1e-15), epoch
+        assert got == pytest.approx(value, abs=5e-7), epoch
+    assert fastclip_gamma(0, 0.2, 10) == 1.0 and fastclip_gamma(10, 0.2, 10) == 0.2   # exact at both ends
+    assert round(fastclip_gamma(1, 0.2, 10), 3) == 0.980                            # not 1.0: no extra epoch at 1
+    values = [fastclip_gamma(e, 0.2, 10) for e in range(11)]
     assert all(a > b for a, b in zip(values, values[1:]))
+    # one decay epoch: 1 in epoch 0, gamma_min from epoch 1 on; other gamma_min / decay lengths
+    assert [fastclip_gamma(e, 0.5, 1) for e in range(3)] == [1.0, 0.5, 0.5]
+    for e in range(8):
+        assert fastclip_gamma(e, 0.3, 4) == pytest.approx(reference_gamma(e, 0.3, 4), rel=1e-12), e
 
 
-def test_fastclip_u_update_and_loss_match_e9():
-    n, B = 20, 6
-    loss_fn = FastCLIPLoss(num_samples=n, eps=EPS, rho=RHO, gamma_min=0.3, gamma_decay_epochs=2)
+@pytest.mark.parametrize("epoch,decay,arg", [(-1, 10, "epoch"), (0, 0, "decay_epochs")])
+def test_fastclip_gamma_rejects_bad_arguments(epoch, decay, arg):
+    with pytest.raises(ValueError, match=rf"^{arg}:"):
+        fastclip_gamma(epoch, 0.2, decay)
+    if arg == "decay_epochs":
+        with pytest.raises(ValueError, match=r"^gamma_decay_epochs:"):
+            FastCLIPLoss(num_samples=4, gamma_decay_epochs=decay)
+
+
+def test_fastclip_first_visit_takes_g_hat_then_moving_average():
+    table = ShardedLogTable(10)
+    log_g1 = torch.tensor([0.5, -2.0, 3.25, 120.0])            # log g_hat up to ~exp(120) at small tau
+    out = table.update(torch.tensor([1, 4, 7, 9]), log_g1, gamma=0.3)
+    assert torch.equal(out, log_g1)                            # u = g_hat exactly, not 0.3 g_hat
+    assert torch.equal(table.log_u[[1, 4, 7, 9]], log_g1)
+    assert torch.isneginf(table.log_u[[0, 2, 3, 5, 6, 8]]).all()
+
+    # second visit of 4 and 9: (1-gamma) u + gamma g_hat; 2 and 5 are new: g_hat itself
+    log_g2 = torch.tensor([1.0, 118.0, -1.5, 0.25])
+    gamma = 0.3
+    out = table.update(torch.tensor([4, 9, 2, 5]), log_g2, gamma=gamma)
+    u_old = torch.tensor([-2.0, 120.0], dtype=torch.float64)
+    g_new = log_g2[:2].double()
+    want = torch.log((1 - gamma) * torch.exp(u_old - 120) + gamma * torch.exp(g_new - 120)) + 120
+    torch.testing.assert_close(out[:2].double(), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out[2:], log_g2[2:])
+    assert torch.equal(table.log_u[[4, 9, 2, 5]], out)
+    # gamma = 1 (epoch 0) on a visited row: u = g_hat as well
+    out = table.update(torch.tensor([4]), torch.tensor([7.0]), gamma=1.0)
+    assert torch.equal(out, torch.tensor([7.0]))
+
+
+def test_fastclip_u_update_and_loss_match_reference():
+    n, B, gmin, decay = 20, 6, 0.3, 2
+    loss_fn = FastCLIPLoss(num_samples=n, eps=EPS, rho=RHO, gamma_min=gmin, gamma_decay_epochs=decay)
     u1 = torch.zeros(n, dtype=torch.float64)
     u2 = torch.zeros(n, dtype=torch.float64)
+    seen = torch.zeros(n, dtype=torch.bool)
     tau = torch.tensor([0.2], dtype=torch.float64)
-    for step, (epoch, seed) in enumerate([(0, 0), (2, 1), (5, 2)]):
-        raw_img, raw_txt = make_pair(B=B, d=5, seed=seed)
+    schedule = [(0, [0, 1, 2, 3, 4, 5]),
+                (1, [3, 4, 5, 6, 7, 8]),      # 3-5 again, 6-8 first seen at gamma = 0.65
+                (2, [6, 7, 8, 9, 10, 0]),     # gamma_min from epoch 2 on
+                (5, [0, 9, 11, 12, 4, 10])]
+    first_at_gamma_below_1 = 0
+    for step, (epoch, idx) in enumerate(schedule):
+        raw_img, raw_txt = make_pair(B=B, d=5, seed=step)
         img, txt = F.normalize(raw_img.detach(), dim=-1), F.normalize(raw_txt.detach(), dim=-1)
-        index = torch.tensor([(3 * k + step) % n for k in range(B)])
+        index = torch.tensor(idx)
         loss = loss_fn(gather_features(img, txt), tau, index, epoch)
 
-        gamma = fastclip_gamma(epoch, 0.3, 2)
+        # the reference's rule: u = (1-gamma) u + gamma g_hat, then rows with u == 0 before (never visited) = g_hat
+        gamma = reference_gamma(epoch, gmin, decay)
         g1, g2 = direct_log_g(img, txt, 0.2)
-        u1[index] = (1 - gamma) * u1[index] + gamma * g1
-        u2[index] = (1 - gamma) * u2[index] + gamma * g2
+        first = ~seen[index]
+        first_at_gamma_below_1 += int(first.sum()) if gamma < 1 else 0
+        u1[index] = torch.where(first, g1, (1 - gamma) * u1[index] + gamma * g1)
+        u2[index] = torch.where(first, g2, (1 - gamma) * u2[index] + gamma * g2)
+        seen[index] = True
         expected = direct_e6(img, txt, torch.log(EPS + u1[index]), torch.log(EPS + u2[index]), 0.2, EPS, RHO)
         assert math.isclose(float(loss), expected, rel_tol=1e-6)  # tables are fp32
-    assert gamma < 1
-    seen = u1 > 0
+    assert first_at_gamma_below_1 == 7       # rows 6-8 at epoch 1, 9, 10 at epoch 2, 11, 12 at epoch 5
     assert torch.allclose(loss_fn.u_img.log_u[seen].exp(), u1[seen].float(), rtol=1e-5)
     assert torch.allclose(loss_fn.u_txt.log_u[seen].exp(), u2[seen].float(), rtol=1e-5)
     assert torch.isneginf(loss_fn.u_img.log_u[~seen]).all()
+    assert torch.isneginf(loss_fn.u_txt.log_u[~seen]).all()
 
 
 def test_fastclip_rejects_out_of_range_index():

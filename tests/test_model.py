@@ -1,5 +1,6 @@
 """Presets, the dual encoder, the temperature parameter and loading a local HF CLIP directory."""
 
+import math
 import pytest
 import torch
 from transformers import CLIPModel
@@ -33,22 +34,21 @@ def test_tiny_forward_normalized_with_shape1_tau():
     assert out["img"].shape == (4, p.embed_dim) and out["txt"].shape == (4, p.embed_dim)
     assert torch.allclose(out["img"].norm(dim=-1), torch.ones(4), atol=1e-5)
     assert torch.allclose(out["txt"].norm(dim=-1), torch.ones(4), atol=1e-5)
-    assert model.tau.shape == (1,) and out["tau"].shape == (1,)   # never 0-dim (ZeRO-2/3)
+    assert model.temperature_parameter.shape == (1,) and out["tau"].shape == (1,)   # never 0-dim (ZeRO-2/3)
     assert all(prm.dim() > 0 for prm in model.parameters())
     assert "bias" not in out
 
 
-def test_temperature_clamped_to_range():
+def test_temperature_range_and_bias():
+    """The range is checked at build time and kept by the engine after each step (tests/test_temperature.py)."""
     model = build_model("tiny", init_tau=0.07, tau_min=0.01, tau_max=0.5, with_bias=True)
-    with torch.no_grad():
-        model.tau.fill_(0.001)
-    assert float(model.temperature().detach()) == pytest.approx(0.01)
-    with torch.no_grad():
-        model.tau.fill_(3.0)
-    assert float(model.temperature().detach()) == pytest.approx(0.5)
+    assert float(model.temperature().detach()) == pytest.approx(0.07)
+    assert model.temperature_bounds() == pytest.approx((math.log(2.0), math.log(100.0)))
     assert model.logit_bias.shape == (1,)
     with pytest.raises(ValueError, match="^init_tau:"):
         build_model("tiny", init_tau=2.0, tau_max=1.0)
+    with pytest.raises(ValueError, match="^tau_param:"):
+        build_model("tiny", tau_param="exp")
 
 
 def test_grad_checkpointing_gives_the_same_gradients():

@@ -35,7 +35,7 @@ def test_param_count_and_zero_model_states():
     counts = plan.count_params("ViT-B-32")  # meta device
     real = build_model("ViT-B-32")
     assert counts["total"] == sum(p.numel() for p in real.parameters())
-    assert counts["vision"] + counts["text"] + real.tau.numel() == counts["total"]
+    assert counts["vision"] + counts["text"] + real.temperature_parameter.numel() == counts["total"]
     assert counts["largest"] == real.text.text_model.embeddings.token_embedding.weight.numel()
     P, L = counts["total"], counts["largest"]
     one, eight = (plan.model_states_bytes(3, P, L, gpus, 1) for gpus in (1, 8))

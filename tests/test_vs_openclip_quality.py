@@ -1,0 +1,147 @@
+"""benchmarks/vs_openclip_quality.py: its pure helpers (no open_clip needed): the open_clip model config of a preset,
+both command lines (neuclip_ds's parsed by neuclip_ds itself), open_clip's log parser, the lr comparison, the
+evaluation adapter's padding and the result tables."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from neuclip_ds.config import parse_config
+from neuclip_ds.presets import get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+# benchmarks/ is not a package and the script imports its sibling _common: load it as a module
+sys.path.insert(0, str(ROOT / "benchmarks"))
+_spec = importlib.util.spec_from_file_location("vs_openclip_quality", ROOT / "benchmarks" / "vs_openclip_quality.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_openclip_model_config_matches_the_tiny_preset():
+    p = get_preset("tiny")
+    cfg = bench.openclip_model_config(p, vocab_size=268, tokenizer_dir="/tok", pad_id=1)
+    v, t = cfg["vision_cfg"], cfg["text_cfg"]
+    assert cfg["embed_dim"] == 64 and cfg["quick_gelu"] is False
+    assert (v["image_size"], v["patch_size"], v["width"], v["layers"], v["mlp_ratio"]) == (32, 8, 128, 2, 2.0)
+    assert v["width"] // v["head_width"] == p.vision_heads == 4
+    assert (t["context_length"], t["vocab_size"], t["width"], t["heads"], t["layers"]) == (32, 268, 128, 4, 2)
+    assert t["mlp_ratio"] == 4.0 and t["pool_type"] == "argmax" and t["hf_tokenizer_name"] == "/tok"
+    assert t["pad_id"] == 1
+
+
+def test_steps_per_epoch_drops_the_partial_batch():
+    assert bench.steps_per_epoch(8000, 128) == 62
+    with pytest.raises(ValueError):
+        bench.steps_per_epoch(100, 128)
+
+
+def test_neuclip_command_line_parses_to_the_matched_settings():
+    argv = bench.neuclip_args(preset="tiny", dataset_dir="data/digits", loss="neuclip",
+                              yaml_config={"rho": 2.0, "npn_prototypes": 512}, ds_config="ds_configs/zero2.json",
+                              batch=128, epochs=4, lr=2e-3, wd=0.1, warmup=20, seed=1, extra="--lr 1e-3")
+    cfg = parse_config(argv)
+    assert (cfg.global_batch_size, cfg.epochs, cfg.wd, cfg.warmup, cfg.seed) == (128, 4, 0.1, 20, 1)
+    assert cfg.lr == 1e-3                              # --extra-neuclip-args come last and win
+    assert (cfg.beta1, cfg.beta2, cfg.adam_eps, cfg.grad_clip) == (0.9, 0.98, 1e-6, 1.0)
+    assert (cfg.init_tau, cfg.tau_min, cfg.tau_max, cfg.precision) == (0.07, 0.01, 1.0, "fp32")
+    assert cfg.loss == "neuclip" and cfg.rho == 2.0 and cfg.npn_prototypes == 512
+    assert cfg.npn_inner_steps == 10                   # not in the yaml: neuclip_ds's default, passed explicitly
+    assert cfg.text_padding == "max_length"
+    if hasattr(cfg, "tau_param"):                      # neuclip_ds with the log temperature: open_clip's
+        assert cfg.tau_param == "log" and cfg.lr_tau == 2e-3 and cfg.lr_tau_schedule == "cosine"
+    assert bench.loss_args("mbcl", {"rho": 2.0}) == ["--loss", "mbcl"]
+
+
+def test_differences_from_openclip_lists_what_extra_args_change():
+    common = dict(preset="tiny", dataset_dir="data/digits", loss="mbcl", yaml_config={},
+                  ds_config="ds_configs/zero2.json", batch=128, epochs=4, lr=2e-3, wd=0.1, warmup=20, seed=0)
+    same = dict(batch=128, epochs=4, lr=2e-3, wd=0.1, warmup=20, seed=0)
+    cfg = parse_config(bench.neuclip_args(**common))
+    diffs = bench.differences_from_openclip(cfg, **same)
+    if hasattr(cfg, "tau_param"):
+        assert diffs == []                             # everything as open_clip's run
+    else:                                              # an older neuclip_ds: only the raw temperature differs
+        assert len(diffs) == 1 and diffs[0].startswith("tau stored as tau itself")
+    diffs = bench.differences_from_openclip(parse_config(bench.neuclip_args(**common, extra="--wd 0.2")), **same)
+    assert "--wd 0.2 (open_clip: 0.1)" in diffs
+    if hasattr(cfg, "lr_tau"):
+        diffs = bench.differences_from_openclip(
+            parse_config(bench.neuclip_args(**common, extra="--lr-tau 1e-4 --tau-param raw")), **same)
+        assert "--lr-tau 0.0001 (open_clip: the encoders' lr 0.002)" in diffs
+        assert "--tau-param raw (open_clip: log)" in diffs
+
+
+def test_openclip_command_line():
+    argv = bench.openclip_args(model="m", train_data="d/{0..1}.tar", num_samples=7936, batch=128, epochs=4, lr=2e-3,
+                               wd=0.1, warmup=20, seed=2, logs="/logs")
+    flags = dict(zip(argv[::2], argv[1::2]))
+    assert flags["--train-num-samples"] == "7936" and flags["--batch-size"] == "128"
+    assert (flags["--beta1"], flags["--beta2"], flags["--eps"], flags["--grad-clip-norm"]) == \
+        ("0.9", "0.98", "1e-06", "1.0")
+    assert flags["--dataset-type"] == "webdataset" and flags["--precision"] == "fp32" and flags["--seed"] == "2"
+
+
+def test_parse_openclip_log_and_lr_mismatch():
+    log = ("2026-12-02,04:08:14 | INFO | Train Epoch: 0 [ 128/7936 (2%)] Data (t): 0.503 Batch (t): 1.176, "
+           "108.871/s, 108.871/s/gpu LR: 0.000100 Logit Scale: 14.286 Contrastive_loss: 5.4223 (5.4223) "
+           "Loss: 5.4223 (5.4223)\n"
+           "2026-12-02,04:08:15 | INFO | Train Epoch: 0 [ 256/7936 (3%)] Data (t): 0.003 Batch (t): 0.336, "
+           "381.260/s, 381.260/s/gpu LR: 0.000200 Logit Scale: 14.300 Contrastive_loss: 5.1000 (5.2611) "
+           "Loss: 5.1000 (5.2611)\n")
+    rows = bench.parse_openclip_log(log)
+    assert [r["samples"] for r in rows] == [128, 256] and rows[0]["samples_per_epoch"] == 7936
+    assert rows[1]["lr"] == 2e-4 and rows[1]["logit_scale"] == 14.3 and rows[1]["loss"] == 5.1
+    # neuclip_ds logs the lr after its scheduler step: row i is what step i + 1 uses
+    assert bench.lr_mismatch([1e-4, 2e-4, 3e-4], [2e-4, 3e-4, 4e-4], 2e-3) == 0
+    assert bench.lr_mismatch([1e-4, 2e-4], [2.2e-4], 2e-3) == pytest.approx(0.01)
+
+
+class _FakeClip(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+        self.seen = None
+
+    def encode_image(self, x):
+        return x.flatten(1)[:, :4] * 3
+
+    def encode_text(self, ids):
+        self.seen = ids
+        return ids[:, :4].float() + 1
+
+
+def test_adapter_pads_text_back_and_normalizes():
+    clip = _FakeClip()
+    ad = bench.OpenCLIPAdapter(clip, image_size=32, context_length=8, pad_id=1)
+    assert (ad.image_size, ad.context_length) == (32, 8) and not hasattr(ad, "module")
+    ids = torch.tensor([[5, 6, 7], [5, 7, 1]])
+    out = ad.encode_text(ids, torch.ones_like(ids))
+    assert clip.seen.shape == (2, 8) and clip.seen[:, 3:].eq(1).all() and torch.equal(clip.seen[:, :3], ids)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(2))
+    assert torch.allclose(ad.encode_image(torch.rand(2, 3, 2, 2)).norm(dim=-1), torch.ones(2))
+    with pytest.raises(ValueError):
+        bench.pad_to_context(torch.zeros(1, 9, dtype=torch.long), 8, 1)
+
+
+def test_tables_pair_runs_by_seed():
+    def run(trainer, loss, seed, tau, zs):
+        return {"trainer": trainer, "loss": loss, "seed": seed, "tau": tau, "train_loss": 2.0, "wall_s": 10.0,
+                "eval": {"retrieval/image_to_text_R@1": 0.01, "retrieval/text_to_image_R@1": 0.02,
+                         "zeroshot/digit/top1": zs, "zeroshot/mean/top1": zs}}
+
+    runs = [run("open_clip", "clip", 0, 0.07, 0.10), run("neuclip_ds", "mbcl", 0, 0.05, 0.15),
+            run("open_clip", "clip", 1, 0.06, 0.20), run("neuclip_ds", "mbcl", 1, 0.04, 0.30)]
+    text = "\n".join(bench.tables(runs, ["digit"]))
+    assert "| open_clip | 2 | 0.0650 ± 0.0071 | 1.00 ± 0.00 |" in text
+    assert "Paired difference neuclip_ds mbcl − open_clip" in text
+    assert "| 0 | -0.0200 | 0.00 | 0.00 | 5.00 | 5.00 |" in text
+    assert "| mean ± std | -0.0200 ± 0.0000 | 0.00 ± 0.00 | 0.00 ± 0.00 | 7.50 ± 3.54 | 7.50 ± 3.54 |" in text
+
+
+def test_mean_std():
+    assert bench.mean_std([]) == "n/a" and bench.mean_std([1.234]) == "1.23"
+    assert bench.mean_std([1.0, 3.0], digits=1) == f"2.0 ± {math.sqrt(2):.1f}"
