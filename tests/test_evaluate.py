@@ -271,7 +271,7 @@ def test_evaluate_end_to_end(results, model, ds, tok, tmp_path):
         if k != "num_samples":
             assert isinstance(v, float) and 0.0 <= v <= 1.0, (k, v)
     # top5 of attributes with <= 5 classes is clipped to all classes
-    assert results["zeroshot/scale/top5"] == results["zeroshot/rotation/top5"] == 1.0
+    assert results["zeroshot/scale/top5"] == results["zeroshot/background/top5"] == 1.0
     assert results["zeroshot/mean/top1"] == pytest.approx(
         sum(results[f"zeroshot/{a}/top1"] for a in CLASSNAMES) / len(CLASSNAMES))
 
