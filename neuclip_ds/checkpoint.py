@@ -209,11 +209,19 @@ def _load_universal_groups_without_local_elements(optimizer, lp_groups_name: str
     instead of an IndexError. The temperature is a one-element group (its own lr, E6), so at 2+ ranks every rank
     but one holds only padding of it; without this, resuming at another world size fails on those ranks."""
     from deepspeed.runtime.base_optimizer import _get_universal_checkpoint_ep_info
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.utils import bwc_tensor_model_parallel_rank
+    from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
 
     checkpoint_dir = os.path.join(checkpoint_dir, "zero")
-    optim_sd = torch.load(os.path.join(checkpoint_dir, "optimizer_state.pt"), weights_only=False)
+    path = os.path.join(checkpoint_dir, "optimizer_state.pt")
+    try:   # data, not code: tensors and plain values plus the two DeepSpeed types the file holds
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum]):
+            optim_sd = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"--resume: {path} is not a plain DeepSpeed optimizer state "
+                              f"({str(e).splitlines()[0][:200]})") from None
     optimizer._load_global_state(optim_sd)
     tp_rank = bwc_tensor_model_parallel_rank(mpu=optimizer.mpu)
     ep_rank, ep_size = _get_universal_checkpoint_ep_info()
@@ -281,7 +289,11 @@ def load_checkpoint_state_dict(ckpt_dir: str | os.PathLike, tag: str) -> dict[st
     files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise CheckpointError(f"--checkpoint: no model states in {tag_dir}")
-    blob = torch.load(files[0], map_location="cpu", weights_only=False)
+    try:   # data, not code
+        blob = torch.load(files[0], map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"--checkpoint: {files[0]} is not a plain weights file "
+                              f"({str(e).splitlines()[0][:200]})") from None
     state = blob.get("module") if isinstance(blob, dict) else None
     if not state:
         raise CheckpointError(f"--checkpoint: {files[0]} holds no module weights (ZeRO-3 without optimizer shards?)")
@@ -313,8 +325,8 @@ def model_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mappin
 
     ``config`` keys used: ``preset``, ``pretrained_hf`` (architecture from that HF dir), ``loss`` (SigLIP adds
     ``logit_bias``), ``init_tau``/``tau_min``/``tau_max``. How tau is stored is read off the weights themselves
-    (``logit_scale``: log 1/tau; ``tau``: tau itself, as runs before the log parametrization stored it). The vocabulary size and special-token ids come from
-    ``tokenizer`` (a ``TextTokenizer``) when its size matches the checkpoint's token embedding; otherwise
+    (``logit_scale``: log 1/tau; ``tau``: tau itself, as runs before the log parametrization stored it). The
+    vocabulary size and special-token ids come from ``tokenizer`` (a ``TextTokenizer``) when its size matches the checkpoint's token embedding; otherwise
     (runs trained without a tokenizer, e.g. on synthetic data) from the checkpoint's embedding rows with the
     preset's default ids, with a warning (an error when the run named a tokenizer).
     """

@@ -33,6 +33,7 @@ from .data.tokenizer import trim_text_padding
 from .extensions import prepare_cpu_ops, release_shm_buffers
 from .losses import (LOSSES, FastCLIPLoss, Features, NeuCLIPLoss, all_gather_no_grad, batch_log_normalizers,
                      gather_features, log_eps_plus)
+from .model import temperature_from_parameter
 from .npn import NPN
 
 
@@ -153,8 +154,8 @@ class TemperatureKeeper:
     back from a bound as soon as the objective asks for it (a clamp inside forward would zero that gradient for
     good). Collective: every rank calls `after_step` (one all-reduce of one number; a write only when outside)."""
 
-    def __init__(self, engine, module, *, rank: int, warn_after: int = 50):
-        self.engine, self.rank, self.warn_after = engine, rank, warn_after
+    def __init__(self, module, *, rank: int, warn_after: int = 50):
+        self.rank, self.warn_after = rank, warn_after
         self.param = module.temperature_parameter
         self.tau_param = module.tau_param
         # the bounds as fp32 values: what the master copy can hold exactly, so a clamped value reads back equal
@@ -165,7 +166,7 @@ class TemperatureKeeper:
 
     @property
     def tau(self) -> float:
-        return math.exp(-self.value) if self.tau_param == "log" else self.value
+        return float(temperature_from_parameter(torch.tensor(self.value, dtype=torch.float64), self.tau_param))
 
     def _read(self) -> float:
         full = deepspeed.utils.safe_get_full_fp32_param(self.param)   # ZeRO-1/2/3 and bf16: the fp32 master
@@ -346,7 +347,7 @@ class NeuCLIPEngine:
         scheduler, self.temperature_lr = build_scheduler(optimizer, cfg, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-        self.temperature = TemperatureKeeper(self.engine, model, rank=info.rank)
+        self.temperature = TemperatureKeeper(model, rank=info.rank)
         self.temperature_lr.tau = self.temperature.tau   # --pretrained-hf: the model's own tau, not --init-tau
         self.accumulation = self.engine.gradient_accumulation_steps()
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()

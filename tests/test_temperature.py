@@ -109,7 +109,7 @@ class _OneTemperature(nn.Module):
 @pytest.mark.parametrize("tau_param", ["log", "raw"])
 def test_keeper_clamps_the_parameter_and_warns_once_per_episode(tau_param, capsys):
     m = _OneTemperature(tau_param)
-    keeper = TemperatureKeeper(None, m, rank=0, warn_after=50)
+    keeper = TemperatureKeeper(m, rank=0, warn_after=50)
     below = math.log(1 / 0.01) if tau_param == "log" else 0.01        # tau = 0.01 < tau_min
     for step in range(120):
         with torch.no_grad():
@@ -133,7 +133,7 @@ def test_keeper_clamps_the_parameter_and_warns_once_per_episode(tau_param, capsy
 
 def test_keeper_inside_the_range_writes_nothing():
     m = _OneTemperature("log")
-    keeper = TemperatureKeeper(None, m, rank=0)
+    keeper = TemperatureKeeper(m, rank=0)
     before = m.p.detach().clone()
     assert keeper.after_step(0) == pytest.approx(0.1)
     assert torch.equal(m.p.detach(), before) and keeper.steps_at_bound == 0

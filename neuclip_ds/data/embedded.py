@@ -12,10 +12,10 @@ that states all of them::
 
     e.g. "a small red seven on a grey background"
 
-Why these choices (the task must teach the digit itself, README "The embedded default run"):
+Why these choices (the task must teach the digit itself, README "Data"):
 - every digit is bright on a dark background, so its strokes have one contrast polarity: with light and dark
-  backgrounds mixed, the tiny preset's vision tower did not learn the digit even with digit labels in 300 supervised
-  steps (chance), with dark ones alone it reaches ~88 %;
+  backgrounds mixed, the tiny preset's vision tower barely learned the digit even from digit labels; with dark ones
+  it does (benchmarks/digit_probe.py);
 - the attributes other than the digit form 48 combinations, so in a batch of 128 every pair shares all of them
   with ~2.7 other pairs that only the digit tells apart: the contrastive loss needs the digit. Position and
   rotation (earlier versions) made the other attributes nearly unique per batch, and models ignored the digit;
