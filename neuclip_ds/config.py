@@ -84,6 +84,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/neuclip"
     resume: str | None = None
+    overwrite: bool = False
     save_every: int = 0
     keep_last: int = 2
     eval_every: int = 0
@@ -258,8 +259,8 @@ _GROUPS = {
              "data_resampled", "max_bad_fraction", "text_padding", "synthetic_samples"],
     "optimization": ["global_batch_size", "steps", "epochs", "lr", "wd", "warmup", "beta1", "beta2", "adam_eps",
                      "grad_clip", "max_skipped_in_a_row"],
-    "system": ["ds_config", "precision", "seed", "output_dir", "resume", "save_every", "keep_last", "eval_every",
-               "report_to", "wandb_project", "wandb_offline", "norm_err_every", "norm_err_anchors"],
+    "system": ["ds_config", "precision", "seed", "output_dir", "resume", "overwrite", "save_every", "keep_last",
+               "eval_every", "report_to", "wandb_project", "wandb_offline", "norm_err_every", "norm_err_anchors"],
 }
 _HELP = {
     "preset": "model preset: " + ", ".join(PRESETS),
@@ -295,6 +296,9 @@ _HELP = {
     "max_skipped_in_a_row": "abort after this many non-finite steps in a row",
     "ds_config": "DeepSpeed JSON (ZeRO stage, accumulation, clipping)", "precision": "fp32, bf16 or fp16",
     "resume": "auto (latest in output dir) or a checkpoint directory",
+    "overwrite": "start over in an --output-dir that holds a run: remove that run's files (config.yaml, "
+                 "metrics.jsonl, summary.json, eval_results.json, plots/training.png, checkpoints/) and nothing "
+                 "else; without it (or --resume) such a directory is refused",
     "save_every": "checkpoint every N steps (0: only at the end)", "eval_every": "evaluate every N steps (0: end)",
     "norm_err_every": "every N steps: exact log-normalizer of fixed anchors over the whole training set vs "
                       "the estimates (norm_err in metrics.jsonl; 0: off)",

@@ -90,8 +90,7 @@ def run(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
     info = init_distributed()
     out_dir = Path(cfg.output_dir)
     if info.rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        start_output_dir(cfg, out_dir)
     seed_everything(cfg.seed)  # the same on every rank: identical initial weights
     accumulation = cfg.gradient_accumulation_steps()
     tokenizer, vocab = build_tokenizer_vocab(cfg)
@@ -120,12 +119,13 @@ def run(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
     def save(step: int) -> Path:
         estimator = eng.estimator.state_dict()
         shared_estimator = estimator if "npn" in estimator else {}  # identical on every rank: saved once
-        return checkpoint.save(eng.engine, out_dir, step=step, keep_last=cfg.keep_last, shared_state={
-            "config": dict(cfg.to_dict(), zero_stage=cfg.zero_stage()), "estimator": shared_estimator,
-            "skipped_steps": eng.skipped_steps, "data_rank0": stream.state_dict(),
-            "temperature": eng.temperature_state()},
-            rank_state={"rng": checkpoint.rng_state(), "data": stream.state_dict(),
-                        "estimator": {} if shared_estimator else estimator})
+        shared_state = {"config": dict(cfg.to_dict(), zero_stage=cfg.zero_stage()), "estimator": shared_estimator,
+                        "skipped_steps": eng.skipped_steps, "data_rank0": stream.state_dict(),
+                        "temperature": eng.temperature_state()}
+        rank_state = {"rng": checkpoint.rng_state(), "data": stream.state_dict(),
+                      "estimator": {} if shared_estimator else estimator}
+        return checkpoint.save(eng.engine, out_dir, step=step, keep_last=cfg.keep_last,
+                               shared_state=shared_state, rank_state=rank_state)
 
     record = {}
     try:
@@ -174,6 +174,20 @@ def run(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
         summary["plot"] = str(plot_training(out_dir / "metrics.jsonl", out_dir / "plots" / "training.png"))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def start_output_dir(cfg: TrainConfig, out_dir: Path) -> None:
+    """Rank 0, before anything is written: --overwrite removes the previous run's files, then the run config."""
+    from .rundir import remove_previous_run
+
+    if cfg.overwrite:
+        removed = remove_previous_run(out_dir)
+        if removed:
+            print(f"neuclip-train: --overwrite: removed {', '.join(removed)} from {out_dir}", file=sys.stderr)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # --overwrite acts once: a config.yaml reused with --config must not carry it to another directory
+    run_config = dict(cfg.to_dict(), overwrite=False)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
 
 
 def build_norm_err_probe(cfg: TrainConfig, info, stream, tokenizer):
@@ -314,14 +328,16 @@ def shutdown_distributed() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError, check_compatible, read_shared, resolve_resume
+    from .rundir import check_output_dir
 
     try:
         cfg = parse_config(argv)
         cfg.validate()
-        # a checkpoint to resume from is checked before anything starts or is written
+        # the checkpoint to resume from and the output directory are checked before anything starts or is written
         resume_dir = resolve_resume(cfg.resume, cfg.output_dir)
         if resume_dir is not None:
             check_compatible(read_shared(resume_dir)["config"], cfg.to_dict(), cfg.zero_stage())
+        check_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     except (ConfigError, CheckpointError) as e:
         print(f"neuclip-train: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,73 @@
+"""What a run writes into `--output-dir`, and the rule that protects it: a directory that holds a run is either
+continued (`--resume`) or explicitly started over (`--overwrite`), never silently written over.
+
+A directory "holds a run" when it has any of the files below; these are also all that `--overwrite` removes (a
+user's other files in the directory, `plots/` included, stay where they are):
+    config.yaml, metrics.jsonl, summary.json, eval_results.json  the run's records
+    plots/training.png                                           the training plot
+    checkpoints/                                                 wholly the trainer's (DeepSpeed adds its own
+                                                                 files there: zero_to_fp32.py, ...)
+A wandb/ directory is neither: each wandb run is a directory of its own there, which a new run does not touch.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .config import ConfigError
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "eval_results.json", "plots/training.png")
+CHECKPOINTS = "checkpoints"
+
+
+def previous_run(output_dir: str | Path) -> list[str]:
+    """The run outputs in output_dir, as paths relative to it (a directory with a trailing /); [] if none."""
+    out = Path(output_dir)
+    found = [name for name in RUN_FILES if (out / name).is_file()]
+    checkpoints = out / CHECKPOINTS
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        found.append(CHECKPOINTS + "/")
+    return found
+
+
+def _continues(resume: str | None, output_dir: str | Path) -> bool:
+    """--resume continues the run of output_dir (auto, or a checkpoint inside it)."""
+    return resume == "auto" or (resume is not None
+                                and Path(resume).resolve().is_relative_to(Path(output_dir).resolve()))
+
+
+def check_output_dir(output_dir: str | Path, *, resume: str | None, overwrite: bool) -> None:
+    """Refuse (ConfigError, one line) to start a run that would write over another run in output_dir.
+
+    Accepted: a directory without a run; --overwrite (unless it would remove the checkpoint --resume names);
+    --resume auto or a --resume checkpoint inside output_dir (the same run, continued). A pure check: every rank
+    runs it on the same files before the process group starts, so all ranks decide alike."""
+    if overwrite and _continues(resume, output_dir):
+        raise ConfigError(f"--overwrite: it would remove the checkpoint that --resume {resume} continues from; "
+                          f"give one of the two")
+    found = previous_run(output_dir)
+    if not found or overwrite or _continues(resume, output_dir):
+        return
+    what = f"{output_dir} already holds a run ({', '.join(found)})"
+    if resume is None:
+        raise ConfigError(f"--output-dir: {what}; --resume auto to continue it, or --overwrite to start over "
+                          f"(removes only those files)")
+    raise ConfigError(f"--resume: {resume} is not in --output-dir, and {what}; choose a new --output-dir, or "
+                      f"--overwrite to start over there (removes only those files)")
+
+
+def remove_previous_run(output_dir: str | Path) -> list[str]:
+    """--overwrite: delete the run outputs found by `previous_run` (nothing else); returns what was removed."""
+    out = Path(output_dir)
+    removed = previous_run(out)
+    for name in removed:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    plots = out / "plots"
+    if "plots/training.png" in removed and not any(plots.iterdir()):   # ours when our plot was all it held
+        plots.rmdir()
+    return removed
