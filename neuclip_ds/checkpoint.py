@@ -6,11 +6,14 @@ Layout of `<output_dir>/checkpoints/`:
                                   every rank, saved once), skip counters, the data position of synthetic streams
     stepNNNNNNNN/neuclip_rankR.pt every rank: its RNG states (torch, numpy, python, cuda), its data position,
                                   its FastCLIP u-table shards (sharded as they live: never gathered)
-    stepNNNNNNNN/COMPLETE         written by rank 0 after every rank finished writing (a barrier)
-    latest                        moved (atomic rename) only after COMPLETE exists: a kill during a save leaves
-                                  the previous checkpoint as `latest`, and resume refuses a tag without COMPLETE
+    stepNNNNNNNN/RUN_ID           rank 0, first: the id of the run that wrote the tag (a resumed run keeps it)
+    stepNNNNNNNN/COMPLETE         rank 0, once every rank reported that its files were written and rank 0 found
+                                  them all on disk; a save that failed on any rank stops the run on every rank
+    latest                        moved (atomic rename) only after COMPLETE exists: a kill or a failure during a
+                                  save leaves the previous checkpoint as `latest`, and resume refuses a tag
+                                  without COMPLETE
 Everything of ours is plain tensors / numbers / strings and is loaded with `torch.load(weights_only=True)`.
-The last `keep_last` complete checkpoints are kept.
+The last `keep_last` complete checkpoints of the current run are kept; rotation never deletes another run's tags.
 
 Sections: save, resume (engine + our state), and loading a trained model without an engine
 (`load_checkpoint_model`: the fp32 weights of any ZeRO stage + the run config -> a CLIPDualEncoder), which
@@ -22,9 +25,11 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
+import uuid
 import warnings
 from pathlib import Path
 from typing import Mapping
@@ -35,12 +40,19 @@ import torch.distributed as dist
 
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE = "COMPLETE"
+RUN_ID = "RUN_ID"
 SHARED_FILE = "neuclip_state.pt"
+TAG_PATTERN = re.compile(r"step\d{8,}")
 TOKEN_EMBEDDING_KEY = "text.text_model.embeddings.token_embedding.weight"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from or loaded; the message names the problem (one line)."""
+
+
+class CheckpointNotSaved(CheckpointError):
+    """A save that failed on some rank; raised on every rank alike (the ranks agreed on it), so the run can stop
+    in step. The message names the rank and file (one line)."""
 
 
 def _rank() -> int:
@@ -92,6 +104,52 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def _step_of(tag: str) -> int:
+    return int(tag[len("step"):])
+
+
+def _tags(ckpt_dir: Path) -> list[Path]:
+    """The checkpoint tag directories in ckpt_dir (not their `_universal` conversions)."""
+    return [p for p in ckpt_dir.glob("step*") if TAG_PATTERN.fullmatch(p.name) and p.is_dir()]
+
+
+def run_id_of(tag_dir: Path) -> str | None:
+    """The id of the run that wrote tag_dir; None for checkpoints from before run ids."""
+    path = tag_dir / RUN_ID
+    return path.read_text().strip() if path.is_file() else None
+
+
+def run_id_for(resume_dir: Path | None) -> str:
+    """Collective. The id this run writes into its checkpoints. Resuming continues the id of the checkpoint it
+    loads, so that rotation goes on covering that run's earlier tags; a fresh start (or a checkpoint from before
+    run ids) draws a new one."""
+    return _from_rank0(lambda: (run_id_of(resume_dir) if resume_dir is not None else None) or uuid.uuid4().hex)
+
+
+def _from_rank0(decide):
+    """Collective: rank 0 runs decide(); every rank returns its result, or raises its error (all ranks alike, so
+    that they stay in step; an error other than a CheckpointError travels as a CheckpointError naming it)."""
+    box = [None]
+    if _rank() == 0:
+        try:
+            box = [(decide(), None)]
+        except CheckpointError as e:
+            box = [(None, e)]
+        except Exception as e:
+            box = [(None, CheckpointError(f"rank 0: {_one_line(e)}"))]
+    if _world() > 1:
+        dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _atomic_write(path: Path, payload, *, text: bool = False) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     if text:
@@ -101,28 +159,144 @@ def _atomic_write(path: Path, payload, *, text: bool = False) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, output_dir: str | Path, *, step: int, shared_state: dict, rank_state: dict,
+def save(engine, output_dir: str | Path, *, step: int, run_id: str, shared_state: dict, rank_state: dict,
          keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
-    ckpt_dir = Path(output_dir) / CHECKPOINT_DIR
-    tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
-    tag_dir = ckpt_dir / tag
-    _atomic_write(tag_dir / f"neuclip_rank{_rank()}.pt", rank_state)
-    if _rank() == 0:
-        _atomic_write(tag_dir / SHARED_FILE, dict(shared_state, step=step, world_size=_world()))
-    _barrier()  # every rank's files are on disk
-    if _rank() == 0:
-        (tag_dir / COMPLETE).write_text(f"{step}\n")
-        _atomic_write(ckpt_dir / "latest", tag, text=True)
-        complete = sorted(p.name for p in ckpt_dir.glob("step*") if (p / COMPLETE).is_file())
-        for old in complete[:-keep_last]:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-        for half in ckpt_dir.glob("step*"):  # leftovers of a save killed half-way, older than this one
-            if not (half / COMPLETE).is_file() and half.name < tag:
-                shutil.rmtree(half, ignore_errors=True)
-    _barrier()
+    """Collective: every rank calls it. Returns the checkpoint directory.
+
+    The ranks agree on the outcome: each writes its part and reports what it wrote and what failed (it never
+    raises before reporting: the others are waiting for its answer), rank 0 checks every reported file is on
+    disk, and only then writes COMPLETE and moves `latest`. A failed save raises CheckpointNotSaved on every rank
+    alike; `latest` still names the previous checkpoint."""
+    tag_dir = Path(output_dir) / CHECKPOINT_DIR / tag_for(step)
+    _from_rank0(lambda: _prepare_tag_dir(tag_dir, run_id))
+    report = _write_this_rank(engine, tag_dir, shared_state=dict(shared_state, step=step, world_size=_world()),
+                              rank_state=rank_state)
+    reports = gather_objects(report)
+    _from_rank0(lambda: _commit(tag_dir, reports, run_id=run_id, keep_last=keep_last))
     return tag_dir
+
+
+def _prepare_tag_dir(tag_dir: Path, run_id: str) -> None:
+    """Rank 0, before any rank writes: an empty tag directory that names its run.
+
+    A tag directory already there is replaced when it is this run's (a save that was interrupted, or a resume
+    from an earlier tag that goes over it again) or a half-written one of any run (no checkpoint: resume refuses
+    it); filling it in place would mix two saves' files. A complete checkpoint of another run is never touched."""
+    if tag_dir.exists() and run_id_of(tag_dir) != run_id and (tag_dir / COMPLETE).is_file():
+        raise CheckpointNotSaved(f"checkpoint {tag_dir.name} not saved: {tag_dir} is a complete checkpoint of "
+                                 f"another run; not writing over it")
+    try:
+        _step_latest_back_from(tag_dir)
+        _remove_tag(tag_dir)
+        tag_dir.mkdir(parents=True)
+        (tag_dir / RUN_ID).write_text(run_id + "\n")
+    except OSError as e:
+        raise CheckpointNotSaved(f"checkpoint {tag_dir.name} not saved: {_one_line(e)}") from None
+
+
+def _step_latest_back_from(tag_dir: Path) -> None:
+    """`latest` never names a tag that is being rewritten: if it does, it moves to the newest complete checkpoint
+    before that tag (with none, it goes)."""
+    latest = tag_dir.parent / "latest"
+    if not latest.is_file() or latest.read_text().strip() != tag_dir.name:
+        return
+    step = _step_of(tag_dir.name)
+    earlier = [p.name for p in _tags(tag_dir.parent) if _step_of(p.name) < step and (p / COMPLETE).is_file()]
+    if earlier:
+        _atomic_write(latest, max(earlier, key=_step_of), text=True)
+    else:
+        latest.unlink()
+
+
+def _write_this_rank(engine, tag_dir: Path, *, shared_state: dict, rank_state: dict) -> dict:
+    """This rank's part of a save: the engine's files, its own file (rank 0: also the shared one). Never raises:
+    {"rank", "written": paths relative to tag_dir, "failed": "what: why" lines}."""
+    report = {"rank": _rank(), "written": [], "failed": []}
+    try:
+        with _engine_writes_reported(engine, tag_dir, report):
+            engine.save_checkpoint(str(tag_dir.parent), tag=tag_dir.name, save_latest=False)
+    except Exception as e:   # not a file write; the ranks may be out of step now (see the README)
+        report["failed"].append(f"engine.save_checkpoint: {_one_line(e)}")
+    ours = [(f"neuclip_rank{_rank()}.pt", rank_state)] + ([(SHARED_FILE, shared_state)] if _rank() == 0 else [])
+    for name, payload in ours:
+        try:
+            _atomic_write(tag_dir / name, payload)
+            report["written"].append(name)
+        except Exception as e:
+            report["failed"].append(f"{name}: {_one_line(e)}")
+    return report
+
+
+@contextlib.contextmanager
+def _engine_writes_reported(engine, tag_dir: Path, report: dict):
+    """Route the engine's file writes into `report` instead of letting a failed one raise: DeepSpeed's
+    save_checkpoint has barriers between and after its writes, and a rank leaving it early would leave the other
+    ranks waiting in one of them. Every file DeepSpeed saves goes through `engine.checkpoint_engine.save`."""
+    checkpoint_engine = engine.checkpoint_engine
+    original = checkpoint_engine.save
+
+    def save(state_dict, path, *args, **kwargs):
+        name = os.path.relpath(path, tag_dir)
+        try:
+            original(state_dict, path, *args, **kwargs)
+            report["written"].append(name)
+        except Exception as e:
+            report["failed"].append(f"{name}: {_one_line(e)}")
+
+    checkpoint_engine.save = save
+    try:
+        yield
+    finally:
+        checkpoint_engine.save = original
+
+
+def _commit(tag_dir: Path, reports: list[dict], *, run_id: str, keep_last: int) -> None:
+    """Rank 0, after every rank reported: if every rank wrote its part and every file is on disk, COMPLETE, then
+    `latest`, then rotation; else CheckpointNotSaved (`latest` unchanged)."""
+    ckpt_dir = tag_dir.parent
+    problems = [f"rank {r['rank']}: {line}" for r in reports for line in r["failed"]]
+    if not problems:
+        expected = [RUN_ID, SHARED_FILE, *(f"neuclip_rank{r['rank']}.pt" for r in reports),
+                    *(name for r in reports for name in r["written"])]
+        problems = [f"{name} is not on disk" for name in dict.fromkeys(expected) if not (tag_dir / name).is_file()]
+    if not problems:
+        try:
+            (tag_dir / COMPLETE).write_text(f"{_step_of(tag_dir.name)}\n")
+            _atomic_write(ckpt_dir / "latest", tag_dir.name, text=True)
+        except OSError as e:
+            problems.append(_one_line(e))
+    if problems:
+        latest = ckpt_dir / "latest"
+        previous = latest.read_text().strip() if latest.is_file() else "no checkpoint"
+        raise CheckpointNotSaved(f"checkpoint {tag_dir.name} not saved ({'; '.join(problems)}); `latest` still "
+                                 f"names {previous}")
+    try:
+        rotate(ckpt_dir, run_id=run_id, current=tag_dir.name, keep_last=keep_last)
+    except OSError as e:   # the checkpoint is saved; older ones left behind only cost disk space
+        warnings.warn(f"checkpoint rotation in {ckpt_dir}: {_one_line(e)}", stacklevel=2)
+
+
+def rotate(ckpt_dir: Path, *, run_id: str, current: str, keep_last: int) -> list[str]:
+    """Rank 0, once `current` is complete and `latest`: delete this run's complete checkpoints beyond the newest
+    keep_last and its half-written saves older than `current`. Returns the deleted tags.
+
+    Only tags carrying run_id (up to `current`'s step) are candidates: another run's checkpoints are never
+    deleted, whatever their names, and `current` is the newest candidate, so it is always kept."""
+    step = _step_of(current)
+    mine = sorted((p for p in _tags(ckpt_dir) if _step_of(p.name) <= step and run_id_of(p) == run_id),
+                  key=lambda p: _step_of(p.name))
+    complete = [p for p in mine if (p / COMPLETE).is_file()]
+    half_written = [p for p in mine if p not in complete]
+    doomed = complete[:-keep_last] + half_written
+    for tag_dir in doomed:
+        _remove_tag(tag_dir)
+    return [p.name for p in doomed]
+
+
+def _remove_tag(tag_dir: Path) -> None:
+    """A tag and its universal conversion (made from it on a world-size change)."""
+    shutil.rmtree(tag_dir.with_name(tag_dir.name + "_universal"), ignore_errors=True)
+    shutil.rmtree(tag_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -91,6 +91,7 @@ def run(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
     out_dir = Path(cfg.output_dir)
     if info.rank == 0:
         start_output_dir(cfg, out_dir)
+    run_id = checkpoint.run_id_for(resume_dir)
     seed_everything(cfg.seed)  # the same on every rank: identical initial weights
     accumulation = cfg.gradient_accumulation_steps()
     tokenizer, vocab = build_tokenizer_vocab(cfg)
@@ -124,7 +125,7 @@ def run(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
                         "temperature": eng.temperature_state()}
         rank_state = {"rng": checkpoint.rng_state(), "data": stream.state_dict(),
                       "estimator": {} if shared_estimator else estimator}
-        return checkpoint.save(eng.engine, out_dir, step=step, keep_last=cfg.keep_last,
+        return checkpoint.save(eng.engine, out_dir, step=step, run_id=run_id, keep_last=cfg.keep_last,
                                shared_state=shared_state, rank_state=rank_state)
 
     record = {}
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = run(cfg, resume_dir)
-    except TrainingAborted as e:
+    except (TrainingAborted, CheckpointError) as e:   # e.g. a save that failed on some rank: stopped on every rank
         print(f"neuclip-train: aborted: {e}", file=sys.stderr)
         return 1
     finally:

@@ -1,11 +1,15 @@
-"""Launch neuclip-train runs in subprocesses (1 rank: python -m; N ranks: the deepspeed launcher, CPU/gloo)."""
+"""Launch neuclip-train runs in subprocesses (1 rank: python -m; N ranks: the deepspeed launcher, or one process
+per rank; CPU/gloo)."""
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +56,40 @@ def run_command(cmd: list[str], *, timeout: int = 300, check: bool = True) -> su
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def launch_ranks(args: list[str], *, nproc: int, script: str, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Start each rank as a process of its own, with the variables a launcher sets, so that every rank's exit code
+    and output can be checked (the deepspeed launcher reports one code and kills the other ranks once one fails).
+    Output goes to files (a full pipe would block a rank). A timeout kills them all and fails."""
+    port = str(free_port())
+    with contextlib.ExitStack() as files:
+        logs = [(files.enter_context(tempfile.TemporaryFile("w+")), files.enter_context(tempfile.TemporaryFile("w+")))
+                for _ in range(nproc)]
+        children = [subprocess.Popen([sys.executable, script, *args], cwd=ROOT, stdout=out, stderr=err,
+                                     start_new_session=True,
+                                     env=dict(env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
+                                              MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                    for r, (out, err) in enumerate(logs)]
+        deadline = time.monotonic() + timeout
+        try:
+            for rank, child in enumerate(children):
+                try:
+                    child.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    raise AssertionError(f"rank {rank} still running after {timeout} s") from None
+        finally:
+            for child in children:
+                if child.poll() is None:
+                    os.killpg(child.pid, signal.SIGKILL)
+                    child.wait()
+        return [subprocess.CompletedProcess(child.args, child.returncode, _read(out), _read(err))
+                for child, (out, err) in zip(children, logs)]
+
+
+def _read(file) -> str:
+    file.seek(0)
+    return file.read()
 
 
 def launch(args: list[str], *, nproc: int = 1, module: str = "neuclip_ds.train", timeout: int = 300,

@@ -1,6 +1,13 @@
-"""A run never writes over another run. CPU, fp32, gloo; tiny preset, few steps."""
+"""A run never writes over another run, and a checkpoint is COMPLETE (and `latest`) only when every rank's files
+are on disk. CPU, fp32, gloo; tiny preset, few steps."""
 
-from _launch import launch, metrics
+import os
+
+import pytest
+import torch
+
+from _launch import ROOT, launch, launch_ranks, metrics
+from neuclip_ds import checkpoint
 
 BASE = ["--synthetic-samples", "64", "--global-batch-size", "16", "--npn-prototypes", "32", "--npn-inner-steps", "2",
         "--warmup", "1", "--save-every", "2", "--keep-last", "10", "--ds-config", "ds_configs/zero2.json"]
@@ -38,3 +45,89 @@ def test_used_output_dir_is_refused_and_overwrite_removes_only_the_runs_files(tm
     assert [r["step"] for r in metrics(out)] == [1, 2]                       # the new run's lines only
     assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step00000002"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000002"
+
+
+class FakeEngine:
+    """What checkpoint.save uses of a DeepSpeed engine: save_checkpoint, writing through checkpoint_engine.save.
+    `lose`: a file name the disk silently loses (the write returns, nothing is there)."""
+
+    def __init__(self, lose=None):
+        self.checkpoint_engine = self
+        self.lose = lose
+
+    def save_checkpoint(self, save_dir, tag, save_latest):
+        self.checkpoint_engine.save({"w": torch.zeros(1)}, os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"))
+
+    def save(self, state_dict, path):
+        if os.path.basename(path) != self.lose:
+            torch.save(state_dict, path)
+
+
+def save(out, step, run_id, *, keep_last=2, engine=None):
+    return checkpoint.save(engine or FakeEngine(), out, step=step, run_id=run_id, shared_state={}, rank_state={},
+                           keep_last=keep_last)
+
+
+def test_rotation_deletes_only_the_current_runs_checkpoints(tmp_path):
+    """An older run's tags sort after the new run's; rotation by name would delete the new run's checkpoints."""
+    ckpts = tmp_path / "checkpoints"
+    for step in (100, 200):
+        save(tmp_path, step, "older")
+    legacy = ckpts / "step00000300"          # a checkpoint from before run ids
+    legacy.mkdir()
+    (legacy / checkpoint.COMPLETE).write_text("300\n")
+    for step in (2, 4, 6):
+        save(tmp_path, step, "new")
+    assert sorted(p.name for p in ckpts.glob("step*")) == [
+        "step00000004", "step00000006", "step00000100", "step00000200", "step00000300"]
+    latest = (ckpts / "latest").read_text().strip()
+    assert latest == "step00000006" and (ckpts / latest / checkpoint.COMPLETE).is_file()
+
+
+def test_save_with_a_file_missing_on_disk_is_not_complete(tmp_path):
+    """Every rank reported success, but a file is not there: no COMPLETE, `latest` unchanged, one line naming it."""
+    ckpts = tmp_path / "checkpoints"
+    save(tmp_path, 2, "run")
+    with pytest.raises(checkpoint.CheckpointNotSaved) as e:
+        save(tmp_path, 4, "run", engine=FakeEngine(lose="mp_rank_00_model_states.pt"))
+    assert str(e.value) == ("checkpoint step00000004 not saved (mp_rank_00_model_states.pt is not on disk); "
+                            "`latest` still names step00000002")
+    assert not (ckpts / "step00000004" / checkpoint.COMPLETE).exists()
+    assert (ckpts / "latest").read_text().strip() == "step00000002"
+
+
+def test_latest_never_names_a_tag_being_rewritten(tmp_path):
+    """Resumed from an earlier tag, the run saves over a later tag of its own that `latest` names: while that
+    tag is rewritten (here: the rewrite fails), `latest` names the newest complete checkpoint before it."""
+    ckpts = tmp_path / "checkpoints"
+    for step in (2, 4):
+        save(tmp_path, step, "run", keep_last=10)
+    with pytest.raises(checkpoint.CheckpointNotSaved):
+        save(tmp_path, 4, "run", engine=FakeEngine(lose="mp_rank_00_model_states.pt"))
+    assert (ckpts / "latest").read_text().strip() == "step00000002"
+    assert (ckpts / "step00000002" / checkpoint.COMPLETE).is_file()
+
+
+@pytest.mark.parametrize("failing_file", ["neuclip_rank", "optim_states"])
+def test_a_save_that_fails_on_one_rank_stops_every_rank_and_keeps_latest(tmp_path, failing_file):
+    """Rank 1 cannot write a file of the step-4 save (ours, or DeepSpeed's optimizer shard): no COMPLETE, `latest`
+    still names step 2, and both ranks stop with the same line (exit 1) instead of hanging or moving `latest`."""
+    out = tmp_path / "run"
+    os.environ.update(FAIL_SAVE_STEP="4", FAIL_SAVE_RANK="1", FAIL_SAVE_FILE=failing_file)
+    try:
+        ranks = launch_ranks([*BASE, "--steps", "6", "--output-dir", str(out)], nproc=2,
+                             script=str(ROOT / "tests" / "scripts" / "fail_save.py"), timeout=240)
+    finally:
+        for name in ("FAIL_SAVE_STEP", "FAIL_SAVE_RANK", "FAIL_SAVE_FILE"):
+            del os.environ[name]
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step00000002"
+    assert (ckpts / "step00000002" / checkpoint.COMPLETE).is_file()
+    assert not (ckpts / "step00000004" / checkpoint.COMPLETE).exists()
+    assert [r.returncode for r in ranks] == [1, 1], [r.stderr[-2000:] for r in ranks]
+    for rank in ranks:
+        line = error_line(rank)
+        assert line.startswith("neuclip-train: aborted: checkpoint step00000004 not saved (rank 1: "), line
+        assert failing_file in line and "No space left on device (injected)" in line, line
+        assert line.endswith("`latest` still names step00000002"), line
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]   # stopped at the failed save
