@@ -9,6 +9,7 @@ attribute on the val split of the embedded digits data set).
     .venv-openclip/bin/python benchmarks/vs_openclip_quality.py             # tiny, 4 epochs, seeds 0,1,2, mbcl
     .venv-openclip/bin/python benchmarks/vs_openclip_quality.py --losses mbcl,neuclip \\
         --extra-neuclip-args "--rho 1.5"          # appended to every neuclip-train command (later flags win)
+    .venv-openclip/bin/python benchmarks/vs_openclip_quality.py --same-init # both start from one init per seed
 
 Both trainers run in this interpreter's venv (same torch), one process each on the CPU (`--threads`), one after
 the other per seed: open_clip, then neuclip_ds with each loss of `--losses`. Run directories go to `--runs`
@@ -90,7 +91,10 @@ How each setting is matched
 Same seed, same shards: what still differs between the two runs of one seed (sources of randomness)
 - initialization: open_clip's (vision: class/position embeddings and projection N(0, 1/width), patch conv and
   blocks with torch's defaults; text: normals with width-based std) vs HF CLIPModel's `_init_weights`, and
-  different RNG streams even where the schemes agree;
+  different RNG streams even where the schemes agree. `--same-init` removes this one: each seed's open_clip
+  initialization is saved for open_clip's `--pretrained FILE` and converted (`openclip_to_hf_state`: q/k/v split
+  out of the fused in_proj, projections transposed) into a CLIPModel directory for neuclip_ds's `--pretrained-hf`;
+  the run checks that both models give the same image and text features before training;
 - shard order: open_clip's detshuffle2 (seeded by seed and epoch) vs neuclip_ds's per-epoch permutation (seeded by
   seed and epoch): the same seed gives different orders;
 - sample order: open_clip's sample shuffle buffer (5,000, webdataset's `shuffle`) is seeded from the clock and
@@ -261,6 +265,89 @@ def lr_mismatch(openclip_lrs: list[float], neuclip_lrs_after: list[float], base_
         return float("nan")
     ours = neuclip_lrs_after[:n - 1]
     return max(abs(a - b) for a, b in zip(openclip_lrs[1:n], ours)) / base_lr
+
+
+_BLOCK_RENAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                  "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+
+
+def openclip_to_hf_state(state: dict) -> dict:
+    """An open_clip CLIP state dict (ViT image tower, built-in text transformer) as a transformers CLIPModel state
+    dict: fused attention in_proj split into q/k/v, [width, embed] projections transposed into Linear weights,
+    everything else renamed. Every open_clip tensor is used exactly once (a KeyError/ValueError otherwise)."""
+    out, used = {}, set()
+
+    def take(key):
+        used.add(key)
+        return state[key]
+
+    def blocks(src: str, dst: str):
+        layers = sorted({int(k[len(src):].split(".")[0]) for k in state if k.startswith(src)})
+        for i in layers:
+            a, b = f"{src}{i}.", f"{dst}{i}."
+            for name, tensor in (("weight", take(a + "attn.in_proj_weight")), ("bias", take(a + "attn.in_proj_bias"))):
+                for proj, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+                    out[f"{b}self_attn.{proj}.{name}"] = part.clone()
+            for old, new in _BLOCK_RENAMES.items():
+                for name in ("weight", "bias"):
+                    out[f"{b}{new}.{name}"] = take(f"{a}{old}.{name}")
+
+    out["text_model.embeddings.token_embedding.weight"] = take("token_embedding.weight")
+    out["text_model.embeddings.position_embedding.weight"] = take("positional_embedding")
+    blocks("transformer.resblocks.", "text_model.encoder.layers.")
+    for name in ("weight", "bias"):
+        out[f"text_model.final_layer_norm.{name}"] = take(f"ln_final.{name}")
+        out[f"vision_model.pre_layrnorm.{name}"] = take(f"visual.ln_pre.{name}")
+        out[f"vision_model.post_layernorm.{name}"] = take(f"visual.ln_post.{name}")
+    out["text_projection.weight"] = take("text_projection").t().contiguous()
+    out["vision_model.embeddings.patch_embedding.weight"] = take("visual.conv1.weight")
+    out["vision_model.embeddings.class_embedding"] = take("visual.class_embedding")
+    out["vision_model.embeddings.position_embedding.weight"] = take("visual.positional_embedding")
+    blocks("visual.transformer.resblocks.", "vision_model.encoder.layers.")
+    out["visual_projection.weight"] = take("visual.proj").t().contiguous()
+    out["logit_scale"] = take("logit_scale").reshape(())
+    left = sorted(k for k in state if k not in used and k != "attn_mask")
+    if left:
+        raise ValueError(f"open_clip tensors without a CLIPModel counterpart: {left[:5]}")
+    return out
+
+
+def write_shared_init(model_name: str, preset, text_tok, seed: int, out_dir: Path) -> tuple[Path, Path, float]:
+    """One initialization for both trainers: open_clip's own init of `model_name` under torch.manual_seed(seed)
+    (what open_clip_train draws for that seed), saved as an open_clip checkpoint (its `--pretrained FILE`) and as
+    a transformers CLIPModel directory (neuclip_ds's `--pretrained-hf DIR`) built from neuclip_ds's preset config.
+    Returns (checkpoint, HF directory, largest |difference| of the two models' image and text features on a
+    batch) - the conversion is checked, not assumed."""
+    import open_clip
+    from transformers import CLIPModel
+
+    from neuclip_ds.model import build_model, load_hf_clip
+
+    torch.manual_seed(seed)
+    oc_model = open_clip.create_model(model_name, precision="fp32", device="cpu").eval()
+    state = {k: v.detach().clone() for k, v in oc_model.state_dict().items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = out_dir / "open_clip_init.pt"
+    torch.save(state, ckpt)
+    ours = build_model(preset.name, vocab_size=text_tok.vocab_size, eos_token_id=text_tok.eos_token_id,
+                       bos_token_id=text_tok.bos_token_id, pad_token_id=text_tok.pad_token_id)
+    hf = CLIPModel(ours.hf_config())
+    missing, unexpected = hf.load_state_dict(openclip_to_hf_state(state), strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise SystemExit(f"shared init: CLIPModel keys missing {missing[:5]}, unexpected {unexpected[:5]}")
+    hf_dir = out_dir / "hf_init"
+    hf.save_pretrained(hf_dir)
+    loaded = load_hf_clip(hf_dir).eval()
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(8, 3, preset.image_size, preset.image_size, generator=g)
+    ids = text_tok([f"a photo number {i}" for i in range(8)])["input_ids"]
+    with torch.no_grad():
+        diff = max(float((loaded.encode_image(pixels) - F.normalize(oc_model.encode_image(pixels), dim=-1)).abs().max()),
+                   float((loaded.encode_text(ids) - F.normalize(oc_model.encode_text(ids), dim=-1)).abs().max()))
+    if diff > 1e-4:
+        raise SystemExit(f"shared init: CLIPModel features differ from open_clip's by {diff:.3g}")
+    return ckpt, hf_dir, diff
 
 
 def pad_to_context(input_ids: torch.Tensor, context_length: int, pad_id: int) -> torch.Tensor:
@@ -594,11 +681,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra-neuclip-args", default="", help="appended to every neuclip-train command line "
                         "(later flags win; differences to open_clip are listed in the output)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each trainer and the evaluation")
+    parser.add_argument("--same-init", action="store_true", help="start both trainers from one initialization per "
+                        "seed (open_clip's, converted for neuclip_ds: write_shared_init) to separate init from the rest")
     parser.add_argument("--quick", action="store_true", help="first seed only, 1 epoch; prints, writes no --out")
     parser.add_argument("--runs", default="runs/vs_openclip_quality", help="run directories and results.json")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vs_openclip_quality.md"),
-                        help="markdown result (not with --quick)")
+    parser.add_argument("--out", default=None, help="markdown result (not with --quick; default benchmarks/results/"
+                        "vs_openclip_quality.md, with --same-init vs_openclip_quality_same_init.md)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        name = "vs_openclip_quality_same_init.md" if args.same_init else "vs_openclip_quality.md"
+        args.out = str(ROOT / "benchmarks" / "results" / name)
 
     try:
         import open_clip
@@ -639,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     checks: list[str] = []
     commands: dict[str, str] = {}
     differences: dict[str, list[str]] = {}
+    init_diffs: list[float] = []
     with tempfile.TemporaryDirectory(prefix="vs_openclip_quality_") as tmp:
         model_name, config_path, model_cfg = write_openclip_model(Path(tmp), preset, text_tok, paths["tokenizer"])
         open_clip.add_model_config(config_path)
@@ -646,11 +739,16 @@ def main(argv: list[str] | None = None) -> int:
         for line in checks:
             print(f"[check] {line}", flush=True)
         for seed in seeds:
+            init_oc, init_nc = [], ""
+            if args.same_init:
+                ckpt, hf_dir, diff = write_shared_init(model_name, preset, text_tok, seed, runs_dir / f"init_seed{seed}")
+                init_oc, init_nc = ["--pretrained", str(ckpt)], f" --pretrained-hf {shlex.quote(str(hf_dir))}"
+                init_diffs.append(diff)
             # open_clip
             logs = runs_dir / f"open_clip_seed{seed}"
             oc_argv = openclip_args(model=model_name, train_data=paths["train"], num_samples=steps * args.batch,
                                     batch=args.batch, epochs=epochs, lr=args.lr, wd=args.wd, warmup=args.warmup,
-                                    seed=seed, logs=str(logs))
+                                    seed=seed, logs=str(logs)) + init_oc
             commands["open_clip"] = "python -m open_clip_train.main " + shlex.join(oc_argv)
             print(f"[vs_openclip_quality] open_clip seed {seed}", flush=True)
             oc_rows, ckpt, wall = train_openclip(config_path, oc_argv, logs, args.threads)
@@ -673,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
                 nc_argv = neuclip_args(preset=args.preset, dataset_dir=dataset_dir, loss=loss,
                                        yaml_config=yaml_config, ds_config=ds_config, batch=args.batch, epochs=epochs,
                                        lr=args.lr, wd=args.wd, warmup=args.warmup, seed=seed,
-                                       extra=args.extra_neuclip_args)
+                                       extra=args.extra_neuclip_args + init_nc)
                 commands[f"neuclip_ds {loss}"] = "python -m neuclip_ds.train " + shlex.join(nc_argv)
                 diffs = differences_from_openclip(parse_config(nc_argv), batch=args.batch, epochs=epochs,
                                                   lr=args.lr, wd=args.wd, warmup=args.warmup, seed=seed)
@@ -715,13 +813,18 @@ def main(argv: list[str] | None = None) -> int:
              "Checked at run time: " + "; ".join(checks) + ".", "",
              "neuclip_ds settings that differ from open_clip's (its parsed command line vs open_clip's flags): "
              + ("; ".join(f"{k}: {', '.join(v)}" for k, v in differences.items() if v) or "none") + ".",
-             "Not matched by construction: model init (HF CLIPModel's vs open_clip's), shard and sample order "
-             "(open_clip's sample shuffle is not seeded: its runs are not reproducible) and the crop RNG; see the "
-             "script's docstring.", "", "Commands (last seed):", ""]
+             ("Initialization: shared (--same-init): each seed's open_clip init, saved for open_clip's --pretrained "
+              "and converted to a CLIPModel directory for neuclip_ds's --pretrained-hf; image and text features of "
+              f"the two agree to {max(init_diffs):.1e}. " if args.same_init else "")
+             + "Not matched by construction: " + ("" if args.same_init else "model init (HF CLIPModel's vs "
+                                                  "open_clip's), ")
+             + "shard and sample order (open_clip's sample shuffle is not seeded: its runs are not reproducible) and "
+             "the crop RNG; see the script's docstring.", "", "Commands (last seed):", ""]
     lines += [f"- {k}: `{v}`" for k, v in commands.items()]
     (runs_dir / "results.json").write_text(json.dumps(
         {"args": vars(args), "epochs": epochs, "seeds": seeds, "steps_per_epoch": steps, "openclip_model": model_cfg,
-         "checks": checks, "shims": shims, "commands": commands, "differences": differences, "runs": runs,
+         "checks": checks, "shims": shims, "same_init": args.same_init, "init_feature_diff": init_diffs,
+         "commands": commands, "differences": differences, "runs": runs,
          "wall_s": total}, indent=1))
     report("\n".join(lines), args.out, write=not args.quick)
     print(f"raw results: {runs_dir / 'results.json'}")

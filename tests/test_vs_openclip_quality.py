@@ -145,3 +145,65 @@ def test_tables_pair_runs_by_seed():
 def test_mean_std():
     assert bench.mean_std([]) == "n/a" and bench.mean_std([1.234]) == "1.23"
     assert bench.mean_std([1.0, 3.0], digits=1) == f"2.0 ± {math.sqrt(2):.1f}"
+
+
+def _openclip_state(width=128, embed=64, vocab=268, context=32, layers=2, grid=4, patch=8, vision_mlp=256,
+                    text_mlp=512):
+    """A random state dict with open_clip's CLIP names and the tiny preset's shapes."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    def blocks(prefix, mlp):
+        out = {}
+        for i in range(layers):
+            b = f"{prefix}{i}."
+            out.update({b + "ln_1.weight": r(width), b + "ln_1.bias": r(width), b + "ln_2.weight": r(width),
+                        b + "ln_2.bias": r(width), b + "attn.in_proj_weight": r(3 * width, width),
+                        b + "attn.in_proj_bias": r(3 * width), b + "attn.out_proj.weight": r(width, width),
+                        b + "attn.out_proj.bias": r(width), b + "mlp.c_fc.weight": r(mlp, width),
+                        b + "mlp.c_fc.bias": r(mlp), b + "mlp.c_proj.weight": r(width, mlp),
+                        b + "mlp.c_proj.bias": r(width)})
+        return out
+
+    state = {"token_embedding.weight": r(vocab, width), "positional_embedding": r(context, width),
+             "ln_final.weight": r(width), "ln_final.bias": r(width), "text_projection": r(width, embed),
+             "logit_scale": torch.tensor(2.6593), "visual.conv1.weight": r(width, 3, patch, patch),
+             "visual.class_embedding": r(width), "visual.positional_embedding": r(grid * grid + 1, width),
+             "visual.ln_pre.weight": r(width), "visual.ln_pre.bias": r(width), "visual.ln_post.weight": r(width),
+             "visual.ln_post.bias": r(width), "visual.proj": r(width, embed)}
+    state.update(blocks("transformer.resblocks.", text_mlp))
+    state.update(blocks("visual.transformer.resblocks.", vision_mlp))
+    return state
+
+
+def test_openclip_to_hf_state_fills_a_tiny_clipmodel_exactly():
+    from transformers import CLIPModel
+
+    from neuclip_ds.model import build_model
+
+    state = _openclip_state()
+    hf_state = bench.openclip_to_hf_state(state)
+    hf = CLIPModel(build_model("tiny", vocab_size=268, eos_token_id=267, bos_token_id=266, pad_token_id=1).hf_config())
+    missing, unexpected = hf.load_state_dict(hf_state, strict=False)   # shapes are checked by load_state_dict
+    assert [k for k in missing if not k.endswith("position_ids")] == [] and unexpected == []
+    w = 128
+    fused = state["visual.transformer.resblocks.1.attn.in_proj_weight"]
+    layer = hf.vision_model.encoder.layers[1].self_attn
+    for i, proj in enumerate((layer.q_proj, layer.k_proj, layer.v_proj)):   # q, k, v in that order
+        assert torch.equal(proj.weight, fused[i * w:(i + 1) * w])
+    assert torch.equal(hf.text_projection.weight, state["text_projection"].t())      # x @ P  ==  Linear(P^T)
+    assert torch.equal(hf.visual_projection.weight, state["visual.proj"].t())
+    assert torch.equal(hf.text_model.encoder.layers[0].mlp.fc2.bias, state["transformer.resblocks.0.mlp.c_proj.bias"])
+    assert float(hf.logit_scale.detach()) == pytest.approx(2.6593)
+
+
+def test_openclip_to_hf_state_refuses_tensors_it_cannot_place():
+    state = _openclip_state()
+    state["visual.extra_token"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="visual.extra_token"):
+        bench.openclip_to_hf_state(state)
+    del state["visual.extra_token"], state["visual.proj"]
+    with pytest.raises(KeyError):
+        bench.openclip_to_hf_state(state)
