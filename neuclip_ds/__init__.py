@@ -2,7 +2,7 @@
 
 Module map (one concern each; dependencies point one way):
     presets  -> model, losses, npn  -> engine -> train
-See README.md for the architecture and ../docs in the project for the equations (E1-E9).
+See README.md for the architecture, docs/method.md for the equations (E1-E9) and docs/pitfalls.md.
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Normalizer-error diagnostic (docs/neuclip-method.md, "Normalizer error").
+"""Normalizer-error diagnostic (docs/method.md, "Normalizer error").
 
 For a fixed subset S of anchors and the current encoders, compute the exact per-anchor log-normalizers of E1 over
 the WHOLE data set,
@@ -300,7 +300,7 @@ def lockstep(chunks: Iterable[dict], device: torch.device) -> Iterable[dict | No
 
 class NormErrProbe:
     """Normalizer error of the run's estimator (and of a mini-batch estimate) against the exact log-normalizer of
-    a fixed anchor subset over the whole training set, with the current encoders (method doc, last section).
+    a fixed anchor subset over the whole training set, with the current encoders (docs/method.md, "Normalizer error").
 
     `anchors`: a batch dict (pixel_values, input_ids, attention_mask, index) of S fixed training samples, the
     same on every rank; `dataset_chunks()`: a fresh iterable of this rank's share of the training set (batch

@@ -1,4 +1,4 @@
-"""Contrastive losses sharing one `gather_features` (equations E1, E6, E8, E9 of docs/neuclip-method.md).
+"""Contrastive losses sharing one `gather_features` (equations E1, E6, E8, E9 of docs/method.md).
 
 Layout (E8, open_clip's local_loss + gather_with_grad): each rank's loss is over its *local* anchors against the
 *global* batch, normalized by the number of local anchors. Its value is then an estimate of the full-batch loss,

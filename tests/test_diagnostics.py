@@ -1,4 +1,4 @@
-"""Normalizer-error diagnostic (docs/neuclip-method.md, "Normalizer error"): the streamed exact E1 normalizers match a
+"""Normalizer-error diagnostic (docs/method.md, "Normalizer error"): the streamed exact E1 normalizers match a
 brute-force float64 loop, exclude j == i by dataset index, agree across 1 and 2 gloo processes; the three estimates
 (MBCL, FastCLIP tables, NPN) and the error summary."""
 
