@@ -1,14 +1,17 @@
-"""Compare NeuCLIP, FastCLIP, MBCL and SigLIP on the embedded data set under one budget, plus NeuCLIP ablations.
+"""Compare NeuCLIP, FastCLIP, MBCL and SigLIP on the embedded data set in the small-batch regime, plus NeuCLIP ablations.
 
-    python benchmarks/compare_losses.py            # 4 losses x 3 seeds + 7 NeuCLIP ablations (--seeds 0 1 2 3 4)
+    python benchmarks/compare_losses.py            # 4 losses x 5 seeds + 5 NeuCLIP ablations x 1 seed (~80 min)
     python benchmarks/compare_losses.py --quick    # 4 losses x 1 seed, 1 epoch, no ablations (a few minutes)
 
-Every run is the `make train` default (configs/tiny-neuclip.yaml: tiny preset, ZeRO-2 on 2 CPU ranks, the same
-steps, batch and seeds) with one thing changed, logging the normalizer error (exact log-normalizer of 256 fixed
-training anchors over all 8,000 training samples vs each method's estimate) and the evaluation every few steps.
-Run directories go to --runs (default runs/compare, not in git); the markdown table (mean ± std over seeds) and
-the plot (loss, normalizer error, zero-shot, retrieval vs step) to --out (default benchmarks/results). Runs that
-already finished are reused (delete the runs directory to start over).
+The regime NeuCLIP is about (E1-E3): a global batch small against the data set. Every run is the `make train`
+default (configs/tiny-neuclip.yaml: tiny preset, ZeRO-2 on 2 CPU ranks) with a global batch of 64 on the 8,000
+training samples (n/B = 125) and m = 64 prototypes (m <= B), 10 epochs = 1,250 steps, and one thing changed. The
+same seed gives every loss the same initialization and data order, so differences can be paired over seeds. Each
+run logs the normalizer error (the exact log-normalizer of 256 fixed training anchors over all 8,000 training
+samples against the method's own estimate, and against the batch estimate) and the evaluation once per epoch.
+Run directories go to --runs (default runs/compare, not in git); the markdown tables (mean ± std over seeds, and
+NeuCLIP − baseline paired over seeds) and the plot (loss, normalizer error, zero-shot, retrieval vs step) to --out
+(default benchmarks/results). Runs that already finished are reused (delete the runs directory to start over).
 """
 
 from __future__ import annotations
@@ -23,16 +26,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = ("neuclip", "fastclip", "mbcl", "siglip")
-# NeuCLIP ablations around the make train default (m = 128, T_u = 5, T_r = 100): E7 restarts and alternating
-# updates, E4's m, E7.4's restart period, T_u at the paper's 10, the generic-MLP NPN
+# the small-batch regime (module docstring): n/B = 8000 / 64 = 125, m = B
+GLOBAL_BATCH, PROTOTYPES, STEPS_PER_EPOCH = 64, 64, 125
+# NeuCLIP ablations around that setting (m = 64, T_u = 5, T_r = 100), one seed each: E7.4's restarts (none, and
+# every 250 steps), E7's alternating updates (vs simultaneous), E4's m (16 < B), the generic-MLP NPN
 ABLATIONS = {
     "neuclip-no-restart": ["--npn-restart-every", "1000000"],
-    "neuclip-simultaneous": ["--npn-update", "simultaneous"],
-    "neuclip-m32": ["--npn-prototypes", "32"],
-    "neuclip-m512": ["--npn-prototypes", "512"],
-    "neuclip-tu10": ["--npn-inner-steps", "10"],
-    "neuclip-restart25": ["--npn-restart-every", "25"],
     "neuclip-restart250": ["--npn-restart-every", "250"],
+    "neuclip-simultaneous": ["--npn-update", "simultaneous"],
+    "neuclip-m16": ["--npn-prototypes", "16"],
     "neuclip-mlp": ["--npn-variant", "mlp"],
 }
 METRICS = {"zero-shot mean top-1": "zeroshot/mean/top1", "zero-shot digit top-1": "zeroshot/digit/top1",
@@ -45,9 +47,12 @@ def run(name: str, seed: int, extra: list[str], out: Path, *, epochs: int, every
         return run_dir
     loss = name.split("-")[0]
     cmd = [str(ROOT / "launchers" / "single_node.sh"), "2", "--config", str(ROOT / "configs" / "tiny-neuclip.yaml"),
-           "--dataset-dir", str(ROOT / "data" / "digits"), "--loss", loss, "--seed", str(seed),
+           "--dataset-dir", str(ROOT / "data" / "digits"), "--global-batch-size", str(GLOBAL_BATCH),
+           "--npn-prototypes", str(PROTOTYPES), "--loss", loss, "--seed", str(seed),
            "--epochs", str(epochs), "--output-dir", str(run_dir), "--norm-err-every", str(every),
            "--norm-err-anchors", "256", "--eval-every", str(every), *extra]
+    if run_dir.exists():   # a run of this benchmark that did not finish: start it over
+        cmd.append("--overwrite")
     print(f"[compare] {name} seed {seed}", flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -60,24 +65,42 @@ def load(run_dir: Path) -> tuple[list[dict], dict]:
     return rows, json.loads((run_dir / "summary.json").read_text())
 
 
-def mean_std(values: list[float]) -> str:
+def late_norm_err(rows: list[dict], key: str = "norm_err") -> float | None:
+    """The normalizer error averaged over the measurements of the second half of training (a single measurement
+    moves with the NPN's restart phase and the batch that preceded it)."""
+    last = rows[-1]["step"]
+    values = [r[key] for r in rows if r.get(key) is not None and r["step"] > last / 2]
+    return statistics.mean(values) if values else None
+
+
+def norm_err_ratio(rows: list[dict]) -> float:
+    """The run's own estimate's error over the batch estimate's, on the same model (2nd half of training)."""
+    return late_norm_err(rows) / late_norm_err(rows, "norm_err_mbcl")
+
+
+def mean_std(values: list[float], digits: int = 2) -> str:
     if not values:
         return "n/a"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(groups: dict[str, list[Path]]) -> str:
-    head = ["run", "seeds", "final loss", "final norm_err (own estimate)", "norm_err of the batch estimate",
-            *METRICS]
+    # each run measures its own model, whose normalizers may be sharper or flatter than another run's: the ratio
+    # to the batch estimate of the same model is the comparable figure
+    head = ["run", "seeds", "final loss", "final τ", "norm_err, own estimate (2nd half)", "norm_err, batch estimate (2nd half)",
+            "own ÷ batch", *METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, dirs in groups.items():
         finals = [load(d) for d in dirs]
         cells = [name, str(len(dirs)),
                  mean_std([s["final"]["loss"] for _, s in finals]),
-                 mean_std([r[-1]["norm_err"] for r, _ in finals if r[-1].get("norm_err") is not None]),
-                 mean_std([r[-1]["norm_err_mbcl"] for r, _ in finals if r[-1].get("norm_err_mbcl") is not None])]
+                 mean_std([s["final"]["tau"] for _, s in finals], digits=3),
+                 mean_std([v for r, _ in finals if (v := late_norm_err(r)) is not None]),
+                 mean_std([v for r, _ in finals if (v := late_norm_err(r, "norm_err_mbcl")) is not None]),
+                 mean_std([norm_err_ratio(r) for r, _ in finals
+                           if late_norm_err(r) is not None and late_norm_err(r, "norm_err_mbcl")])]
         cells += [mean_std([100 * s["eval"][key] for _, s in finals]) for key in METRICS.values()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -91,7 +114,7 @@ def paired_table(groups: dict[str, list[Path]], seeds: list[int]) -> str:
 
     if len(seeds) < 2:
         return "(paired comparison needs at least 2 seeds)"
-    keys = {"final norm_err (own estimate)": None, **METRICS}
+    keys = {"norm_err own ÷ batch (2nd half)": None, **METRICS}
     lines = ["| NeuCLIP − baseline | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
     mine = {s: load(d) for s, d in zip(seeds, groups["neuclip"])}
     for name in LOSSES[1:]:
@@ -99,7 +122,10 @@ def paired_table(groups: dict[str, list[Path]], seeds: list[int]) -> str:
         cells = [name]
         for label, key in keys.items():
             if key is None:
-                diffs = [mine[s][0][-1]["norm_err"] - theirs[s][0][-1]["norm_err"] for s in seeds]
+                if any(late_norm_err(theirs[s][0]) is None for s in seeds):   # SigLIP estimates no normalizer
+                    cells.append("n/a")
+                    continue
+                diffs = [norm_err_ratio(mine[s][0]) - norm_err_ratio(theirs[s][0]) for s in seeds]
             else:
                 diffs = [100 * (mine[s][1]["eval"][key] - theirs[s][1]["eval"][key]) for s in seeds]
             mean, std = statistics.mean(diffs), statistics.stdev(diffs)
@@ -107,6 +133,30 @@ def paired_table(groups: dict[str, list[Path]], seeds: list[int]) -> str:
             beyond = abs(t) > stats.t.ppf(0.975, len(diffs) - 1)
             cells.append(f"{mean:+.2f} ± {std:.2f}{' **(beyond noise)**' if beyond else ''}")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ablation_table(groups: dict[str, list[Path]], seed: int) -> str:
+    """Each ablation minus NeuCLIP of the same seed (same initialization and data order), beside NeuCLIP's std
+    over seeds: a difference well inside that std is not evidence either way."""
+    keys = {"norm_err own ÷ batch (2nd half)": None, **METRICS}
+    base_rows, base = load(groups["neuclip"][0])
+    runs = {name: dirs[0] for name, dirs in groups.items() if name.startswith("neuclip-")}
+    lines = [f"| ablation − NeuCLIP (seed {seed}) | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for name, d in runs.items():
+        rows, summary = load(d)
+        cells = [name]
+        for key in keys.values():
+            if key is None:
+                cells.append(f"{norm_err_ratio(rows) - norm_err_ratio(base_rows):+.3f}")
+            else:
+                cells.append(f"{100 * (summary['eval'][key] - base['eval'][key]):+.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    finals = [load(d) for d in groups["neuclip"]]
+    if len(finals) > 1:
+        spread = [f"{statistics.stdev([norm_err_ratio(r) for r, _ in finals]):.3f}"]
+        spread += [f"{statistics.stdev([100 * s['eval'][key] for _, s in finals]):.2f}" for key in METRICS.values()]
+        lines.append(f"| NeuCLIP's std over {len(finals)} seeds | " + " | ".join(spread) + " |")
     return "\n".join(lines)
 
 
@@ -152,8 +202,8 @@ def plots(groups: dict[str, list[Path]], out: Path, filename: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 1 epoch, no ablations")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--runs", default=str(ROOT / "runs" / "compare"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
@@ -163,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     subprocess.run([sys.executable, "-m", "neuclip_ds.data.embedded", "--out", str(ROOT / "data" / "digits")],
                    cwd=ROOT, check=True, capture_output=True)
-    every = 31  # steps between normalizer-error / evaluation measurements (62 steps per epoch)
+    every = STEPS_PER_EPOCH  # normalizer error and evaluation once per epoch
     groups: dict[str, list[Path]] = {}
     for name in LOSSES:
         groups[name] = [run(name, s, [], runs, epochs=epochs, every=every) for s in seeds]
@@ -175,7 +225,14 @@ def main(argv: list[str] | None = None) -> int:
             except SystemExit as e:
                 last = [ln for ln in str(e).splitlines() if "aborted" in ln or "error" in ln][-1:]
                 failed.append(f"- {name} (seed {seeds[0]}) did not finish: {last[0] if last else 'see its log'}")
-    md = table(groups) + ("\n\nAblations that did not finish:\n" + "\n".join(failed) if failed else "") + "\n\nPaired over seeds " + ", ".join(map(str, seeds)) + ":\n\n" + paired_table(groups, seeds)
+    header = (f"command: python benchmarks/compare_losses.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+              + f"\nconfigs/tiny-neuclip.yaml with global batch {GLOBAL_BATCH} (n/B = {8000 // GLOBAL_BATCH}), m = "
+              f"{PROTOTYPES}, {epochs} epoch(s) x {STEPS_PER_EPOCH} steps, seeds {', '.join(map(str, seeds))}; "
+              "metrics in % of the 2,000 val samples, normalizer error in nats (256 training anchors)\n\n")
+    md = header + table(groups) + ("\n\nAblations that did not finish:\n" + "\n".join(failed) if failed else "")
+    md += "\n\nPaired over seeds " + ", ".join(map(str, seeds)) + ":\n\n" + paired_table(groups, seeds)
+    if any(name.startswith("neuclip-") for name in groups):
+        md += "\n\nAblations, paired with NeuCLIP of the same seed:\n\n" + ablation_table(groups, seeds[0])
     png = plots(groups, out, "compare_quick.png" if args.quick else "compare.png")
     md_path = out / ("compare_quick.md" if args.quick else "compare.md")
     md_path.write_text(f"{md}\n\nPlot: {png.name}\n")
