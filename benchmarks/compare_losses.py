@@ -73,9 +73,11 @@ def late_norm_err(rows: list[dict], key: str = "norm_err") -> float | None:
     return statistics.mean(values) if values else None
 
 
-def norm_err_ratio(rows: list[dict]) -> float:
-    """The run's own estimate's error over the batch estimate's, on the same model (2nd half of training)."""
-    return late_norm_err(rows) / late_norm_err(rows, "norm_err_mbcl")
+def norm_err_ratio(rows: list[dict]) -> float | None:
+    """The run's own estimate's error over the batch estimate's, on the same model (2nd half of training); None
+    when the run measured either not at all."""
+    own, batch = late_norm_err(rows), late_norm_err(rows, "norm_err_mbcl")
+    return own / batch if own is not None and batch else None
 
 
 def mean_std(values: list[float], digits: int = 2) -> str:
@@ -99,8 +101,7 @@ def table(groups: dict[str, list[Path]]) -> str:
                  mean_std([s["final"]["tau"] for _, s in finals], digits=3),
                  mean_std([v for r, _ in finals if (v := late_norm_err(r)) is not None]),
                  mean_std([v for r, _ in finals if (v := late_norm_err(r, "norm_err_mbcl")) is not None]),
-                 mean_std([norm_err_ratio(r) for r, _ in finals
-                           if late_norm_err(r) is not None and late_norm_err(r, "norm_err_mbcl")])]
+                 mean_std([v for r, _ in finals if (v := norm_err_ratio(r)) is not None])]
         cells += [mean_std([100 * s["eval"][key] for _, s in finals]) for key in METRICS.values()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -122,7 +123,7 @@ def paired_table(groups: dict[str, list[Path]], seeds: list[int]) -> str:
         cells = [name]
         for label, key in keys.items():
             if key is None:
-                if any(late_norm_err(theirs[s][0]) is None for s in seeds):   # SigLIP estimates no normalizer
+                if any(norm_err_ratio(theirs[s][0]) is None for s in seeds):
                     cells.append("n/a")
                     continue
                 diffs = [norm_err_ratio(mine[s][0]) - norm_err_ratio(theirs[s][0]) for s in seeds]

@@ -312,6 +312,14 @@ def openclip_to_hf_state(state: dict) -> dict:
     return out
 
 
+def neuclip_model(preset, text_tok):
+    """The preset as neuclip_ds builds it for the data set's tokenizer (vocabulary and special-token ids)."""
+    from neuclip_ds.model import build_model
+
+    return build_model(preset.name, vocab_size=text_tok.vocab_size, eos_token_id=text_tok.eos_token_id,
+                       bos_token_id=text_tok.bos_token_id, pad_token_id=text_tok.pad_token_id)
+
+
 def write_shared_init(model_name: str, preset, text_tok, seed: int, out_dir: Path) -> tuple[Path, Path, float]:
     """One initialization for both trainers: open_clip's own init of `model_name` under torch.manual_seed(seed)
     (what open_clip_train draws for that seed), saved as an open_clip checkpoint (its `--pretrained FILE`) and as
@@ -321,7 +329,7 @@ def write_shared_init(model_name: str, preset, text_tok, seed: int, out_dir: Pat
     import open_clip
     from transformers import CLIPModel
 
-    from neuclip_ds.model import build_model, load_hf_clip
+    from neuclip_ds.model import load_hf_clip
 
     torch.manual_seed(seed)
     oc_model = open_clip.create_model(model_name, precision="fp32", device="cpu").eval()
@@ -329,8 +337,7 @@ def write_shared_init(model_name: str, preset, text_tok, seed: int, out_dir: Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / "open_clip_init.pt"
     torch.save(state, ckpt)
-    ours = build_model(preset.name, vocab_size=text_tok.vocab_size, eos_token_id=text_tok.eos_token_id,
-                       bos_token_id=text_tok.bos_token_id, pad_token_id=text_tok.pad_token_id)
+    ours = neuclip_model(preset, text_tok)
     hf = CLIPModel(ours.hf_config())
     missing, unexpected = hf.load_state_dict(openclip_to_hf_state(state), strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
@@ -530,7 +537,6 @@ def check_setup(model_name: str, text_tok, preset, paths: dict, dataset_dir: str
     import open_clip
     from neuclip_ds.data.embedded import load_classnames, load_templates
     from neuclip_ds.data.pipeline import CLIP_MEAN, CLIP_STD, image_transform
-    from neuclip_ds.model import build_model
 
     notes = []
     # tokens: open_clip's tokenizer = TextTokenizer on all captions and prompts; argmax = eos position
@@ -576,8 +582,7 @@ def check_setup(model_name: str, text_tok, preset, paths: dict, dataset_dir: str
                  f"ratio=({crop.ratio[0]:.3f}, {crop.ratio[1]:.3f}), bicubic) + Normalize(CLIP mean/std) = "
                  f"neuclip_ds's")
     # parameter count
-    ours_m = build_model(preset.name, vocab_size=text_tok.vocab_size, eos_token_id=text_tok.eos_token_id,
-                         bos_token_id=text_tok.bos_token_id, pad_token_id=text_tok.pad_token_id)
+    ours_m = neuclip_model(preset, text_tok)
     n_theirs = sum(p.numel() for p in model.parameters())
     n_ours = sum(p.numel() for p in ours_m.parameters())
     if n_theirs != n_ours:

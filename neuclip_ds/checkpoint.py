@@ -395,7 +395,7 @@ def _load_universal_groups_without_local_elements(optimizer, lp_groups_name: str
             optim_sd = torch.load(path, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"--resume: {path} is not a plain DeepSpeed optimizer state "
-                              f"({str(e).splitlines()[0][:200]})") from None
+                              f"({_one_line(e)[:200]})") from None
     optimizer._load_global_state(optim_sd)
     tp_rank = bwc_tensor_model_parallel_rank(mpu=optimizer.mpu)
     ep_rank, ep_size = _get_universal_checkpoint_ep_info()
@@ -467,7 +467,7 @@ def load_checkpoint_state_dict(ckpt_dir: str | os.PathLike, tag: str) -> dict[st
         blob = torch.load(files[0], map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"--checkpoint: {files[0]} is not a plain weights file "
-                              f"({str(e).splitlines()[0][:200]})") from None
+                              f"({_one_line(e)[:200]})") from None
     state = blob.get("module") if isinstance(blob, dict) else None
     if not state:
         raise CheckpointError(f"--checkpoint: {files[0]} holds no module weights (ZeRO-3 without optimizer shards?)")
