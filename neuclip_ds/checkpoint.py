@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .stopping import one_line as _one_line
+
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE = "COMPLETE"
 RUN_ID = "RUN_ID"
@@ -143,11 +145,6 @@ def _from_rank0(decide):
     if error is not None:
         raise error
     return result
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _atomic_write(path: Path, payload, *, text: bool = False) -> None:

@@ -93,6 +93,7 @@ class TrainConfig:
     report_to: str = "jsonl"
     wandb_project: str = "neuclip_ds"
     wandb_offline: bool = False
+    debug: bool = False
     # synthetic data (tests, benchmarks): sample count of a deterministic random set used when train_data is unset
     synthetic_samples: int = 0
 
@@ -260,7 +261,8 @@ _GROUPS = {
     "optimization": ["global_batch_size", "steps", "epochs", "lr", "wd", "warmup", "beta1", "beta2", "adam_eps",
                      "grad_clip", "max_skipped_in_a_row"],
     "system": ["ds_config", "precision", "seed", "output_dir", "resume", "overwrite", "save_every", "keep_last",
-               "eval_every", "report_to", "wandb_project", "wandb_offline", "norm_err_every", "norm_err_anchors"],
+               "eval_every", "report_to", "wandb_project", "wandb_offline", "norm_err_every", "norm_err_anchors",
+               "debug"],
 }
 _HELP = {
     "preset": "model preset: " + ", ".join(PRESETS),
@@ -304,6 +306,7 @@ _HELP = {
                       "the estimates (norm_err in metrics.jsonl; 0: off)",
     "norm_err_anchors": "number of fixed anchors of the normalizer-error diagnostic",
     "report_to": "none, jsonl (metrics.jsonl) or wandb (+ jsonl)",
+    "debug": "an error prints its full traceback from every rank (otherwise one line, from the first rank)",
 }
 
 

@@ -18,6 +18,7 @@ import yaml
 
 from .config import ConfigError, TrainConfig, parse_config
 from .presets import get_preset
+from .stopping import FaultWatchdog, StopSignals, report_failure
 
 
 def seed_everything(seed: int) -> None:
@@ -82,12 +83,13 @@ def build_model_for(cfg: TrainConfig, ds_config: dict, vocab: dict):
     return model
 
 
-def run(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
+def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSignals) -> dict:
+    """The run on this rank, from an initialized process group to its summary. A stop signal any rank received
+    (`stop_signals`) ends it at the next step boundary with a checkpoint of that step, on every rank alike."""
     from . import checkpoint
-    from .engine import NeuCLIPEngine, build_ds_config, init_distributed
+    from .engine import NeuCLIPEngine, build_ds_config
     from .metrics import MetricsLogger, plot_training, read_metrics
 
-    info = init_distributed()
     out_dir = Path(cfg.output_dir)
     if info.rank == 0:
         start_output_dir(cfg, out_dir)
@@ -128,7 +130,7 @@ def run(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
         return checkpoint.save(eng.engine, out_dir, step=step, run_id=run_id, keep_last=cfg.keep_last,
                                shared_state=shared_state, rank_state=rank_state)
 
-    record = {}
+    record, stopped_by = {}, None
     try:
         for step in range(start_step, total_steps):
             eng.timer.reset()
@@ -151,21 +153,28 @@ def run(cfg: TrainConfig, resume_dir: Path | None = None) -> dict:
             if cfg.val_data and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
                 record.update(periodic_evaluation(eng, cfg, tokenizer, info))
             logger.log(record)
+            stopped_by = stop_signals.agreed(info.device)
+            if stopped_by is not None:
+                ckpt = save(step + 1)
+                break
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
                 save(step + 1)
-        if start_step < total_steps:
-            ckpt = save(total_steps)
-        else:  # resumed a finished run: nothing to train, report it as it is
-            ckpt = resume_dir
-            if info.rank == 0:
-                print(f"neuclip-train: {ckpt} is already at step {total_steps}; nothing to train", file=sys.stderr)
+        else:  # the last step, not a stop signal
+            if start_step < total_steps:
+                ckpt = save(total_steps)
+            else:  # resumed a finished run: nothing to train, report it as it is
+                ckpt = resume_dir
+                if info.rank == 0:
+                    print(f"neuclip-train: {ckpt} is already at step {total_steps}; nothing to train",
+                          file=sys.stderr)
     finally:
         logger.close()
     if not record and info.rank == 0 and (out_dir / "metrics.jsonl").exists():
         rows = read_metrics(out_dir / "metrics.jsonl")
         record = rows[-1] if rows else {}
-    summary = {"final": record, "checkpoint": str(ckpt), "metrics": str(out_dir / "metrics.jsonl")}
-    if cfg.val_data is not None:
+    summary = {"final": record, "checkpoint": str(ckpt), "metrics": str(out_dir / "metrics.jsonl"),
+               "stopped_by": stopped_by}
+    if cfg.val_data is not None and stopped_by is None:   # a preempted run keeps its grace period for the save
         summary.update(final_evaluation(eng, cfg, tokenizer, info, out_dir))
     if hasattr(eng.estimator, "npn"):  # E8: the replicas must be identical; say so, and fail loudly if not
         summary["npn_checksums"] = checkpoint.gather_objects(eng.estimator.npn.checksum())
@@ -342,16 +351,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as e:
         print(f"neuclip-train: error: {e}", file=sys.stderr)
         return 2
-    from .engine import TrainingAborted
+    from .engine import TrainingAborted, init_distributed
 
+    stop_signals = StopSignals()   # from here on a SIGTERM is a request to save and stop, honoured at step 1 at least
     try:
-        summary = run(cfg, resume_dir)
-    except (TrainingAborted, CheckpointError) as e:   # e.g. a save that failed on some rank: stopped on every rank
-        print(f"neuclip-train: aborted: {e}", file=sys.stderr)
-        return 1
-    finally:
-        shutdown_distributed()
-    if int(os.environ.get("RANK", "0")) == 0:
+        info = init_distributed()
+        watchdog = FaultWatchdog()
+        summary = run(cfg, info, resume_dir, stop_signals)
+    except BaseException as e:   # no barrier, no teardown: the other ranks may be waiting for this one (stopping.py)
+        return report_failure(e, debug=cfg.debug, expected=(TrainingAborted, CheckpointError))
+    watchdog.stop()
+    shutdown_distributed()
+    if info.rank == 0:
         final = summary["final"]
         print(f"done: step {final.get('step')} loss {final.get('loss')} tau {final.get('tau')}")
         if "eval_table" in summary:
@@ -359,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metrics:    {summary['metrics']}\nplot:       {summary['plot']}\ncheckpoint: {summary['checkpoint']}")
         if "eval_results" in summary:
             print(f"evaluation: {summary['eval_results']}")
+        if summary["stopped_by"]:
+            print(f"neuclip-train: stopped by {summary['stopped_by']} at step {final.get('step')} with a checkpoint; "
+                  f"--resume auto continues the run", file=sys.stderr)
     return 0
 
 

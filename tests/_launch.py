@@ -2,6 +2,7 @@
 per rank; CPU/gloo)."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -58,33 +59,47 @@ def run_command(cmd: list[str], *, timeout: int = 300, check: bool = True) -> su
     return proc
 
 
-def launch_ranks(args: list[str], *, nproc: int, script: str, timeout: int = 300) -> list[subprocess.CompletedProcess]:
-    """Start each rank as a process of its own, with the variables a launcher sets, so that every rank's exit code
-    and output can be checked (the deepspeed launcher reports one code and kills the other ranks once one fails).
-    Output goes to files (a full pipe would block a rank). A timeout kills them all and fails."""
+@dataclasses.dataclass
+class RankResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    exited_after_s: float   # since the ranks were started
+
+
+def launch_ranks(args: list[str], *, nproc: int, script: str | None = None,
+                 timeout: int = 300) -> list[RankResult]:
+    """Start each rank as a process of its own, with the variables a launcher sets, so that every rank's exit code,
+    output and exit time can be checked (the deepspeed launcher reports one code and kills the other ranks once one
+    fails). Output goes to files (a full pipe would block a rank). A timeout kills them all and fails."""
     port = str(free_port())
+    target = [script] if script else ["-m", "neuclip_ds.train"]
     with contextlib.ExitStack() as files:
         logs = [(files.enter_context(tempfile.TemporaryFile("w+")), files.enter_context(tempfile.TemporaryFile("w+")))
                 for _ in range(nproc)]
-        children = [subprocess.Popen([sys.executable, script, *args], cwd=ROOT, stdout=out, stderr=err,
+        started = time.monotonic()
+        children = [subprocess.Popen([sys.executable, *target, *args], cwd=ROOT, stdout=out, stderr=err,
                                      start_new_session=True,
                                      env=dict(env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
                                               MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
                     for r, (out, err) in enumerate(logs)]
-        deadline = time.monotonic() + timeout
+        exited: dict[int, float] = {}
         try:
-            for rank, child in enumerate(children):
-                try:
-                    child.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    raise AssertionError(f"rank {rank} still running after {timeout} s") from None
+            while len(exited) < nproc:
+                for rank, child in enumerate(children):
+                    if rank not in exited and child.poll() is not None:
+                        exited[rank] = time.monotonic() - started
+                if time.monotonic() - started > timeout:
+                    raise AssertionError(f"ranks {sorted(set(range(nproc)) - set(exited))} still running after "
+                                         f"{timeout} s")
+                time.sleep(0.1)
         finally:
             for child in children:
                 if child.poll() is None:
                     os.killpg(child.pid, signal.SIGKILL)
                     child.wait()
-        return [subprocess.CompletedProcess(child.args, child.returncode, _read(out), _read(err))
-                for child, (out, err) in zip(children, logs)]
+        return [RankResult(child.returncode, _read(out), _read(err), exited[rank])
+                for rank, (child, (out, err)) in enumerate(zip(children, logs))]
 
 
 def _read(file) -> str:

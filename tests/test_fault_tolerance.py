@@ -2,12 +2,14 @@
 are on disk. CPU, fp32, gloo; tiny preset, few steps."""
 
 import os
+import re
 
 import pytest
 import torch
 
 from _launch import ROOT, launch, launch_ranks, metrics
 from neuclip_ds import checkpoint
+from neuclip_ds.data.embedded import build_embedded_dataset
 
 BASE = ["--synthetic-samples", "64", "--global-batch-size", "16", "--npn-prototypes", "32", "--npn-inner-steps", "2",
         "--warmup", "1", "--save-every", "2", "--keep-last", "10", "--ds-config", "ds_configs/zero2.json"]
@@ -20,6 +22,14 @@ def snapshot(directory):
 def error_line(proc) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("neuclip-train:")]
     assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def the_one_error_line(ranks) -> str:
+    """The cause is printed once over all ranks, as one line, without a traceback."""
+    lines = [ln for r in ranks for ln in r.stderr.splitlines() if ln.startswith("neuclip-train:")]
+    assert len(lines) == 1, [r.stderr[-3000:] for r in ranks]
+    assert not any("Traceback" in r.stderr for r in ranks), [r.stderr[-3000:] for r in ranks]
     return lines[0]
 
 
@@ -125,9 +135,48 @@ def test_a_save_that_fails_on_one_rank_stops_every_rank_and_keeps_latest(tmp_pat
     assert (ckpts / "step00000002" / checkpoint.COMPLETE).is_file()
     assert not (ckpts / "step00000004" / checkpoint.COMPLETE).exists()
     assert [r.returncode for r in ranks] == [1, 1], [r.stderr[-2000:] for r in ranks]
-    for rank in ranks:
-        line = error_line(rank)
-        assert line.startswith("neuclip-train: aborted: checkpoint step00000004 not saved (rank 1: "), line
-        assert failing_file in line and "No space left on device (injected)" in line, line
-        assert line.endswith("`latest` still names step00000002"), line
+    line = the_one_error_line(ranks)
+    assert line.startswith("neuclip-train: aborted: checkpoint step00000004 not saved (rank 1: "), line
+    assert failing_file in line and "No space left on device (injected)" in line, line
+    assert line.endswith("`latest` still names step00000002"), line
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]   # stopped at the failed save
+
+
+@pytest.fixture(scope="module")
+def two_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits_two_shards")
+    build_embedded_dataset(root, seed=0, n_train=64, n_val=16, samples_per_shard=32)
+    return root
+
+
+def test_an_error_on_one_rank_ends_every_rank_promptly_with_one_line(two_shards, tmp_path):
+    """One of two shards is unreadable, so one rank's first step finds no batch and raises while the other rank
+    waits for it in a collective. Both ranks leave within seconds of each other (not at the collective timeout),
+    exit 1, and the cause is printed once. Ranks are started without a launcher: none kills the survivor."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "00000.tar").write_bytes((two_shards / "train" / "00000.tar").read_bytes())
+    (data / "00001.tar").write_bytes(b"not a tar file" * 100)
+    ranks = launch_ranks([*BASE, "--steps", "4", "--train-data", f"{data}/{{00000..00001}}.tar",
+                          "--train-num-samples", "64", "--tokenizer", str(two_shards / "tokenizer"),
+                          "--output-dir", str(tmp_path / "run")], nproc=2, timeout=240)
+    assert [r.returncode for r in ranks] == [1, 1], [r.stderr[-2000:] for r in ranks]
+    line = the_one_error_line(ranks)
+    assert re.fullmatch(r"neuclip-train: error on rank [01]: RuntimeError: data: a whole epoch produced no batch.*",
+                        line), line
+    gap = abs(ranks[0].exited_after_s - ranks[1].exited_after_s)
+    assert gap < 30, f"the ranks left {gap:.0f} s apart"
+
+
+def test_a_rank_file_missing_on_resume_ends_every_rank_and_debug_shows_the_traceback(tmp_path):
+    """Resume where rank 1's own file of the checkpoint is gone: rank 1 fails while loading, rank 0 goes on into
+    the first step's collectives. Both leave promptly; --debug prints the traceback of the failure."""
+    out = tmp_path / "run"
+    launch([*BASE, "--steps", "2", "--output-dir", str(out)], nproc=2)
+    (out / "checkpoints" / "step00000002" / "neuclip_rank1.pt").unlink()
+    ranks = launch_ranks([*BASE, "--steps", "4", "--output-dir", str(out), "--resume", "auto", "--debug"], nproc=2,
+                         timeout=240)
+    assert [r.returncode for r in ranks] == [1, 1], [r.stderr[-2000:] for r in ranks]
+    assert re.search(r"^neuclip-train: aborted: .*neuclip_rank1.pt is missing$", ranks[1].stderr, re.M), ranks[1].stderr
+    assert "Traceback (most recent call last)" in ranks[1].stderr
+    assert abs(ranks[0].exited_after_s - ranks[1].exited_after_s) < 30
