@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import braceexpand
 import yaml
 
+from .data.shards import expand_shards
 from .presets import PRESETS
 
 LOSS_CHOICES = ("neuclip", "fastclip", "mbcl", "siglip")
@@ -175,7 +174,9 @@ class TrainConfig:
         if self.train_data is None and self.synthetic_samples == 0:
             raise ConfigError("--train-data: no training data given (or use --synthetic-samples N)")
         if self.train_data is not None:
-            _check_shards("--train-data", self.train_data)
+            shards = _check_shards("--train-data", self.train_data)
+            if not self.data_resampled:
+                _check_shard_count(len(shards), world_size, self.workers)
             if self.train_num_samples is None:
                 raise ConfigError("--train-num-samples: required with --train-data (samples per epoch)")
         if self.val_data is not None:
@@ -229,21 +230,21 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def expand_shards(pattern: str) -> list[str]:
-    """'a/{00000..00003}.tar::b/*.tar' -> the list of shard paths (brace expansion, '::' lists, local globs)."""
-    urls: list[str] = []
-    for part in pattern.split("::"):
-        for url in braceexpand.braceexpand(part.strip()):
-            matches = sorted(glob.glob(url)) if ("*" in url or "?" in url) and "://" not in url else [url]
-            urls.extend(matches)
-    return urls
+def _check_shards(flag: str, pattern: str) -> list[str]:
+    """The usable shards of a spec, expanded as the loaders will expand it; ConfigError when there are none."""
+    try:
+        return expand_shards(pattern)[0]
+    except FileNotFoundError as e:
+        raise ConfigError(f"{flag}: {e}") from None
 
 
-def _check_shards(flag: str, pattern: str) -> None:
-    urls = expand_shards(pattern)
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    if not urls or (local and not any(os.path.exists(u) for u in local)):
-        raise ConfigError(f"{flag}: no shard matches {pattern!r}")
+def _check_shard_count(shards: int, world_size: int, workers: int) -> None:
+    """Without resampling each (rank, worker) reads its own shards: with fewer shards some ranks would run out of
+    data while the others wait for them in the next collective."""
+    readers = world_size * max(1, workers)
+    if shards < readers:
+        raise ConfigError(f"--train-data: {shards} readable shard(s) for {world_size} rank(s) x {max(1, workers)} "
+                          f"worker(s): give at least {readers} shards, fewer --workers, or --data-resampled")
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch.distributed as dist
 
-from neuclip_ds.config import TrainConfig, parse_config
+from neuclip_ds.config import ConfigError, TrainConfig, parse_config
 from neuclip_ds.train import main
 
 OK = ["--synthetic-samples", "64", "--steps", "2", "--global-batch-size", "16", "--ds-config", "ds_configs/zero2.json"]
@@ -92,3 +92,40 @@ def test_cli_exit_code_and_grouped_help():
                                text=True).stdout
     for group in ("model:", "loss:", "NPN (NeuCLIP):", "data:", "optimization:", "system:"):
         assert group in help_text
+
+
+# ------------------------------------------------------------------------------------------------ shards
+@pytest.fixture
+def shard_dir(tmp_path):
+    for i in range(4):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"")
+    return tmp_path
+
+
+def with_data(spec: str, *extra: str) -> TrainConfig:
+    return parse_config(["--train-data", spec, "--train-num-samples", "10", "--tokenizer", "data/digits/tokenizer",
+                         "--steps", "2", "--global-batch-size", "16", *extra])
+
+
+def test_shard_glob_is_accepted_and_an_empty_one_refused(shard_dir):
+    with_data(f"{shard_dir}/*.tar").validate(world_size=2)
+    with pytest.raises(ConfigError, match=r"--train-data: no shard matches '.*/\*\.zip'"):
+        with_data(f"{shard_dir}/*.zip").validate()
+
+
+def test_shards_that_are_not_readable_files_are_refused(tmp_path):
+    for name in ("00000.tar", "00001.tar"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(ConfigError, match=r"--train-data: none of the 3 shard\(s\) of .* is a readable file \(2 of "
+                                          r"them exist"):
+        with_data(f"{tmp_path}/{{00000..00002}}.tar").validate()
+
+
+def test_fewer_shards_than_ranks_times_workers(shard_dir):
+    spec = f"{shard_dir}/{{00000..00003}}.tar"
+    with pytest.raises(ConfigError) as err:
+        with_data(spec, "--workers", "3").validate(world_size=2)
+    assert str(err.value) == ("--train-data: 4 readable shard(s) for 2 rank(s) x 3 worker(s): give at least 6 "
+                              "shards, fewer --workers, or --data-resampled")
+    with_data(spec, "--workers", "3", "--data-resampled").validate(world_size=2)
+    with_data(spec, "--workers", "2").validate(world_size=2)
