@@ -307,6 +307,9 @@ _HELP = {
     "report_to": "none, jsonl (metrics.jsonl) or wandb (+ jsonl)",
 }
 
+_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}   # "int", "float | None", ... (annotations)
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -315,19 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file of options (keys as the long flags, with _ or -); "
                         "command-line flags override it")
     defaults = TrainConfig()
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     for group_name, names in _GROUPS.items():
         group = parser.add_argument_group(group_name)
         for name in names:
             flag = "--" + name.replace("_", "-")
             default = getattr(defaults, name)
-            kind = types[name]
-            if kind == "bool":
+            if _TYPES[name] == "bool":
                 group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                                    help=_HELP.get(name, "") + f" (default {default})")
                 continue
-            conv = {"int": int, "float": float, "int | None": int, "float | None": float}.get(kind, str)
-            group.add_argument(flag, dest=name, type=conv, default=None, metavar=name.split("_")[-1].upper(),
+            # values stay strings here and are converted with the YAML values (`_coerce`): one rule, one-line errors
+            group.add_argument(flag, dest=name, default=None, metavar=name.split("_")[-1].upper(),
                                help=_HELP.get(name, "") + f" (default {default})")
     # DeepSpeed's launcher passes --local_rank unless --no_local_rank is given
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -346,14 +347,56 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             loaded = yaml.safe_load(f) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config: {config_file} must hold a mapping of options")
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
         for key, value in loaded.items():
-            key = key.replace("-", "_")
-            if key not in known:
+            key = str(key).replace("-", "_")
+            if key not in _TYPES:
                 raise ConfigError(f"--config: unknown option {key!r} in {config_file}")
             values[key] = value
     values.update({k: v for k, v in args.items() if v is not None})
     # launched by `accelerate launch` with its DeepSpeed plugin: use the plugin's JSON unless one was given
     if "ds_config" not in values and os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
         values["ds_config"] = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
-    return TrainConfig(**values)
+    return TrainConfig(**{name: _coerce(name, value) for name, value in values.items()})
+
+
+def _coerce(name: str, value):
+    """A YAML or command-line value as the option's type; ConfigError naming the option and the type otherwise.
+    Numbers may come as strings: YAML reads 1e-3 (no dot) as one, and the command line gives nothing else."""
+    kind = _TYPES[name].removesuffix(" | None")
+    if value is None and _TYPES[name].endswith(" | None"):
+        return None
+    try:
+        return _CONVERT[kind](value)
+    except (TypeError, ValueError):
+        hint = " (YAML reads on/off/yes/no as true/false: quote it)" if kind == "str" and isinstance(value, bool) \
+            else ""
+        raise ConfigError(f"--{name.replace('_', '-')}: expected {_EXPECTED[kind]}, got {value!r}{hint}") from None
+
+
+def _scalar(value) -> int | float | str:
+    """value itself if it is a number or a string; bool (an int to Python) and lists, mappings, null are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(value)
+    return value
+
+
+def _to_int(value) -> int:
+    value = _scalar(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)   # exact, also past float precision
+    number = float(value)   # 1e6, 100.0
+    if not number.is_integer():
+        raise ValueError(value)
+    return int(number)
+
+
+def _to_bool(value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(value)
+    return value
+
+
+_CONVERT = {"int": _to_int, "float": lambda v: float(_scalar(v)), "bool": _to_bool,
+            "str": lambda v: str(_scalar(v))}   # a number where a name goes (output_dir: 2024) is that name

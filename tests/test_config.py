@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch.distributed as dist
 
+from _launch import launch
 from neuclip_ds.config import ConfigError, TrainConfig, parse_config
 from neuclip_ds.train import main
 
@@ -41,6 +42,8 @@ def run_main(capsys, args, world_size=None, monkeypatch=None):
     (["--init-tau", "2.0"], "--init-tau: must lie in"),
     (["--tau-param", "exp"], "--tau-param: must be log or raw"),
     (["--lr-tau-schedule", "linear"], "--lr-tau-schedule: must be cosine or step_thresh"),
+    (["--lr", "ten"], "--lr: expected a number, got 'ten'"),
+    (["--seed", "1.5"], "--seed: expected an integer, got '1.5'"),
 ])
 def test_config_errors_are_one_line_exit_2(capsys, args, needle):
     code, err = run_main(capsys, OK + args)
@@ -94,6 +97,37 @@ def test_cli_exit_code_and_grouped_help():
         assert group in help_text
 
 
+# ------------------------------------------------------------------------------------------------ value types
+def yaml_config(tmp_path, text: str) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("lr: ten", "--lr: expected a number, got 'ten'"),
+    ("seed: [1, 2]", "--seed: expected an integer, got [1, 2]"),
+    ("steps: 2.5", "--steps: expected an integer, got 2.5"),
+    ("npn_prototypes: true", "--npn-prototypes: expected an integer, got True"),
+    ("grad_checkpointing: maybe", "--grad-checkpointing: expected true or false, got 'maybe'"),
+    ("train_data: [a.tar, b.tar]", "--train-data: expected a string, got ['a.tar', 'b.tar']"),
+    ("lr:", "--lr: expected a number, got None"),
+    ("zero_init: on", "--zero-init: expected a string, got True (YAML reads on/off/yes/no as true/false: quote it)"),
+])
+def test_yaml_value_of_the_wrong_type_names_the_option(tmp_path, text, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(["--config", yaml_config(tmp_path, text + "\n")])
+    assert str(err.value) == message
+
+
+def test_yaml_numbers_written_as_strings(tmp_path):
+    # YAML reads 1e-3 (no dot) as a string; quoted numbers and integral floats are numbers too
+    cfg = parse_config(["--config", yaml_config(tmp_path, "lr: 1e-3\nnpn_lr: '0.1'\nsteps: 1e3\nseed: 7.0\n"
+                                                          "lr_tau: ~\noutput_dir: 2024\n")])
+    assert (cfg.lr, cfg.npn_lr, cfg.steps, cfg.seed, cfg.lr_tau, cfg.output_dir) == (1e-3, 0.1, 1000, 7, None, "2024")
+    assert [type(v) for v in (cfg.lr, cfg.npn_lr, cfg.steps, cfg.seed)] == [float, float, int, int]
+
+
 # ------------------------------------------------------------------------------------------------ shards
 @pytest.fixture
 def shard_dir(tmp_path):
@@ -129,3 +163,14 @@ def test_fewer_shards_than_ranks_times_workers(shard_dir):
                               "shards, fewer --workers, or --data-resampled")
     with_data(spec, "--workers", "3", "--data-resampled").validate(world_size=2)
     with_data(spec, "--workers", "2").validate(world_size=2)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config", "BAD_YAML"], "--lr: expected a number, got 'ten'"),
+])
+def test_bad_input_is_one_line_and_exit_2_from_the_command_line(tmp_path, args, needle):
+    args = [yaml_config(tmp_path, "lr: ten\n") if a == "BAD_YAML" else a for a in args]
+    proc = launch([*OK, "--output-dir", str(tmp_path / "run"), *args], check=False, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"neuclip-train: error: {needle}"), proc.stderr[-2000:]
