@@ -207,6 +207,9 @@ class TrainConfig:
                               f"accumulation = {world_size} x {accum}")
         if self.global_batch_size // world_size < 2 and world_size == 1:
             raise ConfigError("--global-batch-size: need at least 2 pairs for negatives")
+        from .rundir import check_writable   # rundir imports this module
+
+        check_writable(self.output_dir)
         return self
 
     def _fill_from_dataset_dir(self) -> None:

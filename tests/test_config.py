@@ -1,6 +1,7 @@
 """Configuration: YAML + overrides, and every error found before any process group starts (one line, exit 2)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -126,6 +127,38 @@ def test_yaml_numbers_written_as_strings(tmp_path):
                                                           "lr_tau: ~\noutput_dir: 2024\n")])
     assert (cfg.lr, cfg.npn_lr, cfg.steps, cfg.seed, cfg.lr_tau, cfg.output_dir) == (1e-3, 0.1, 1000, 7, None, "2024")
     assert [type(v) for v in (cfg.lr, cfg.npn_lr, cfg.steps, cfg.seed)] == [float, float, int, int]
+
+
+# ------------------------------------------------------------------------------------------------ output directory
+def test_output_dir_under_a_file_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match=r"--output-dir: cannot create .*notes.txt/run: .*notes.txt is not a "
+                                          r"directory"):
+        parse_config([*OK, "--output-dir", str(tmp_path / "notes.txt" / "run")]).validate()
+
+
+def test_output_dir_without_write_permission_is_refused(tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):   # what a read-only directory does (root would pass chmod 0o500)
+        if os.path.dirname(os.fspath(path)) == str(locked):
+            raise PermissionError(13, "Permission denied", path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(ConfigError, match=f"--output-dir: cannot create {locked}/a/b in {locked}: Permission denied"):
+        parse_config([*OK, "--output-dir", str(locked / "a" / "b")]).validate()
+    with pytest.raises(ConfigError, match=f"--output-dir: cannot write to {locked}: Permission denied"):
+        parse_config([*OK, "--output-dir", str(locked)]).validate()
+
+
+def test_output_dir_check_leaves_nothing_behind(tmp_path):
+    (tmp_path / "existing").mkdir()
+    for out in (tmp_path / "existing", tmp_path / "new" / "run"):
+        parse_config([*OK, "--output-dir", str(out)]).validate()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["existing"]
 
 
 # ------------------------------------------------------------------------------------------------ shards
