@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -196,7 +197,12 @@ class TrainConfig:
             ds = self.ds_config_dict()
         except json.JSONDecodeError as e:
             raise ConfigError(f"--ds-config: {self.ds_config} is not valid JSON ({e})") from None
-        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        zero = ds.get("zero_optimization", {}) if isinstance(ds, dict) else None
+        if not isinstance(zero, dict):
+            raise ConfigError(f"--ds-config: {self.ds_config} must hold a JSON object with an object "
+                              f"zero_optimization")
+        _check_zero_keys(zero, self.ds_config)
+        stage = zero.get("stage", 0)
         if stage not in ZERO_STAGES:
             raise ConfigError(f"--ds-config: unknown ZeRO stage {stage!r} in {self.ds_config} (use 0, 1, 2 or 3)")
         accum = ds.get("gradient_accumulation_steps", 1)
@@ -248,6 +254,24 @@ def _check_shard_count(shards: int, world_size: int, workers: int) -> None:
     if shards < readers:
         raise ConfigError(f"--train-data: {shards} readable shard(s) for {world_size} rank(s) x {max(1, workers)} "
                           f"worker(s): give at least {readers} shards, fewer --workers, or --data-resampled")
+
+
+def _zero_keys() -> set[str]:
+    """Every key DeepSpeed's own ZeRO config model takes (field names, their stage3_* aliases, deprecated names),
+    read from the installed DeepSpeed, which refuses any other key with a traceback at initialization."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    fields = DeepSpeedZeroConfig.model_fields
+    return set(fields) | {f.alias for f in fields.values() if f.alias}
+
+
+def _check_zero_keys(zero: dict, path: str) -> None:
+    known = _zero_keys()
+    for key in zero:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"--ds-config: unknown key {key!r} in zero_optimization of {path}{hint}")
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -161,6 +161,30 @@ def test_output_dir_check_leaves_nothing_behind(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["existing"]
 
 
+# ------------------------------------------------------------------------------------------------ DeepSpeed JSON
+def ds_json(tmp_path, zero: dict) -> str:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": zero}))
+    return str(path)
+
+
+def test_unknown_zero_optimization_key_with_suggestion(tmp_path):
+    path = ds_json(tmp_path, {"stage": 2, "overlap_com": True})
+    with pytest.raises(ConfigError) as err:
+        parse_config([*OK, "--ds-config", path]).validate()
+    assert str(err.value) == (f"--ds-config: unknown key 'overlap_com' in zero_optimization of {path} "
+                              f"(did you mean 'overlap_comm'?)")
+    with pytest.raises(ConfigError, match="unknown key 'frobnicate' in zero_optimization of .*ds.json$"):
+        parse_config([*OK, "--ds-config", ds_json(tmp_path, {"stage": 2, "frobnicate": 1})]).validate()
+
+
+def test_zero_optimization_aliases_and_deprecated_names_pass(tmp_path):
+    # the names DeepSpeed itself takes: stage3_* aliases, deprecated cpu_offload
+    zero = {"stage": 3, "stage3_prefetch_bucket_size": 1000, "prefetch_bucket_size": 1000, "cpu_offload": False,
+            "overlap_comm": True}
+    parse_config([*OK, "--ds-config", ds_json(tmp_path, zero)]).validate()
+
+
 # ------------------------------------------------------------------------------------------------ shards
 @pytest.fixture
 def shard_dir(tmp_path):
