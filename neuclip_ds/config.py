@@ -216,7 +216,25 @@ class TrainConfig:
         from .rundir import check_writable   # rundir imports this module
 
         check_writable(self.output_dir)
+        self._check_memory(world_size)
         return self
+
+    def _embed_dim(self) -> int:
+        if self.pretrained_hf is None:
+            return PRESETS[self.preset].embed_dim
+        with open(Path(self.pretrained_hf) / "config.json") as f:
+            return int(json.load(f).get("projection_dim", 512))   # transformers' CLIPConfig default
+
+    def _check_memory(self, world_size: int) -> None:
+        """Refuse sizes whose per-rank state alone cannot fit where it will live (the encoders and activations
+        come on top, so passing says little; failing means the run cannot start)."""
+        if self.loss == "neuclip" and self.npn_variant == "tailored":   # the MLP variant has a fixed size
+            need = npn_state_bytes(self.npn_prototypes, self._embed_dim())
+            _check_fits("--npn-prototypes", f"{self.npn_prototypes} prototypes", need, on_gpu=uses_cuda())
+        if self.loss == "fastclip":
+            samples = self.dataset_size or self.synthetic_samples
+            need = fastclip_table_bytes(samples, world_size)
+            _check_fits("--dataset-size", f"FastCLIP's u tables for {samples} samples", need, on_gpu=False)
 
     def _fill_from_dataset_dir(self) -> None:
         """--dataset-dir: a data set built by neuclip_ds (the embedded one) fills the unset data options."""
@@ -272,6 +290,66 @@ def _check_zero_keys(zero: dict, path: str) -> None:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"--ds-config: unknown key {key!r} in zero_optimization of {path}{hint}")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# memory estimates
+# -------------------------------------------------------------------------------------------------------------
+_FP32 = 4
+
+
+def npn_state_bytes(prototypes: int, embed_dim: int) -> int:
+    """One rank's tailored NPN (npn.py; every rank holds a replica): 2 prototype tables of m x d fp32 with their
+    gradients and AdaGrad sums, plus the engine's per-step snapshot of the parameters and sums (to undo a
+    skipped step): 5 copies of 2 m d numbers."""
+    return 5 * 2 * prototypes * embed_dim * _FP32
+
+
+def fastclip_table_bytes(samples: int, world_size: int) -> int:
+    """One rank's FastCLIP u tables (losses.ShardedLogTable, on the host): 2 tables of this rank's
+    ceil(n / world_size) samples in fp32, plus the engine's per-step snapshot of both."""
+    return 2 * 2 * -(-samples // world_size) * _FP32
+
+
+def uses_cuda() -> bool:
+    """Whether the run puts its tensors on CUDA (engine.init_distributed): when present and not DS_ACCELERATOR=cpu."""
+    import torch
+
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
+def _gpu_bytes() -> int:
+    """Total memory of this rank's GPU (the free amount would need a CUDA context before the run makes one)."""
+    import torch
+
+    return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+
+
+def _host_bytes_available() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def _ranks_on_this_node() -> int:
+    """Ranks sharing this host's memory: torchrun/accelerate set LOCAL_WORLD_SIZE, the deepspeed launcher
+    LOCAL_SIZE."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+
+
+def _check_fits(flag: str, what: str, per_rank: int, *, on_gpu: bool) -> None:
+    """ConfigError when per_rank bytes on each rank exceed this rank's GPU, or the host memory available now to
+    all ranks of this node."""
+    ranks = 1 if on_gpu else _ranks_on_this_node()
+    have = _gpu_bytes() if on_gpu else _host_bytes_available()
+    if per_rank * ranks > have:
+        need = _gib(per_rank) + " per rank" + (f" x {ranks} ranks on this host" if ranks > 1 else "")
+        where = "GPU memory" if on_gpu else "host memory available"
+        raise ConfigError(f"{flag}: {what} need ~{need}, more than the {_gib(have)} of {where}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 # -------------------------------------------------------------------------------------------------------------

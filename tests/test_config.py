@@ -9,6 +9,7 @@ import pytest
 import torch.distributed as dist
 
 from _launch import launch
+from neuclip_ds import config
 from neuclip_ds.config import ConfigError, TrainConfig, parse_config
 from neuclip_ds.train import main
 
@@ -222,8 +223,60 @@ def test_fewer_shards_than_ranks_times_workers(shard_dir):
     with_data(spec, "--workers", "2").validate(world_size=2)
 
 
+# ------------------------------------------------------------------------------------------------ sizes that cannot fit
+GiB = 2**30
+
+
+@pytest.fixture
+def host(monkeypatch):
+    """1 GiB of host memory available, no CUDA."""
+    monkeypatch.setattr(config, "uses_cuda", lambda: False)
+    monkeypatch.setattr(config, "_host_bytes_available", lambda: GiB)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+
+
+def test_npn_that_cannot_fit_is_refused(host):
+    # tiny preset: d = 64; 5 copies (params, grads, AdaGrad sums, the step's snapshot of params and sums) of 2 m d
+    with pytest.raises(ConfigError) as err:
+        parse_config([*OK, "--npn-prototypes", "1000000"]).validate()
+    assert str(err.value) == ("--npn-prototypes: 1000000 prototypes need ~2.4 GiB per rank, more than the 1.0 GiB "
+                              "of host memory available")
+    parse_config([*OK, "--npn-prototypes", "100000"]).validate()   # 0.24 GiB
+    parse_config([*OK, "--npn-prototypes", "1000000", "--npn-variant", "mlp"]).validate()   # no prototypes
+
+
+def test_npn_on_gpu_is_compared_with_gpu_memory(host, monkeypatch):
+    monkeypatch.setattr(config, "uses_cuda", lambda: True)
+    monkeypatch.setattr(config, "_gpu_bytes", lambda: 2 * GiB)
+    with pytest.raises(ConfigError, match=r"--npn-prototypes: 100000 prototypes need ~2.9 GiB per rank, more than "
+                                          r"the 2.0 GiB of GPU memory$"):
+        parse_config([*OK, "--preset", "ViT-L-14", "--npn-prototypes", "100000"]).validate()   # d = 768
+    parse_config([*OK, "--npn-prototypes", "500000"]).validate()   # 1.2 GiB: on the GPU, not the 1 GiB host
+
+
+def test_fastclip_tables_that_cannot_fit_are_refused(host, monkeypatch):
+    args = [*OK, "--loss", "fastclip", "--dataset-size"]
+    # 2 tables + their snapshot, 4 bytes, 1/8 of 10^9 samples per rank
+    parse_config([*args, "10000000"]).validate(world_size=8)
+    with pytest.raises(ConfigError) as err:
+        parse_config([*args, "1000000000"]).validate(world_size=8)
+    assert str(err.value) == ("--dataset-size: FastCLIP's u tables for 1000000000 samples need ~1.9 GiB per rank, "
+                              "more than the 1.0 GiB of host memory available")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")   # 8 ranks of one host share its memory
+    with pytest.raises(ConfigError, match=r"need ~0.1 GiB per rank x 8 ranks on this host, more than the 1.0 GiB"):
+        parse_config([*args, "80000000"]).validate(world_size=8)
+
+
+def test_reasonable_sizes_pass_with_this_machines_memory():
+    for preset in ("tiny", "ViT-B-32", "ViT-H-14"):
+        parse_config([*OK, "--preset", preset]).validate()          # default m = 4096
+    parse_config([*OK, "--loss", "fastclip", "--dataset-size", "10000000"]).validate()
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--config", "BAD_YAML"], "--lr: expected a number, got 'ten'"),
+    (["--npn-prototypes", "1000000000"], "--npn-prototypes: 1000000000 prototypes need ~2384.2 GiB per rank"),
 ])
 def test_bad_input_is_one_line_and_exit_2_from_the_command_line(tmp_path, args, needle):
     args = [yaml_config(tmp_path, "lr: ten\n") if a == "BAD_YAML" else a for a in args]
