@@ -518,10 +518,10 @@ def read_captions(shards: str) -> list[str]:
     """Every caption (.txt) of a shard pattern."""
     import tarfile
 
-    from neuclip_ds.config import expand_shards
+    from neuclip_ds.data.shards import expand_shards
 
     out = []
-    for shard in expand_shards(shards):
+    for shard in expand_shards(shards)[0]:
         with tarfile.open(shard) as tar:
             for member in tar:
                 if member.name.endswith(".txt"):

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
+import difflib
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import braceexpand
 import yaml
 
+from .data.shards import expand_shards
 from .presets import PRESETS
 
 LOSS_CHOICES = ("neuclip", "fastclip", "mbcl", "siglip")
@@ -176,7 +176,9 @@ class TrainConfig:
         if self.train_data is None and self.synthetic_samples == 0:
             raise ConfigError("--train-data: no training data given (or use --synthetic-samples N)")
         if self.train_data is not None:
-            _check_shards("--train-data", self.train_data)
+            shards = _check_shards("--train-data", self.train_data)
+            if not self.data_resampled:
+                _check_shard_count(len(shards), world_size, self.workers)
             if self.train_num_samples is None:
                 raise ConfigError("--train-num-samples: required with --train-data (samples per epoch)")
         if self.val_data is not None:
@@ -196,7 +198,12 @@ class TrainConfig:
             ds = self.ds_config_dict()
         except json.JSONDecodeError as e:
             raise ConfigError(f"--ds-config: {self.ds_config} is not valid JSON ({e})") from None
-        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        zero = ds.get("zero_optimization", {}) if isinstance(ds, dict) else None
+        if not isinstance(zero, dict):
+            raise ConfigError(f"--ds-config: {self.ds_config} must hold a JSON object with an object "
+                              f"zero_optimization")
+        _check_zero_keys(zero, self.ds_config)
+        stage = zero.get("stage", 0)
         if stage not in ZERO_STAGES:
             raise ConfigError(f"--ds-config: unknown ZeRO stage {stage!r} in {self.ds_config} (use 0, 1, 2 or 3)")
         accum = ds.get("gradient_accumulation_steps", 1)
@@ -207,7 +214,28 @@ class TrainConfig:
                               f"accumulation = {world_size} x {accum}")
         if self.global_batch_size // world_size < 2 and world_size == 1:
             raise ConfigError("--global-batch-size: need at least 2 pairs for negatives")
+        from .rundir import check_writable   # rundir imports this module
+
+        check_writable(self.output_dir)
+        self._check_memory(world_size)
         return self
+
+    def _embed_dim(self) -> int:
+        if self.pretrained_hf is None:
+            return PRESETS[self.preset].embed_dim
+        with open(Path(self.pretrained_hf) / "config.json") as f:
+            return int(json.load(f).get("projection_dim", 512))   # transformers' CLIPConfig default
+
+    def _check_memory(self, world_size: int) -> None:
+        """Refuse sizes whose per-rank state alone cannot fit where it will live (the encoders and activations
+        come on top, so passing says little; failing means the run cannot start)."""
+        if self.loss == "neuclip" and self.npn_variant == "tailored":   # the MLP variant has a fixed size
+            need = npn_state_bytes(self.npn_prototypes, self._embed_dim())
+            _check_fits("--npn-prototypes", f"{self.npn_prototypes} prototypes", need, on_gpu=uses_cuda())
+        if self.loss == "fastclip":
+            samples = self.dataset_size or self.synthetic_samples
+            need = fastclip_table_bytes(samples, world_size)
+            _check_fits("--dataset-size", f"FastCLIP's u tables for {samples} samples", need, on_gpu=False)
 
     def _fill_from_dataset_dir(self) -> None:
         """--dataset-dir: a data set built by neuclip_ds (the embedded one) fills the unset data options."""
@@ -230,21 +258,99 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def expand_shards(pattern: str) -> list[str]:
-    """'a/{00000..00003}.tar::b/*.tar' -> the list of shard paths (brace expansion, '::' lists, local globs)."""
-    urls: list[str] = []
-    for part in pattern.split("::"):
-        for url in braceexpand.braceexpand(part.strip()):
-            matches = sorted(glob.glob(url)) if ("*" in url or "?" in url) and "://" not in url else [url]
-            urls.extend(matches)
-    return urls
+def _check_shards(flag: str, pattern: str) -> list[str]:
+    """The usable shards of a spec, expanded as the loaders will expand it; ConfigError when there are none."""
+    try:
+        return expand_shards(pattern)[0]
+    except FileNotFoundError as e:
+        raise ConfigError(f"{flag}: {e}") from None
 
 
-def _check_shards(flag: str, pattern: str) -> None:
-    urls = expand_shards(pattern)
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    if not urls or (local and not any(os.path.exists(u) for u in local)):
-        raise ConfigError(f"{flag}: no shard matches {pattern!r}")
+def _check_shard_count(shards: int, world_size: int, workers: int) -> None:
+    """Without resampling each (rank, worker) reads its own shards: with fewer shards some ranks would run out of
+    data while the others wait for them in the next collective."""
+    readers = world_size * max(1, workers)
+    if shards < readers:
+        raise ConfigError(f"--train-data: {shards} readable shard(s) for {world_size} rank(s) x {max(1, workers)} "
+                          f"worker(s): give at least {readers} shards, fewer --workers, or --data-resampled")
+
+
+def _zero_keys() -> set[str]:
+    """Every key DeepSpeed's own ZeRO config model takes (field names, their stage3_* aliases, deprecated names),
+    read from the installed DeepSpeed, which refuses any other key with a traceback at initialization."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    fields = DeepSpeedZeroConfig.model_fields
+    return set(fields) | {f.alias for f in fields.values() if f.alias}
+
+
+def _check_zero_keys(zero: dict, path: str) -> None:
+    known = _zero_keys()
+    for key in zero:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"--ds-config: unknown key {key!r} in zero_optimization of {path}{hint}")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# memory estimates
+# -------------------------------------------------------------------------------------------------------------
+_FP32 = 4
+
+
+def npn_state_bytes(prototypes: int, embed_dim: int) -> int:
+    """One rank's tailored NPN (npn.py; every rank holds a replica): 2 prototype tables of m x d fp32 with their
+    gradients and AdaGrad sums, plus the engine's per-step snapshot of the parameters and sums (to undo a
+    skipped step): 5 copies of 2 m d numbers."""
+    return 5 * 2 * prototypes * embed_dim * _FP32
+
+
+def fastclip_table_bytes(samples: int, world_size: int) -> int:
+    """One rank's FastCLIP u tables (losses.ShardedLogTable, on the host): 2 tables of this rank's
+    ceil(n / world_size) samples in fp32, plus the engine's per-step snapshot of both."""
+    return 2 * 2 * -(-samples // world_size) * _FP32
+
+
+def uses_cuda() -> bool:
+    """Whether the run puts its tensors on CUDA (engine.init_distributed): when present and not DS_ACCELERATOR=cpu."""
+    import torch
+
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
+def _gpu_bytes() -> int:
+    """Total memory of this rank's GPU (the free amount would need a CUDA context before the run makes one)."""
+    import torch
+
+    return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+
+
+def _host_bytes_available() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def _ranks_on_this_node() -> int:
+    """Ranks sharing this host's memory: torchrun/accelerate set LOCAL_WORLD_SIZE, the deepspeed launcher
+    LOCAL_SIZE."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+
+
+def _check_fits(flag: str, what: str, per_rank: int, *, on_gpu: bool) -> None:
+    """ConfigError when per_rank bytes on each rank exceed this rank's GPU, or the host memory available now to
+    all ranks of this node."""
+    ranks = 1 if on_gpu else _ranks_on_this_node()
+    have = _gpu_bytes() if on_gpu else _host_bytes_available()
+    if per_rank * ranks > have:
+        need = _gib(per_rank) + " per rank" + (f" x {ranks} ranks on this host" if ranks > 1 else "")
+        where = "GPU memory" if on_gpu else "host memory available"
+        raise ConfigError(f"{flag}: {what} need ~{need}, more than the {_gib(have)} of {where}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -309,6 +415,9 @@ _HELP = {
     "debug": "an error prints its full traceback from every rank (otherwise one line, from the first rank)",
 }
 
+_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}   # "int", "float | None", ... (annotations)
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -317,19 +426,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file of options (keys as the long flags, with _ or -); "
                         "command-line flags override it")
     defaults = TrainConfig()
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     for group_name, names in _GROUPS.items():
         group = parser.add_argument_group(group_name)
         for name in names:
             flag = "--" + name.replace("_", "-")
             default = getattr(defaults, name)
-            kind = types[name]
-            if kind == "bool":
+            if _TYPES[name] == "bool":
                 group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                                    help=_HELP.get(name, "") + f" (default {default})")
                 continue
-            conv = {"int": int, "float": float, "int | None": int, "float | None": float}.get(kind, str)
-            group.add_argument(flag, dest=name, type=conv, default=None, metavar=name.split("_")[-1].upper(),
+            # values stay strings here and are converted with the YAML values (`_coerce`): one rule, one-line errors
+            group.add_argument(flag, dest=name, default=None, metavar=name.split("_")[-1].upper(),
                                help=_HELP.get(name, "") + f" (default {default})")
     # DeepSpeed's launcher passes --local_rank unless --no_local_rank is given
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -348,14 +455,56 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             loaded = yaml.safe_load(f) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config: {config_file} must hold a mapping of options")
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
         for key, value in loaded.items():
-            key = key.replace("-", "_")
-            if key not in known:
+            key = str(key).replace("-", "_")
+            if key not in _TYPES:
                 raise ConfigError(f"--config: unknown option {key!r} in {config_file}")
             values[key] = value
     values.update({k: v for k, v in args.items() if v is not None})
     # launched by `accelerate launch` with its DeepSpeed plugin: use the plugin's JSON unless one was given
     if "ds_config" not in values and os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
         values["ds_config"] = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
-    return TrainConfig(**values)
+    return TrainConfig(**{name: _coerce(name, value) for name, value in values.items()})
+
+
+def _coerce(name: str, value):
+    """A YAML or command-line value as the option's type; ConfigError naming the option and the type otherwise.
+    Numbers may come as strings: YAML reads 1e-3 (no dot) as one, and the command line gives nothing else."""
+    kind = _TYPES[name].removesuffix(" | None")
+    if value is None and _TYPES[name].endswith(" | None"):
+        return None
+    try:
+        return _CONVERT[kind](value)
+    except (TypeError, ValueError):
+        hint = " (YAML reads on/off/yes/no as true/false: quote it)" if kind == "str" and isinstance(value, bool) \
+            else ""
+        raise ConfigError(f"--{name.replace('_', '-')}: expected {_EXPECTED[kind]}, got {value!r}{hint}") from None
+
+
+def _scalar(value) -> int | float | str:
+    """value itself if it is a number or a string; bool (an int to Python) and lists, mappings, null are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(value)
+    return value
+
+
+def _to_int(value) -> int:
+    value = _scalar(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)   # exact, also past float precision
+    number = float(value)   # 1e6, 100.0
+    if not number.is_integer():
+        raise ValueError(value)
+    return int(number)
+
+
+def _to_bool(value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(value)
+    return value
+
+
+_CONVERT = {"int": _to_int, "float": lambda v: float(_scalar(v)), "bool": _to_bool,
+            "str": lambda v: str(_scalar(v))}   # a number where a name goes (output_dir: 2024) is that name

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
-from .config import TrainConfig
+from .config import TrainConfig, uses_cuda
 from .data.tokenizer import trim_text_padding
 from .extensions import prepare_cpu_ops, release_shm_buffers
 from .losses import (LOSSES, FastCLIPLoss, Features, NeuCLIPLoss, all_gather_no_grad, batch_log_normalizers,
@@ -54,7 +54,7 @@ class DistInfo:
 
 def init_distributed() -> DistInfo:
     """NCCL + CUDA when present, else gloo on CPU (DS_ACCELERATOR=cpu). Works with and without a launcher."""
-    cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    cuda = uses_cuda()
     if not cuda:
         os.environ["DS_ACCELERATOR"] = "cpu"
         prepare_cpu_ops()   # per-venv build folder for the shm op, never wait on a dead build lock

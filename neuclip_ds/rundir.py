@@ -12,7 +12,9 @@ A wandb/ directory is neither: each wandb run is a directory of its own there, w
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from .config import ConfigError
@@ -35,6 +37,23 @@ def _continues(resume: str | None, output_dir: str | Path) -> bool:
     """--resume continues the run of output_dir (auto, or a checkpoint inside it)."""
     return resume == "auto" or (resume is not None
                                 and Path(resume).resolve().is_relative_to(Path(output_dir).resolve()))
+
+
+def check_writable(output_dir: str | Path) -> None:
+    """Refuse (ConfigError, one line) an output_dir that cannot be created or written to, before anything starts.
+
+    A directory is made and removed again in the deepest part of the path that exists: output_dir itself, or
+    where its first missing part would be created (what can be made there, the run can make below it). A real
+    attempt rather than os.access, which root passes on any permission bits; nothing stays behind."""
+    path = Path(output_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        raise ConfigError(f"--output-dir: cannot create {output_dir}: {existing} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".neuclip-write-check-", dir=existing))
+    except OSError as e:
+        action = "write to" if existing == path else f"create {output_dir} in"
+        raise ConfigError(f"--output-dir: cannot {action} {existing}: {e.strerror}") from None
 
 
 def check_output_dir(output_dir: str | Path, *, resume: str | None, overwrite: bool) -> None:

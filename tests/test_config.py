@@ -1,13 +1,16 @@
 """Configuration: YAML + overrides, and every error found before any process group starts (one line, exit 2)."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch.distributed as dist
 
-from neuclip_ds.config import TrainConfig, parse_config
+from _launch import launch
+from neuclip_ds import config
+from neuclip_ds.config import ConfigError, TrainConfig, parse_config
 from neuclip_ds.train import main
 
 OK = ["--synthetic-samples", "64", "--steps", "2", "--global-batch-size", "16", "--ds-config", "ds_configs/zero2.json"]
@@ -41,6 +44,8 @@ def run_main(capsys, args, world_size=None, monkeypatch=None):
     (["--init-tau", "2.0"], "--init-tau: must lie in"),
     (["--tau-param", "exp"], "--tau-param: must be log or raw"),
     (["--lr-tau-schedule", "linear"], "--lr-tau-schedule: must be cosine or step_thresh"),
+    (["--lr", "ten"], "--lr: expected a number, got 'ten'"),
+    (["--seed", "1.5"], "--seed: expected an integer, got '1.5'"),
 ])
 def test_config_errors_are_one_line_exit_2(capsys, args, needle):
     code, err = run_main(capsys, OK + args)
@@ -92,3 +97,190 @@ def test_cli_exit_code_and_grouped_help():
                                text=True).stdout
     for group in ("model:", "loss:", "NPN (NeuCLIP):", "data:", "optimization:", "system:"):
         assert group in help_text
+
+
+# ------------------------------------------------------------------------------------------------ value types
+def yaml_config(tmp_path, text: str) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("lr: ten", "--lr: expected a number, got 'ten'"),
+    ("seed: [1, 2]", "--seed: expected an integer, got [1, 2]"),
+    ("steps: 2.5", "--steps: expected an integer, got 2.5"),
+    ("npn_prototypes: true", "--npn-prototypes: expected an integer, got True"),
+    ("grad_checkpointing: maybe", "--grad-checkpointing: expected true or false, got 'maybe'"),
+    ("train_data: [a.tar, b.tar]", "--train-data: expected a string, got ['a.tar', 'b.tar']"),
+    ("lr:", "--lr: expected a number, got None"),
+    ("zero_init: on", "--zero-init: expected a string, got True (YAML reads on/off/yes/no as true/false: quote it)"),
+])
+def test_yaml_value_of_the_wrong_type_names_the_option(tmp_path, text, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(["--config", yaml_config(tmp_path, text + "\n")])
+    assert str(err.value) == message
+
+
+def test_yaml_numbers_written_as_strings(tmp_path):
+    # YAML reads 1e-3 (no dot) as a string; quoted numbers and integral floats are numbers too
+    cfg = parse_config(["--config", yaml_config(tmp_path, "lr: 1e-3\nnpn_lr: '0.1'\nsteps: 1e3\nseed: 7.0\n"
+                                                          "lr_tau: ~\noutput_dir: 2024\n")])
+    assert (cfg.lr, cfg.npn_lr, cfg.steps, cfg.seed, cfg.lr_tau, cfg.output_dir) == (1e-3, 0.1, 1000, 7, None, "2024")
+    assert [type(v) for v in (cfg.lr, cfg.npn_lr, cfg.steps, cfg.seed)] == [float, float, int, int]
+
+
+# ------------------------------------------------------------------------------------------------ output directory
+def test_output_dir_under_a_file_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match=r"--output-dir: cannot create .*notes.txt/run: .*notes.txt is not a "
+                                          r"directory"):
+        parse_config([*OK, "--output-dir", str(tmp_path / "notes.txt" / "run")]).validate()
+
+
+def test_output_dir_without_write_permission_is_refused(tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):   # what a read-only directory does (root would pass chmod 0o500)
+        if os.path.dirname(os.fspath(path)) == str(locked):
+            raise PermissionError(13, "Permission denied", path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(ConfigError, match=f"--output-dir: cannot create {locked}/a/b in {locked}: Permission denied"):
+        parse_config([*OK, "--output-dir", str(locked / "a" / "b")]).validate()
+    with pytest.raises(ConfigError, match=f"--output-dir: cannot write to {locked}: Permission denied"):
+        parse_config([*OK, "--output-dir", str(locked)]).validate()
+
+
+def test_output_dir_check_leaves_nothing_behind(tmp_path):
+    (tmp_path / "existing").mkdir()
+    for out in (tmp_path / "existing", tmp_path / "new" / "run"):
+        parse_config([*OK, "--output-dir", str(out)]).validate()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["existing"]
+
+
+# ------------------------------------------------------------------------------------------------ DeepSpeed JSON
+def ds_json(tmp_path, zero: dict) -> str:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": zero}))
+    return str(path)
+
+
+def test_unknown_zero_optimization_key_with_suggestion(tmp_path):
+    path = ds_json(tmp_path, {"stage": 2, "overlap_com": True})
+    with pytest.raises(ConfigError) as err:
+        parse_config([*OK, "--ds-config", path]).validate()
+    assert str(err.value) == (f"--ds-config: unknown key 'overlap_com' in zero_optimization of {path} "
+                              f"(did you mean 'overlap_comm'?)")
+    with pytest.raises(ConfigError, match="unknown key 'frobnicate' in zero_optimization of .*ds.json$"):
+        parse_config([*OK, "--ds-config", ds_json(tmp_path, {"stage": 2, "frobnicate": 1})]).validate()
+
+
+def test_zero_optimization_aliases_and_deprecated_names_pass(tmp_path):
+    # the names DeepSpeed itself takes: stage3_* aliases, deprecated cpu_offload
+    zero = {"stage": 3, "stage3_prefetch_bucket_size": 1000, "prefetch_bucket_size": 1000, "cpu_offload": False,
+            "overlap_comm": True}
+    parse_config([*OK, "--ds-config", ds_json(tmp_path, zero)]).validate()
+
+
+# ------------------------------------------------------------------------------------------------ shards
+@pytest.fixture
+def shard_dir(tmp_path):
+    for i in range(4):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"")
+    return tmp_path
+
+
+def with_data(spec: str, *extra: str) -> TrainConfig:
+    return parse_config(["--train-data", spec, "--train-num-samples", "10", "--tokenizer", "data/digits/tokenizer",
+                         "--steps", "2", "--global-batch-size", "16", *extra])
+
+
+def test_shard_glob_is_accepted_and_an_empty_one_refused(shard_dir):
+    with_data(f"{shard_dir}/*.tar").validate(world_size=2)
+    with pytest.raises(ConfigError, match=r"--train-data: no shard matches '.*/\*\.zip'"):
+        with_data(f"{shard_dir}/*.zip").validate()
+
+
+def test_shards_that_are_not_readable_files_are_refused(tmp_path):
+    for name in ("00000.tar", "00001.tar"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(ConfigError, match=r"--train-data: none of the 3 shard\(s\) of .* is a readable file \(2 of "
+                                          r"them exist"):
+        with_data(f"{tmp_path}/{{00000..00002}}.tar").validate()
+
+
+def test_fewer_shards_than_ranks_times_workers(shard_dir):
+    spec = f"{shard_dir}/{{00000..00003}}.tar"
+    with pytest.raises(ConfigError) as err:
+        with_data(spec, "--workers", "3").validate(world_size=2)
+    assert str(err.value) == ("--train-data: 4 readable shard(s) for 2 rank(s) x 3 worker(s): give at least 6 "
+                              "shards, fewer --workers, or --data-resampled")
+    with_data(spec, "--workers", "3", "--data-resampled").validate(world_size=2)
+    with_data(spec, "--workers", "2").validate(world_size=2)
+
+
+# ------------------------------------------------------------------------------------------------ sizes that cannot fit
+GiB = 2**30
+
+
+@pytest.fixture
+def host(monkeypatch):
+    """1 GiB of host memory available, no CUDA."""
+    monkeypatch.setattr(config, "uses_cuda", lambda: False)
+    monkeypatch.setattr(config, "_host_bytes_available", lambda: GiB)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+
+
+def test_npn_that_cannot_fit_is_refused(host):
+    # tiny preset: d = 64; 5 copies (params, grads, AdaGrad sums, the step's snapshot of params and sums) of 2 m d
+    with pytest.raises(ConfigError) as err:
+        parse_config([*OK, "--npn-prototypes", "1000000"]).validate()
+    assert str(err.value) == ("--npn-prototypes: 1000000 prototypes need ~2.4 GiB per rank, more than the 1.0 GiB "
+                              "of host memory available")
+    parse_config([*OK, "--npn-prototypes", "100000"]).validate()   # 0.24 GiB
+    parse_config([*OK, "--npn-prototypes", "1000000", "--npn-variant", "mlp"]).validate()   # no prototypes
+
+
+def test_npn_on_gpu_is_compared_with_gpu_memory(host, monkeypatch):
+    monkeypatch.setattr(config, "uses_cuda", lambda: True)
+    monkeypatch.setattr(config, "_gpu_bytes", lambda: 2 * GiB)
+    with pytest.raises(ConfigError, match=r"--npn-prototypes: 100000 prototypes need ~2.9 GiB per rank, more than "
+                                          r"the 2.0 GiB of GPU memory$"):
+        parse_config([*OK, "--preset", "ViT-L-14", "--npn-prototypes", "100000"]).validate()   # d = 768
+    parse_config([*OK, "--npn-prototypes", "500000"]).validate()   # 1.2 GiB: on the GPU, not the 1 GiB host
+
+
+def test_fastclip_tables_that_cannot_fit_are_refused(host, monkeypatch):
+    args = [*OK, "--loss", "fastclip", "--dataset-size"]
+    # 2 tables + their snapshot, 4 bytes, 1/8 of 10^9 samples per rank
+    parse_config([*args, "10000000"]).validate(world_size=8)
+    with pytest.raises(ConfigError) as err:
+        parse_config([*args, "1000000000"]).validate(world_size=8)
+    assert str(err.value) == ("--dataset-size: FastCLIP's u tables for 1000000000 samples need ~1.9 GiB per rank, "
+                              "more than the 1.0 GiB of host memory available")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")   # 8 ranks of one host share its memory
+    with pytest.raises(ConfigError, match=r"need ~0.1 GiB per rank x 8 ranks on this host, more than the 1.0 GiB"):
+        parse_config([*args, "80000000"]).validate(world_size=8)
+
+
+def test_reasonable_sizes_pass_with_this_machines_memory():
+    for preset in ("tiny", "ViT-B-32", "ViT-H-14"):
+        parse_config([*OK, "--preset", preset]).validate()          # default m = 4096
+    parse_config([*OK, "--loss", "fastclip", "--dataset-size", "10000000"]).validate()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config", "BAD_YAML"], "--lr: expected a number, got 'ten'"),
+    (["--npn-prototypes", "1000000000"], "--npn-prototypes: 1000000000 prototypes need ~2384.2 GiB per rank"),
+])
+def test_bad_input_is_one_line_and_exit_2_from_the_command_line(tmp_path, args, needle):
+    args = [yaml_config(tmp_path, "lr: ten\n") if a == "BAD_YAML" else a for a in args]
+    proc = launch([*OK, "--output-dir", str(tmp_path / "run"), *args], check=False, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"neuclip-train: error: {needle}"), proc.stderr[-2000:]

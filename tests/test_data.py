@@ -257,6 +257,17 @@ def test_batch_format_and_eval_loader(ds, tok):
     assert -2.0 < b["pixel_values"].min() < 0 < b["pixel_values"].max() < 2.2
 
 
+def test_glob_spec_reads_the_shards_validation_accepted(ds, tok):
+    # run validation accepts local globs (config.py uses the same expansion): the loader must read them too
+    kw = dict(tokenizer=tok, image_size=32, batch_size=8, num_samples=10**6, workers=0)
+    braces = make_train_loader(str(ds / "train" / "{00000..00005}.tar"), **kw)
+    urls, keys = braces.urls, run_epoch(braces)[1]
+    spaced = f"{ds}/train/0000[0-2].tar :: {ds}/train/0000[3-5].tar"   # spaces around :: are dropped too
+    for globbed in (make_train_loader(str(ds / "train" / "*.tar"), **kw), make_train_loader(spaced, **kw)):
+        assert globbed.urls == urls and globbed.missing_shards == []
+        assert run_epoch(globbed)[1] == keys
+
+
 def test_missing_pattern_is_one_clear_error(tmp_path, tok):
     with pytest.raises(FileNotFoundError, match="nothing"):
         make_train_loader(str(tmp_path / "nothing-{000..003}.tar"), tokenizer=tok, image_size=32, batch_size=4,

@@ -5,6 +5,7 @@
                trim_text_padding(ids, mask) (pad to the batch's longest caption)
     pipeline   make_train_loader / make_eval_loader -> ClipLoader (batches + data position);
                BadSampleTracker; image_transform
+    shards     expand_shards(spec) -> (usable urls, missing/unreadable local names), for validation and loaders
 Names are re-exported lazily (PEP 562), so ``python -m neuclip_ds.data.embedded`` does not pre-import itself and
 importing the package stays cheap.
 """
@@ -14,8 +15,9 @@ from importlib import import_module
 _EXPORTS = {
     "embedded": ["build_embedded_dataset", "dataset_paths", "load_classnames", "load_templates", "is_complete"],
     "pipeline": ["BAD_REASONS", "CLIP_MEAN", "CLIP_STD", "BadSampleTracker", "BadSampleWarning", "ClipLoader",
-                 "ImageTransform", "TooManyBadSamplesError", "expand_shards", "image_transform",
+                 "ImageTransform", "TooManyBadSamplesError", "image_transform",
                  "make_eval_loader", "make_train_loader"],
+    "shards": ["expand_shards"],
     "tokenizer": ["TextTokenizer", "train_caption_tokenizer", "trim_text_padding"],
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}

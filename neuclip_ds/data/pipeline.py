@@ -1,10 +1,11 @@
 """WebDataset input pipeline for CLIP training: shards -> (shuffle) -> decode/validate -> transform -> batches.
 
-Shards are given as one string: brace patterns and ``::``-joined lists (``"a/{00000..00007}.tar::b/x.tar"``,
-expanded by ``webdataset.shardlists.expand_urls``) or a list of paths/URLs. Local shard files that do not exist
-are dropped with a warning and counted (reason ``missing_shard``); if no listed local file exists at all the
-factories raise ``FileNotFoundError`` naming the pattern. Tar reading and grouping use ``webdataset``
-(``tarfile_samples``) with a counting warn-and-continue handler, so no worker ever dies on bad input.
+Shards are given as one string: brace patterns, ``::``-joined lists and local globs
+(``"a/{00000..00007}.tar::b/*.tar"``, expanded by ``shards.expand_shards``, the expansion run validation uses too)
+or a list of paths/URLs. Local shard files that are missing or unreadable are dropped with a warning and counted
+(reason ``missing_shard``); if no listed local file is readable at all the factories raise ``FileNotFoundError``
+naming the pattern. Tar reading and grouping use ``webdataset`` (``tarfile_samples``) with a counting
+warn-and-continue handler, so no worker ever dies on bad input.
 
 Distribution and determinism
     Non-resampled mode (default): each epoch, the full shard list is permuted with a RNG seeded by
@@ -73,7 +74,6 @@ import json
 import math
 import os
 import random
-import re
 import warnings
 from collections import Counter
 from typing import Any, Iterable, Iterator, Sequence
@@ -82,6 +82,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
+
+from .shards import expand_shards, is_local, local_path
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -169,40 +171,6 @@ def image_transform(image_size: int, *, train: bool, scale: tuple[float, float] 
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Shard lists
-# ------------------------------------------------------------------------------------------------------------
-def _is_local(url: str) -> bool:
-    return not (url.startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url)) or \
-        url.startswith("file://")
-
-
-def _local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
-
-
-def expand_shards(shards: str | Sequence[str]) -> tuple[list[str], list[str]]:
-    """Expand a shard spec into (usable urls, missing local files).
-
-    Strings are split on ``::`` and brace-expanded (webdataset's ``expand_urls``); lists are taken as they are
-    (each element brace-expanded). Raises ``FileNotFoundError`` naming the spec when nothing usable remains.
-    """
-    from webdataset.shardlists import expand_urls
-
-    if isinstance(shards, (str, os.PathLike)):
-        urls = expand_urls(os.fspath(shards))
-    else:
-        urls = [u for s in shards for u in expand_urls(os.fspath(s))]
-    urls = [u for u in urls if u]
-    present = [u for u in urls if not _is_local(u) or os.path.isfile(_local_path(u))]
-    present_set = set(present)
-    missing = [u for u in urls if u not in present_set]
-    if not present:
-        raise FileNotFoundError(f"data: shard pattern {shards!r} matches no file "
-                                f"({len(urls)} name(s) after expansion, none exists)")
-    return present, missing
-
-
-# ------------------------------------------------------------------------------------------------------------
 # Per-worker stream
 # ------------------------------------------------------------------------------------------------------------
 class _BadSample(Exception):
@@ -254,7 +222,7 @@ def _open_shards(urls: Iterable[dict], stats: _Stats) -> Iterator[dict]:
         url = item["url"]
         stats.shard_seq = seq
         try:
-            stream = open(_local_path(url), "rb") if _is_local(url) else gopen(url)
+            stream = open(local_path(url), "rb") if is_local(url) else gopen(url)
         except Exception as exn:  # noqa: BLE001
             exn.args = exn.args + (url,)
             stats.handler(exn)
@@ -466,7 +434,7 @@ class ClipLoader:
         self._pending: Counter = Counter()
         if self.missing_shards:
             warnings.warn(f"data: skipped (missing_shard) {len(self.missing_shards)} of {len(self.urls) + len(self.missing_shards)} "
-                          f"shard file(s) missing, skipped: {self.missing_shards[:5]}"
+                          f"shard file(s) missing or unreadable, skipped: {self.missing_shards[:5]}"
                           f"{' ...' if len(self.missing_shards) > 5 else ''}", BadSampleWarning, stacklevel=3)
             # attribute missing shard i to rank i % world_size, so summing over ranks counts each once
             mine = len(self.missing_shards[stream.rank::stream.world_size])
