@@ -29,6 +29,10 @@ import torch.distributed as dist
 
 FAILED_RANKS_KEY = "neuclip_ds/failed_ranks"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+WATCHDOG_POLL_S = 1.0
+# set by this rank's FaultWatchdog once another rank's failure is counted: this rank's own error that follows is
+# an echo of it (a collective that lost its peer) and is not printed
+another_rank_failed = threading.Event()
 
 
 def one_line(e: BaseException) -> str:
@@ -62,13 +66,16 @@ def _is_first_failure() -> bool:
 def report_failure(error: BaseException, *, debug: bool, expected: tuple[type, ...] = ()) -> int:
     """The failing rank's last words; returns the exit code (1). `expected`: errors that are a verdict on the run
     (e.g. too many skipped steps), printed as 'aborted' without their type; anything else is 'error on rank R'."""
-    if _is_first_failure() or debug:
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if (not another_rank_failed.is_set() and _is_first_failure()) or debug:
         if debug:
             traceback.print_exception(error)
-        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
         cause = str(error) if isinstance(error, expected) else f"error on rank {rank}: {one_line(error)}"
         print(f"neuclip-train: {'aborted: ' if isinstance(error, expected) else ''}{cause}", file=sys.stderr,
               flush=True)
+    if rank == 0 and dist.is_initialized() and dist.get_world_size() > 1:
+        # rank 0 hosts the store: it stays long enough for every watchdog to read the count before the store goes
+        time.sleep(2.5 * WATCHDOG_POLL_S)
     return 1
 
 
@@ -80,7 +87,7 @@ class FaultWatchdog:
     that stops answering means rank 0 (its host) is gone, which ends the run as well. `stop()` before the final
     barrier: after it, ranks leave at their own pace."""
 
-    def __init__(self, *, poll_s: float = 1.0, grace_s: float = 10.0):
+    def __init__(self, *, poll_s: float = WATCHDOG_POLL_S, grace_s: float = 10.0):
         self.poll_s, self.grace_s = poll_s, grace_s
         self._stopped = threading.Event()
         self._store = _rendezvous_store(timeout_s=30)
@@ -90,9 +97,12 @@ class FaultWatchdog:
 
     def _another_rank_failed(self) -> bool:
         try:
-            return self._store.add(FAILED_RANKS_KEY, 0) > 0
-        except Exception:
+            failed = self._store.add(FAILED_RANKS_KEY, 0) > 0
+        except Exception:   # the store's host, rank 0, is gone
             return True
+        if failed:
+            another_rank_failed.set()
+        return failed
 
     def _watch(self) -> None:
         noticed = None
