@@ -395,7 +395,8 @@ _HELP = {
     "dataset_dir": "a data set built by neuclip_ds (sets train/val data, tokenizer, sizes)",
     "train_data": "webdataset shards, brace-expanded, '::'-joined lists", "train_num_samples": "samples per epoch",
     "val_data": "held-out webdataset shards", "tokenizer": "local HF tokenizer directory",
-    "dataset_size": "number of samples in the data set (FastCLIP u tables)",
+    "dataset_size": "number of samples in the data set (FastCLIP u tables); a sample whose index is outside "
+                    "[0, SIZE) is skipped and counted as bad_index",
     "max_bad_fraction": "stop when the fraction of skipped bad samples passes this",
     "text_padding": "longest: the text tower runs only up to the batch's longest caption (exact: causal "
                     "attention, EOS pooling); max_length: always the full context length (static shapes)",

@@ -13,9 +13,11 @@ that makes every later DeepSpeed process wait on it forever (this hung a whole C
   instead of being waited on.
 
 The op's shared-memory buffers (`/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`, 66 MB per rank,
-in RAM) are never unlinked by DeepSpeed 0.19: every multi-rank CPU run left them behind (9 GB after a day of tests
-and benchmarks). `release_shm_buffers` unlinks this rank's buffer name once every rank has mapped every buffer;
-the mappings stay valid and the kernel frees the memory when the last rank exits, even after a SIGKILL.
+in RAM) are never unlinked by DeepSpeed 0.19: every CPU run under a launcher left them behind (9 GB after a day of
+tests and benchmarks). DeepSpeed creates them whenever LOCAL_SIZE (set by its launcher) equals the world size, so
+a 1-rank launcher run has one too, although it never all-reduces through it. `release_shm_buffers` unlinks this
+rank's buffer name once every rank has mapped every buffer; the mappings stay valid and the kernel frees the
+memory when the last rank exits, even after a SIGKILL.
 """
 
 from __future__ import annotations
@@ -67,12 +69,14 @@ def shm_buffer_path(rank: int) -> Path:
 
 def release_shm_buffers() -> None:
     """After `deepspeed.init_distributed` on CPU: a barrier (so every rank has opened every other rank's buffer,
-    which DeepSpeed does inside init), then unlink this rank's buffer name."""
+    which DeepSpeed does inside init; a single rank has nobody to wait for), then unlink this rank's buffer name
+    (if DeepSpeed made one)."""
     import torch.distributed as dist
 
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not dist.is_initialized():
         return
-    dist.barrier()
+    if dist.get_world_size() > 1:
+        dist.barrier()
     shm_buffer_path(dist.get_rank()).unlink(missing_ok=True)
 
 

@@ -51,7 +51,7 @@ def build_data(cfg: TrainConfig, info, accumulation: int, vocab: dict, tokenizer
         loader = make_train_loader(cfg.train_data, tokenizer=tokenizer, image_size=preset.image_size,
                                    batch_size=micro, num_samples=cfg.train_num_samples, rank=info.rank,
                                    world_size=info.world_size, workers=cfg.workers, seed=cfg.seed,
-                                   resampled=cfg.data_resampled, drop_last=True)
+                                   resampled=cfg.data_resampled, drop_last=True, dataset_size=cfg.dataset_size)
         stream = LoaderStream(loader, accumulation=accumulation, max_bad_fraction=cfg.max_bad_fraction)
         return stream, cfg.dataset_size or cfg.train_num_samples, stream.steps_per_epoch
     from .synthetic import SyntheticPairs, SyntheticStream
@@ -215,10 +215,9 @@ def build_norm_err_probe(cfg: TrainConfig, info, stream, tokenizer):
     from .data.pipeline import make_eval_loader
 
     preset = get_preset(cfg.preset)
-    first = make_eval_loader(cfg.train_data, tokenizer=tokenizer, image_size=preset.image_size, batch_size=S)
-    anchors = next(iter(first))
-    share = make_eval_loader(cfg.train_data, tokenizer=tokenizer, image_size=preset.image_size, batch_size=256,
-                             rank=info.rank, world_size=info.world_size)
+    common = dict(tokenizer=tokenizer, image_size=preset.image_size, dataset_size=cfg.dataset_size)
+    anchors = next(iter(make_eval_loader(cfg.train_data, batch_size=S, **common)))
+    share = make_eval_loader(cfg.train_data, batch_size=256, rank=info.rank, world_size=info.world_size, **common)
     return NormErrProbe(anchors, lambda: iter(share), eps=cfg.eps)
 
 

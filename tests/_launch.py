@@ -31,15 +31,16 @@ def env() -> dict:
     return e
 
 
-def command(args: list[str], *, nproc: int = 1, module: str = "neuclip_ds.train",
-            script: str | None = None) -> list[str]:
-    """1 rank: the interpreter; N ranks: the deepspeed launcher (CPU ranks over gloo). A script, else a module."""
+def command(args: list[str], *, nproc: int = 1, module: str = "neuclip_ds.train", script: str | None = None,
+            launcher: bool = False, port: int | None = None) -> list[str]:
+    """1 rank: the interpreter, unless `launcher`; N ranks: the deepspeed launcher (CPU ranks over gloo), on
+    `port` (default: a free one). A script, else a module."""
     target = [script] if script else ["-m", module]
-    if nproc == 1:
+    if nproc == 1 and not launcher:
         return [sys.executable, *target, *args]
     ds_target = [script] if script else ["--module", module]
-    return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--no_local_rank", "--master_port", str(free_port()),
-            *ds_target, *args]
+    return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--no_local_rank", "--master_port",
+            str(port or free_port()), *ds_target, *args]
 
 
 def run_command(cmd: list[str], *, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -108,8 +109,36 @@ def _read(file) -> str:
 
 
 def launch(args: list[str], *, nproc: int = 1, module: str = "neuclip_ds.train", timeout: int = 300,
-           check: bool = True) -> subprocess.CompletedProcess:
-    return run_command(command(args, nproc=nproc, module=module), timeout=timeout, check=check)
+           check: bool = True, launcher: bool = False, port: int | None = None) -> subprocess.CompletedProcess:
+    return run_command(command(args, nproc=nproc, module=module, launcher=launcher, port=port), timeout=timeout,
+                       check=check)
+
+
+def spawn(args: list[str], nproc: int, **command_kw) -> subprocess.Popen:
+    return subprocess.Popen(command(args, nproc=nproc, **command_kw), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_after_step(args: list[str], nproc: int, out: Path, kill_step: int, timeout: int = 300,
+                    **command_kw) -> None:
+    """Start a run, SIGKILL its whole process group once metrics.jsonl shows `kill_step`."""
+    proc = spawn(args, nproc, **command_kw)
+    deadline = time.time() + timeout
+    path = out / "metrics.jsonl"
+    try:
+        while time.time() < deadline:
+            if path.exists() and any(json.loads(ln)["step"] >= kill_step for ln in path.read_text().splitlines()
+                                     if ln.strip()):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return
+            if proc.poll() is not None:
+                raise AssertionError(f"run ended (rc {proc.returncode}) before step {kill_step}")
+            time.sleep(0.05)
+        raise AssertionError("timeout waiting for the run to reach the kill step")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def metrics(out_dir) -> list[dict]:

@@ -1,15 +1,11 @@
 """Checkpoints (issue: bit-exact resume, crash safety, another world size, bad input). CPU, fp32, gloo."""
 
-import json
 import os
 import random
-import signal
-import subprocess
-import time
 
 import pytest
 
-from _launch import ROOT, command, env, launch, launch_script, metrics, summary
+from _launch import ROOT, kill_after_step, launch, launch_script, metrics, summary
 
 STEPS = 8
 BASE = ["--synthetic-samples", "160", "--steps", str(STEPS), "--global-batch-size", "16", "--npn-prototypes", "32",
@@ -32,32 +28,6 @@ def reference(tmp_path_factory):
             cache[key] = metrics(out)
         return cache[key]
     return get
-
-
-def spawn(args, nproc):
-    return subprocess.Popen(command(args, nproc=nproc), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def kill_after_step(args, nproc, out, kill_step, timeout=300):
-    """Start a run, SIGKILL its whole process group once metrics.jsonl shows `kill_step`."""
-    proc = spawn(args, nproc)
-    deadline = time.time() + timeout
-    path = out / "metrics.jsonl"
-    try:
-        while time.time() < deadline:
-            if path.exists() and any(json.loads(ln)["step"] >= kill_step for ln in path.read_text().splitlines()
-                                     if ln.strip()):
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                return
-            if proc.poll() is not None:
-                raise AssertionError(f"run ended (rc {proc.returncode}) before step {kill_step}")
-            time.sleep(0.05)
-        raise AssertionError("timeout waiting for the run to reach the kill step")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def assert_identical(got, ref, rel=0.0):

@@ -433,3 +433,96 @@ def test_resampled_all_bad_shards_end_instead_of_hanging(tmp_path, ds, tok):
         warnings.simplefilter("ignore", BadSampleWarning)
         assert list(loader) == []
     assert loader.bad_sample_totals["decode_error"] == 3 * 12  # 2 * 1 shard + 10 tries, 3 samples each
+
+
+# ------------------------------------------------------------------------------------------------ data faults
+def with_index(files: dict[str, bytes], index: int) -> dict[str, bytes]:
+    return dict(files, json=json.dumps(dict(json.loads(files["json"]), index=index)).encode())
+
+
+def loader_counts(spec: str, tok, **kw) -> tuple[list[dict], Counter]:
+    """One in-process epoch of an eval loader: (batches, bad-sample counts)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadSampleWarning)
+        loader = make_eval_loader(spec, tokenizer=tok, image_size=32, batch_size=64, **kw)
+        batches = list(loader)
+    return batches, loader.bad_sample_totals
+
+
+def test_out_of_range_index_is_counted_bad_index(tmp_path, ds, tok):
+    """FastCLIP indexes its u tables by the sample index: one outside [0, dataset_size) is skipped and counted."""
+    samples = read_tar(ds / "val" / "00000.tar")[:6]
+    indices = [0, 1, 6, -1, 4, 5]   # 6 == dataset_size and -1 are out of range
+    write_tar(tmp_path / "i.tar", [(k, with_index(f, i)) for (k, f), i in zip(samples, indices)])
+    batches, bad = loader_counts(str(tmp_path / "i.tar"), tok, dataset_size=6)
+    assert [i for b in batches for i in b["index"].tolist()] == [0, 1, 4, 5]
+    assert bad == {"bad_index": 2}
+    # without a data set size only the negative index is known to be wrong
+    batches, bad = loader_counts(str(tmp_path / "i.tar"), tok)
+    assert [i for b in batches for i in b["index"].tolist()] == [0, 1, 6, 4, 5] and bad == {"bad_index": 1}
+
+
+def png16(levels: np.ndarray) -> bytes:
+    """A 16-bit PNG of uint16 levels [h, w] (grey), [h, w, 2] (grey + alpha), [h, w, 3] (RGB) or [h, w, 4]."""
+    import struct
+    import zlib
+
+    h, w = levels.shape[:2]
+    channels = 1 if levels.ndim == 2 else levels.shape[2]
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    rows = levels.astype(">u2").reshape(h, -1)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)   # filter type 0 on every row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_16_bit_png_is_scaled_not_saturated(tmp_path, ds, tok, channels):
+    """A mid-grey 16-bit PNG decodes to mid-grey (PIL's convert("RGB") clips 16-bit grey levels to 255)."""
+    grey = np.full((32, 32), 0x8080, dtype=np.uint16)   # 128 at 8 bits
+    colour = [grey] * (3 if channels >= 3 else 1)
+    alpha = [np.full_like(grey, 0xFFFF)] if channels in (2, 4) else []   # opaque
+    levels = np.stack(colour + alpha, axis=-1) if channels > 1 else grey
+    data = png16(levels)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == {1: "I;16", 2: "RGBA", 3: "RGB", 4: "RGBA"}[channels]   # what PIL makes of it
+    key, files = read_tar(ds / "val" / "00000.tar")[0]
+    files = {"png": data, "txt": files["txt"], "json": files["json"]}
+    write_tar(tmp_path / "p.tar", [(key, files)])
+    (b,), bad = loader_counts(str(tmp_path / "p.tar"), tok)
+    expect = torch.tensor([(128 / 255 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)]).view(3, 1, 1)
+    assert not bad and torch.allclose(b["pixel_values"][0], expect.expand(3, 32, 32), atol=1e-5)
+
+
+def test_16_bit_grey_image_objects_are_scaled():
+    """The transform itself, for callers holding PIL images: 16-bit grey in both modes PIL uses for it."""
+    expect = ImageTransform(8, train=False)(Image.new("RGB", (8, 8), (128, 128, 128)))
+    grey = np.full((8, 8), 0x8080, dtype=np.uint16)
+    for im in (Image.fromarray(grey), Image.fromarray(grey.astype(np.int32))):
+        assert im.mode in ("I;16", "I")
+        assert torch.allclose(ImageTransform(8, train=False)(im), expect)
+
+
+def test_key_seen_twice_in_a_shard_is_counted_and_skipped(tmp_path, ds, tok):
+    """The first sample of a key is kept; a later one (adjacent or not) is skipped and counted as duplicate_key.
+    A shard read again (another epoch, resampling) is not a duplicate."""
+    samples = read_tar(ds / "val" / "00000.tar")[:4]
+    (a, fa), (b, fb), (c, fc), (d, fd) = samples
+    shard = [(a, fa), (b, fb), (a, with_index(fb, 99)), (c, fc), (d, fd), (d, with_index(fc, 98))]
+    write_tar(tmp_path / "d.tar", shard)
+    write_tar(tmp_path / "e.tar", samples)   # the same keys again in another shard: not duplicates
+    batches, bad = loader_counts(f"{tmp_path}/d.tar::{tmp_path}/e.tar", tok)
+    keys = [k for bt in batches for k in bt["key"]]
+    index = [i for bt in batches for i in bt["index"].tolist()]
+    assert keys == [a, b, c, d] * 2 and index == [json.loads(f["json"])["index"] for _, f in samples] * 2
+    assert bad == {"duplicate_key": 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadSampleWarning)
+        loader = make_train_loader(str(tmp_path / "e.tar"), tokenizer=tok, image_size=32, batch_size=2,
+                                   num_samples=40, resampled=True, workers=0)
+        assert len([k for bt in loader for k in bt["key"]]) == 40
+    assert not loader.bad_sample_totals

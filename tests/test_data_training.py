@@ -2,6 +2,7 @@
 rank with one clear message (2 ranks: no rank may hang in a collective)."""
 
 import io
+import json
 import tarfile
 
 import pytest
@@ -64,3 +65,24 @@ def test_too_many_bad_samples_stop_every_rank(small_set, tmp_path):
                    "--max-bad-fraction", "0.05"], nproc=2, check=False, timeout=300)
     assert proc.returncode != 0
     assert "samples were bad" in proc.stderr and "--max-bad-fraction 5.0%" in proc.stderr
+
+
+def test_fastclip_index_outside_dataset_size_is_skipped_not_fatal(small_set, tmp_path):
+    """FastCLIP's u tables have --dataset-size rows: a sample indexed past them (or negative) used to stop both
+    ranks with a ValueError in the loss; it is skipped and counted as bad_index instead."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(6):
+        (data / f"{i:05d}.tar").write_bytes((small_set / "train" / f"{i:05d}.tar").read_bytes())
+
+    def reindex(member: str, index: int):
+        return lambda n, d: json.dumps(dict(json.loads(d), index=index)).encode() if n.endswith(member) else d
+
+    rewrite(data / "00001.tar", reindex("train_0000040.json", 192))
+    rewrite(data / "00004.tar", reindex("train_0000130.json", -1))
+    out = tmp_path / "run"
+    proc = launch([*ARGS, "--loss", "fastclip", "--dataset-size", "192", "--train-data",
+                   f"{data}/{{00000..00005}}.tar", "--tokenizer", str(small_set / "tokenizer"), "--output-dir",
+                   str(out), "--steps", "14"], nproc=2)   # one epoch is 12 steps: every sample was read
+    assert "(index 192, the data set has 192)" in proc.stderr and "(index -1, the data set has 192)" in proc.stderr
+    assert metrics(out)[-1]["bad_samples"] >= 2

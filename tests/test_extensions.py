@@ -35,14 +35,34 @@ def test_default_folder_is_inside_the_interpreter_prefix(monkeypatch):
     assert extensions.extensions_dir() == Path(sys.prefix) / "torch_extensions"
 
 
-def test_two_rank_cpu_run_leaves_no_shm_buffers(tmp_path):
-    """DeepSpeed's CPU allreduce op maps a 66 MB /dev/shm buffer per rank and never unlinks it; neuclip_ds does,
-    so a finished run leaves no RAM behind (a day of test runs had left 9 GB)."""
-    from _launch import launch
+def shm_buffers(port: int) -> set[Path]:
+    """The buffers of the run on `port` (their names carry the master port; other runs may be going on)."""
+    return set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
 
-    shm = Path("/dev/shm")
-    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
-    proc = launch(["--synthetic-samples", "32", "--steps", "2", "--global-batch-size", "8", "--npn-prototypes", "8",
-                   "--ds-config", "ds_configs/zero2.json", "--output-dir", str(tmp_path / "run")], nproc=2)
+
+RUN = ["--synthetic-samples", "32", "--global-batch-size", "8", "--npn-prototypes", "8", "--ds-config",
+       "ds_configs/zero2.json"]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_cpu_run_leaves_no_shm_buffers(tmp_path, nproc):
+    """DeepSpeed's CPU allreduce op maps a 66 MB /dev/shm buffer per rank and never unlinks it; neuclip_ds does,
+    so a finished run leaves no RAM behind (a day of test runs had left 9 GB). Under the deepspeed launcher even a
+    1-rank run creates one (LOCAL_SIZE=1)."""
+    from _launch import free_port, launch
+
+    port = free_port()
+    proc = launch([*RUN, "--steps", "2", "--output-dir", str(tmp_path / "run")], nproc=nproc, launcher=True,
+                  port=port)
     assert "shm_comm_op built successfully" in proc.stdout + proc.stderr   # the op (and its buffers) were in use
-    assert set(shm.glob("deepspeed_allreduce_buffer_*")) - before == set()
+    assert shm_buffers(port) == set()
+
+
+def test_killed_run_leaves_no_shm_buffer(tmp_path):
+    """SIGKILL leaves no chance to clean up: the buffer's name is gone from the moment training starts."""
+    from _launch import free_port, kill_after_step
+
+    port = free_port()
+    out = tmp_path / "run"
+    kill_after_step([*RUN, "--steps", "1000", "--output-dir", str(out)], 1, out, 1, launcher=True, port=port)
+    assert shm_buffers(port) == set()

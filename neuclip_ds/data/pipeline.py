@@ -40,11 +40,14 @@ Batch format (a dict)
 Bad input and how the counts reach the trainer
     Reasons: ``missing_shard`` (one per missing shard file; files already missing when the loader is built
     are attributed to rank ``i % world_size``, i = position among the missing ones, so the sum over ranks
-    counts each once), ``shard_error`` (one per tar read error: truncated or corrupt tar, duplicate member;
-    samples after the error point are lost and cannot be counted),
+    counts each once), ``shard_error`` (one per tar read error: truncated or corrupt tar; samples after the
+    error point are lost and cannot be counted),
     ``missing_image``, ``decode_error`` (image bytes PIL cannot decode), ``missing_caption``, ``empty_caption``
     (blank after strip, or not utf-8), ``bad_json`` (unparsable json), ``missing_index`` (no json ``index``
-    and a non-numeric key). Each is skipped with a ``BadSampleWarning`` (first 20 per worker and epoch, then
+    and a non-numeric key), ``bad_index`` (an index < 0, or >= ``dataset_size`` when the factory is given one:
+    FastCLIP's u tables have exactly that many rows), ``duplicate_key`` (a key seen again later in the same
+    shard read, adjacent or not: the first sample of the key is kept, every later one is skipped and counted
+    once). Each is skipped with a ``BadSampleWarning`` (first 20 per worker and epoch, then
     one "suppressed" note). Each worker counts locally and ships its counts with its next batch (or, after its
     last batch, in a stats-only item that the loader absorbs); the main-process loader merges them into the
     ``bad_samples`` field of the batch it yields, so the sum of ``batch["bad_samples"]`` over all batches of a
@@ -64,7 +67,8 @@ Data position
 
 Image transforms (no torchvision): train = random-resized-crop (scale (0.9, 1.0), ratio (3/4, 4/3), bicubic,
 torchvision's sampling algorithm) to ``image_size``; eval = resize shortest side to ``image_size`` (bicubic) +
-center crop; both then to float [0, 1] and CLIP mean/std normalization.
+center crop; both then to float [0, 1] and CLIP mean/std normalization. 16-bit greyscale images are scaled
+to 8 bits (PIL's own RGB conversion clips their levels to 255).
 """
 
 from __future__ import annotations
@@ -89,10 +93,13 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 BAD_REASONS = ("missing_shard", "shard_error", "missing_image", "decode_error", "missing_caption",
-               "empty_caption", "bad_json", "missing_index")
+               "empty_caption", "bad_json", "missing_index", "bad_index", "duplicate_key")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt", "text", "caption")
 _MAX_WARNINGS = 20
+# PIL's modes for 16-bit greyscale (PNG: "I;16" in recent Pillow, "I" in older ones); PIL reads 16-bit RGB(A)
+# and grey + alpha PNGs at 8 bits itself
+_GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class BadSampleWarning(UserWarning):
@@ -106,6 +113,15 @@ class TooManyBadSamplesError(RuntimeError):
 # ------------------------------------------------------------------------------------------------------------
 # Image transforms
 # ------------------------------------------------------------------------------------------------------------
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit grey levels are divided by 257 (65535 -> 255): ``convert("RGB")`` would clip them to 255,
+    turning almost every 16-bit greyscale image white."""
+    if img.mode in _GREY16_MODES:
+        levels = np.asarray(img, dtype=np.float32) / 257.0
+        img = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8))
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 class ImageTransform:
     """PIL image -> normalized float tensor [3, S, S]. ``train``: random-resized-crop; else resize + center crop."""
 
@@ -153,8 +169,7 @@ class ImageTransform:
         return img
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        img = to_rgb(img)
         s = self.image_size
         if self.train:
             top, left, h, w = self.crop_params(img.width, img.height, rng if rng is not None else random)
@@ -186,6 +201,8 @@ class _Stats:
         self.counts: Counter = Counter()
         self.where = where
         self.warned = 0
+        self.shard_seq: int | None = None  # which shard read of this worker is open (set by _open_shards)
+        self._counted_shard: int | None = None
 
     def add(self, reason: str, msg: str) -> None:
         self.counts[reason] += 1
@@ -199,8 +216,8 @@ class _Stats:
     def handler(self, exn: Exception) -> bool:
         """webdataset exception handler: count and continue; one count per shard read (an error inside a tar
         is reported by webdataset twice: by the member loop and by the shard loop)."""
-        shard = getattr(self, "shard_seq", None)
-        if shard is not None and shard == getattr(self, "_counted_shard", None):
+        shard = self.shard_seq
+        if shard is not None and shard == self._counted_shard:
             return True
         self._counted_shard = shard
         reason = "missing_shard" if isinstance(exn, FileNotFoundError) else "shard_error"
@@ -233,6 +250,36 @@ def _open_shards(urls: Iterable[dict], stats: _Stats) -> Iterator[dict]:
             stream.close()
 
 
+def _skip_repeated_keys(members: Iterable[dict], stats: _Stats) -> Iterator[dict]:
+    """Tar members -> the same, less those of a sample whose key already had one earlier in this shard read.
+
+    A repeat is counted (``duplicate_key``) and skipped whole, so the first sample of a key is the one used:
+    webdataset's grouping would yield a non-adjacent repeat as a second sample (twice in an epoch, with the same
+    FastCLIP index) and merge an adjacent one into the first. A member whose extension the current sample already
+    has starts the adjacent repeat. Runs between webdataset's tar expander and its grouping."""
+    from webdataset.tariterators import base_plus_ext
+
+    shard, done, current, exts, skipping = None, set(), None, set(), False
+    for member in members:
+        if member and stats.shard_seq != shard:  # keys are unique per shard: a new read starts afresh
+            shard, done, current = stats.shard_seq, set(), None
+        key, ext = base_plus_ext(member["fname"]) if member else (None, None)
+        if key is None:  # webdataset's end-of-shard marker, or a name it ignores
+            yield member
+            continue
+        ext = ext.lower()  # as webdataset's grouping compares them
+        if key != current or ext in exts:
+            if current is not None:
+                done.add(current)
+            current, exts, skipping = key, set(), key in done
+            if skipping:
+                stats.add("duplicate_key", f"{key} in {member.get('__url__', '?')} (a sample of this key came "
+                                           f"earlier in the shard; that one is kept)")
+        exts.add(ext)
+        if not skipping:
+            yield member
+
+
 def _first(sample: dict, exts: Sequence[str]):
     for ext in exts:
         if ext in sample and sample[ext] is not None:
@@ -240,8 +287,25 @@ def _first(sample: dict, exts: Sequence[str]):
     return None
 
 
-def decode_sample(sample: dict, transform: ImageTransform, rng: random.Random | None) -> dict:
-    """Validate and decode one raw webdataset sample; raises _BadSample(reason) when it must be skipped."""
+def _sample_index(meta: dict, key: str, where: str, dataset_size: int | None) -> int:
+    """The json ``index``, else the all-digit key; it must address a row of FastCLIP's u tables."""
+    index = meta.get("index")
+    if isinstance(index, bool) or not isinstance(index, int):
+        base = key.rsplit("/", 1)[-1]
+        if index is None and base.isdigit():
+            index = int(base)
+        else:
+            raise _BadSample("missing_index", where)
+    if index < 0 or (dataset_size is not None and index >= dataset_size):
+        bound = "" if dataset_size is None else f", the data set has {dataset_size}"
+        raise _BadSample("bad_index", f"{where} (index {index}{bound})")
+    return index
+
+
+def decode_sample(sample: dict, transform: ImageTransform, rng: random.Random | None,
+                  dataset_size: int | None = None) -> dict:
+    """Validate and decode one raw webdataset sample; raises _BadSample(reason) when it must be skipped.
+    ``dataset_size``: indices must lie in [0, dataset_size) (else only >= 0)."""
     key = str(sample.get("__key__", "?"))
     where = f"{key} in {sample.get('__url__', '?')}"
     raw_txt = _first(sample, TEXT_EXTS)
@@ -262,23 +326,17 @@ def decode_sample(sample: dict, transform: ImageTransform, rng: random.Random | 
                 raise ValueError("json is not an object")
         except (ValueError, UnicodeDecodeError) as exc:
             raise _BadSample("bad_json", f"{where}: {exc}") from None
-    index = meta.get("index")
-    if isinstance(index, bool) or not isinstance(index, int):
-        base = key.rsplit("/", 1)[-1]
-        if index is None and base.isdigit():
-            index = int(base)
-        else:
-            raise _BadSample("missing_index", where)
+    index = _sample_index(meta, key, where, dataset_size)
     raw_img = _first(sample, IMAGE_EXTS)
     if raw_img is None:
         raise _BadSample("missing_image", where)
     try:
         with Image.open(io.BytesIO(raw_img)) as im:
             im.load()
-            img = im.convert("RGB")
+            img = to_rgb(im)
     except Exception as exc:  # noqa: BLE001 - any decoder failure
         raise _BadSample("decode_error", f"{where}: {exc!r}"[:300]) from None
-    out = {"pixel_values": transform(img, rng), "caption": caption, "index": int(index), "key": key}
+    out = {"pixel_values": transform(img, rng), "caption": caption, "index": index, "key": key}
     labels = meta.get("labels")
     if isinstance(labels, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
         out["labels"] = labels
@@ -291,7 +349,7 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str], *, tokenizer, transform: ImageTransform, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True, resampled: bool = False,
                  shuffle_buffer: int = 1000, shuffle_initial: int = 100, drop_last: bool = False,
-                 batches_per_epoch: int | None = None):
+                 batches_per_epoch: int | None = None, dataset_size: int | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError("data: batch_size must be >= 1")
@@ -308,6 +366,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.shuffle_initial = int(shuffle_buffer), int(shuffle_initial)
         self.drop_last = bool(drop_last)
         self.batches_per_epoch = batches_per_epoch
+        self.dataset_size = dataset_size
         self.epoch = 0
 
     def _rng(self, worker: int, what: str) -> random.Random:
@@ -372,8 +431,8 @@ class ShardStream(IterableDataset):
         if quota == 0:
             return
         streams = _open_shards(self._shard_source(worker, num_workers, state), stats)
-        samples: Iterable[dict] = group_by_keys(tar_file_expander(streams, handler=stats.handler),
-                                                handler=stats.handler)
+        members = _skip_repeated_keys(tar_file_expander(streams, handler=stats.handler), stats)
+        samples: Iterable[dict] = group_by_keys(members, handler=stats.handler)
         if self.shuffle and self.shuffle_buffer > 1:
             samples = wds_shuffle(self.shuffle_buffer, self.shuffle_initial,
                                   rng=self._rng(worker, "samples"))(samples)
@@ -382,7 +441,7 @@ class ShardStream(IterableDataset):
         produced = 0
         for raw in samples:
             try:
-                pending.append(decode_sample(raw, self.transform, aug_rng))
+                pending.append(decode_sample(raw, self.transform, aug_rng, self.dataset_size))
             except _BadSample as bad:
                 stats.add(bad.reason, str(bad))
                 continue
@@ -530,9 +589,11 @@ class ClipLoader:
             self.epoch, self.batches_in_epoch = epoch + 1, 0
 
 
-def _check_common(batch_size: int, world_size: int, rank: int, image_size: int) -> None:
+def _check_common(batch_size: int, world_size: int, rank: int, image_size: int, dataset_size: int | None) -> None:
     if batch_size < 1 or image_size < 1:
         raise ValueError("data: batch_size and image_size must be >= 1")
+    if dataset_size is not None and dataset_size < 1:
+        raise ValueError(f"data: dataset_size must be >= 1, got {dataset_size}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"data: rank {rank} / world_size {world_size} invalid")
 
@@ -541,9 +602,11 @@ def make_train_loader(shards: str | Sequence[str], *, tokenizer, image_size: int
                       num_samples: int | None, rank: int = 0, world_size: int = 1, workers: int = 0,
                       seed: int = 0, resampled: bool = False, epoch: int = 0, shuffle_buffer: int = 1000,
                       shuffle_initial: int = 100, crop_scale: tuple[float, float] = (0.9, 1.0),
-                      drop_last: bool = False, pin_memory: bool = False) -> ClipLoader:
-    """Training loader for this rank (``batch_size`` per rank). See the module docstring for the semantics."""
-    _check_common(batch_size, world_size, rank, image_size)
+                      drop_last: bool = False, pin_memory: bool = False,
+                      dataset_size: int | None = None) -> ClipLoader:
+    """Training loader for this rank (``batch_size`` per rank). See the module docstring for the semantics;
+    ``dataset_size``: samples whose index is not below it are skipped (``bad_index``)."""
+    _check_common(batch_size, world_size, rank, image_size, dataset_size)
     urls, missing = expand_shards(shards)
     batches = None
     if resampled:
@@ -554,20 +617,20 @@ def make_train_loader(shards: str | Sequence[str], *, tokenizer, image_size: int
                                                                              scale=crop_scale),
                          batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, shuffle=True,
                          resampled=resampled, shuffle_buffer=shuffle_buffer, shuffle_initial=shuffle_initial,
-                         drop_last=drop_last, batches_per_epoch=batches)
+                         drop_last=drop_last, batches_per_epoch=batches, dataset_size=dataset_size)
     return ClipLoader(stream, workers=workers, num_samples=num_samples, missing_shards=missing,
                       pin_memory=pin_memory, epoch=epoch)
 
 
 def make_eval_loader(shards: str | Sequence[str], *, tokenizer, image_size: int, batch_size: int,
                      rank: int = 0, world_size: int = 1, workers: int = 0,
-                     pin_memory: bool = False) -> ClipLoader:
+                     pin_memory: bool = False, dataset_size: int | None = None) -> ClipLoader:
     """Evaluation loader: no shuffle, no drop, every readable sample once (split over ranks/workers by shard)."""
-    _check_common(batch_size, world_size, rank, image_size)
+    _check_common(batch_size, world_size, rank, image_size, dataset_size)
     urls, missing = expand_shards(shards)
     stream = ShardStream(urls, tokenizer=tokenizer, transform=ImageTransform(image_size, train=False),
                          batch_size=batch_size, rank=rank, world_size=world_size, shuffle=False,
-                         resampled=False, drop_last=False)
+                         resampled=False, drop_last=False, dataset_size=dataset_size)
     return ClipLoader(stream, workers=workers, num_samples=None, missing_shards=missing, pin_memory=pin_memory)
 
 
