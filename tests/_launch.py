@@ -43,11 +43,12 @@ def command(args: list[str], *, nproc: int = 1, module: str = "neuclip_ds.train"
             str(port or free_port()), *ds_target, *args]
 
 
-def run_command(cmd: list[str], *, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+def run_command(cmd: list[str], *, timeout: int = 300, check: bool = True,
+                extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """Run in a session of its own, so that a timeout kills every rank the launcher started, not only the
     launcher (orphaned ranks would keep CPU, ports and build locks for the rest of the suite)."""
-    with subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as child:
+    with subprocess.Popen(cmd, cwd=ROOT, env=dict(env(), **(extra_env or {})), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as child:
         try:
             out, err = child.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -124,11 +125,9 @@ def kill_after_step(args: list[str], nproc: int, out: Path, kill_step: int, time
     """Start a run, SIGKILL its whole process group once metrics.jsonl shows `kill_step`."""
     proc = spawn(args, nproc, **command_kw)
     deadline = time.time() + timeout
-    path = out / "metrics.jsonl"
     try:
         while time.time() < deadline:
-            if path.exists() and any(json.loads(ln)["step"] >= kill_step for ln in path.read_text().splitlines()
-                                     if ln.strip()):
+            if _reached(out, kill_step):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 return
@@ -139,6 +138,44 @@ def kill_after_step(args: list[str], nproc: int, out: Path, kill_step: int, time
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def signal_after_step(cmd: list[str], out: Path, sig: int, step: int, *, extra_env: dict | None = None,
+                      timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `cmd` (a launcher script), send `sig` to it alone once metrics.jsonl shows `step`, and wait for it to
+    end. Whatever it started is killed at the end, so a launcher that failed to stop its ranks cannot leave them
+    running (they may sit in sessions of their own: found as descendants, not by process group)."""
+    import psutil
+
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        child = subprocess.Popen(cmd, cwd=ROOT, env=dict(env(), **(extra_env or {})), stdout=stdout, stderr=stderr)
+        descendants: set = set()
+        try:
+            deadline = time.monotonic() + timeout
+            while child.poll() is None and not _reached(out, step):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{' '.join(cmd)}: step {step} not reached in {timeout} s")
+                descendants.update(psutil.Process(child.pid).children(recursive=True))
+                time.sleep(0.05)
+            if child.poll() is not None:
+                raise AssertionError(f"{' '.join(cmd)} ended (rc {child.returncode}) before step {step}:\n"
+                                     f"{_read(stderr)[-3000:]}")
+            descendants.update(psutil.Process(child.pid).children(recursive=True))
+            child.send_signal(sig)
+            child.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{' '.join(cmd)} still running {timeout} s after the signal") from None
+        finally:
+            leftovers = [*descendants, *([psutil.Process(child.pid)] if child.poll() is None else [])]
+            for process in leftovers:   # psutil checks it is still the same process before signalling
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+        return subprocess.CompletedProcess(cmd, child.returncode, _read(stdout), _read(stderr))
+
+
+def _reached(out: Path, step: int) -> bool:
+    path = out / "metrics.jsonl"
+    return path.exists() and any(json.loads(ln)["step"] >= step for ln in path.read_text().splitlines() if ln.strip())
 
 
 def metrics(out_dir) -> list[dict]:

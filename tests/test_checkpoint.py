@@ -2,10 +2,13 @@
 
 import os
 import random
+import signal
+import sys
 
 import pytest
 
-from _launch import ROOT, kill_after_step, launch, launch_script, metrics, summary
+from _launch import (ROOT, free_port, kill_after_step, launch, launch_script, metrics, run_command,
+                     signal_after_step, summary)
 
 STEPS = 8
 BASE = ["--synthetic-samples", "160", "--steps", str(STEPS), "--global-batch-size", "16", "--npn-prototypes", "32",
@@ -124,3 +127,55 @@ def test_resume_bad_inputs_are_one_line_and_touch_nothing(tmp_path):
         assert proc.returncode == 2 and needle in lines[-1] and lines[-1].startswith("neuclip-train: error:"), \
             (extra, proc.stderr[-500:])
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint_and_resume_continues_exactly(tmp_path):
+    """SIGTERM to launchers/single_node.sh, as SLURM or Kubernetes send it, mid-run: both ranks save the same
+    step and exit 0 (not killed, not left running); --resume auto then gives the uninterrupted run's metrics."""
+    steps = 30
+    args = [*BASE, "--steps", str(steps), "--save-every", "0"]
+    launch([*args, "--output-dir", str(tmp_path / "ref")], nproc=2)
+    out = tmp_path / "run"
+    stopped = signal_after_step(["bash", "launchers/single_node.sh", "2", *args, "--output-dir", str(out)], out,
+                                signal.SIGTERM, step=1, extra_env={"PYTHON": sys.executable})
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    k = len(metrics(out))
+    assert 1 <= k < steps
+    assert f"neuclip-train: stopped by SIGTERM at step {k} with a checkpoint" in stopped.stderr
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step{k:08d}"
+    assert (out / "checkpoints" / f"step{k:08d}" / "COMPLETE").is_file()
+    launch([*args, "--output-dir", str(out), "--resume", "auto"], nproc=2)
+    got, ref = metrics(out), metrics(tmp_path / "ref")
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, steps + 1))
+    for a, b in zip(got, ref):
+        assert all(a[key] == b[key] for key in KEYS), (a["step"], [(a[key], b[key]) for key in KEYS])
+    assert summary(out)["npn_checksums"] == summary(tmp_path / "ref")["npn_checksums"]
+
+
+def test_slurm_time_limit_signal_saves_requeues_and_the_requeued_job_finishes(tmp_path):
+    """launchers/slurm.sbatch under stand-ins for srun (one task) and scontrol: the USR1 that `--signal=B:USR1@180`
+    sends before the time limit reaches the rank, which saves and exits 0; the script requeues the job, and the
+    same script run again (the requeued job) continues from that checkpoint to the end, each step logged once."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n'
+                                  'export SLURM_PROCID=0 SLURM_LOCALID=0\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\nif [ "$1" = show ]; then echo 127.0.0.1; '
+                                      f'else echo "$@" >> {tmp_path / "scontrol.log"}; fi\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    steps, out = 30, tmp_path / "run"
+    job = ["bash", "launchers/slurm.sbatch", *BASE, "--steps", str(steps), "--save-every", "0", "--output-dir",
+           str(out)]
+    slurm_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "SLURM_JOB_ID": "4242",
+                 "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "node1", "SLURM_SUBMIT_DIR": str(ROOT),
+                 "MASTER_PORT": str(free_port())}
+    stopped = signal_after_step(job, out, signal.SIGUSR1, step=1, extra_env=slurm_env)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    k = len(metrics(out))
+    assert 1 <= k < steps and (out / "checkpoints" / f"step{k:08d}" / "COMPLETE").is_file()
+    finished = run_command(job, extra_env=slurm_env)
+    assert [r["step"] for r in metrics(out)] == list(range(1, steps + 1))
+    assert finished.returncode == 0 and summary(out)["final"]["step"] == steps
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"   # finished: not requeued again
