@@ -157,19 +157,20 @@ def _atomic_write(path: Path, payload, *, text: bool = False) -> None:
 
 
 def save(engine, output_dir: str | Path, *, step: int, run_id: str, shared_state: dict, rank_state: dict,
-         keep_last: int) -> Path:
+         keep_last: int, keep: Path | None = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory.
 
     The ranks agree on the outcome: each writes its part and reports what it wrote and what failed (it never
     raises before reporting: the others are waiting for its answer), rank 0 checks every reported file is on
     disk, and only then writes COMPLETE and moves `latest`. A failed save raises CheckpointNotSaved on every rank
-    alike; `latest` still names the previous checkpoint."""
+    alike; `latest` still names the previous checkpoint. `keep`: a checkpoint rotation must not delete (the
+    last one saved before the first skipped step: an abort points at it)."""
     tag_dir = Path(output_dir) / CHECKPOINT_DIR / tag_for(step)
     _from_rank0(lambda: _prepare_tag_dir(tag_dir, run_id))
     report = _write_this_rank(engine, tag_dir, shared_state=dict(shared_state, step=step, world_size=_world()),
                               rank_state=rank_state)
     reports = gather_objects(report)
-    _from_rank0(lambda: _commit(tag_dir, reports, run_id=run_id, keep_last=keep_last))
+    _from_rank0(lambda: _commit(tag_dir, reports, run_id=run_id, keep_last=keep_last, keep=keep))
     return tag_dir
 
 
@@ -247,7 +248,7 @@ def _engine_writes_reported(engine, tag_dir: Path, report: dict):
         checkpoint_engine.save = original
 
 
-def _commit(tag_dir: Path, reports: list[dict], *, run_id: str, keep_last: int) -> None:
+def _commit(tag_dir: Path, reports: list[dict], *, run_id: str, keep_last: int, keep: Path | None) -> None:
     """Rank 0, after every rank reported: if every rank wrote its part and every file is on disk, COMPLETE, then
     `latest`, then rotation; else CheckpointNotSaved (`latest` unchanged)."""
     ckpt_dir = tag_dir.parent
@@ -268,14 +269,14 @@ def _commit(tag_dir: Path, reports: list[dict], *, run_id: str, keep_last: int) 
         raise CheckpointNotSaved(f"checkpoint {tag_dir.name} not saved ({'; '.join(problems)}); `latest` still "
                                  f"names {previous}")
     try:
-        rotate(ckpt_dir, run_id=run_id, current=tag_dir.name, keep_last=keep_last)
+        rotate(ckpt_dir, run_id=run_id, current=tag_dir.name, keep_last=keep_last, keep=keep)
     except OSError as e:   # the checkpoint is saved; older ones left behind only cost disk space
         warnings.warn(f"checkpoint rotation in {ckpt_dir}: {_one_line(e)}", stacklevel=2)
 
 
-def rotate(ckpt_dir: Path, *, run_id: str, current: str, keep_last: int) -> list[str]:
+def rotate(ckpt_dir: Path, *, run_id: str, current: str, keep_last: int, keep: Path | None = None) -> list[str]:
     """Rank 0, once `current` is complete and `latest`: delete this run's complete checkpoints beyond the newest
-    keep_last and its half-written saves older than `current`. Returns the deleted tags.
+    keep_last (except `keep`) and its half-written saves older than `current`. Returns the deleted tags.
 
     Only tags carrying run_id (up to `current`'s step) are candidates: another run's checkpoints are never
     deleted, whatever their names, and `current` is the newest candidate, so it is always kept."""
@@ -284,7 +285,7 @@ def rotate(ckpt_dir: Path, *, run_id: str, current: str, keep_last: int) -> list
                   key=lambda p: _step_of(p.name))
     complete = [p for p in mine if (p / COMPLETE).is_file()]
     half_written = [p for p in mine if p not in complete]
-    doomed = complete[:-keep_last] + half_written
+    doomed = [p for p in complete[:-keep_last] if keep is None or p.resolve() != keep.resolve()] + half_written
     for tag_dir in doomed:
         _remove_tag(tag_dir)
     return [p.name for p in doomed]

@@ -41,6 +41,10 @@ class TrainingAborted(RuntimeError):
     """Raised on every rank when the run cannot go on (e.g. K non-finite steps in a row)."""
 
 
+class TooManySkippedSteps(TrainingAborted):
+    """--max-skipped-in-a-row non-finite steps in a row: the run diverged."""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # process group and DeepSpeed config
 # ---------------------------------------------------------------------------------------------------------------
@@ -395,6 +399,25 @@ class NeuCLIPEngine:
         # the losses run in fp32 whatever the encoders' precision (log-domain sums over the global batch)
         return {k: v.float() for k, v in out.items()}
 
+    def unsafe_to_save(self) -> str | None:
+        """Collective: why this state must not become a checkpoint (the same answer on every rank), or None. A
+        checkpoint taken while steps are being skipped, or holding non-finite values, resumes into the same
+        failure."""
+        if self.skipped_in_a_row:
+            return "the last step was skipped"
+        if not self._all_finite(*self._state_tensors()):
+            return "the weights or optimizer state hold non-finite values"
+        return None
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        """This rank's share of everything a checkpoint holds: the module's parameters, the optimizer's (under ZeRO
+        the fp32 master partitions) and its moments, and the estimator's state (NPN, u tables)."""
+        base = getattr(self.optimizer, "optimizer", self.optimizer)   # ZeRO wraps the torch optimizer
+        tensors = list(self.engine.module.parameters())
+        tensors += [p for group in base.param_groups for p in group["params"]]
+        tensors += [t for state in base.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+        return tensors + _nested_tensors(self.estimator.state_dict())
+
     def _all_finite(self, *tensors: torch.Tensor) -> bool:
         """The same verdict on every rank (one all-reduce)."""
         bad = torch.zeros(1, device=self.info.device)
@@ -519,6 +542,15 @@ class NeuCLIPEngine:
         self.skipped_steps += 1
         self.skipped_in_a_row += 1
         if self.skipped_in_a_row >= self.cfg.max_skipped_in_a_row:
-            raise TrainingAborted(f"{self.skipped_in_a_row} steps in a row skipped ({why}); last good state is the "
-                                  f"latest checkpoint. Lower --lr, check the data, or raise --max-skipped-in-a-row")
+            raise TooManySkippedSteps(f"{self.skipped_in_a_row} steps in a row skipped ({why})")
         return {"loss": float("nan"), "tau": float("nan"), "skipped": True, "skip_reason": why}
+
+
+def _nested_tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.is_floating_point() else []
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _nested_tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _nested_tensors(v)]
+    return []

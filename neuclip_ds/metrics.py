@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -52,6 +53,11 @@ class MetricsLogger:
         if record.get("loss") is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", tau=f"{record['tau']:.4f}",
                                  npn=f"{record.get('npn_time_frac', 0):.1%}")
+
+    def note(self, text: str) -> None:
+        """A message of rank 0's, on its own line above the progress bar (a plain print would be glued to it)."""
+        if self.rank == 0:
+            tqdm.write(text, file=sys.stderr)
 
     def close(self) -> None:
         if self.file is not None:

@@ -87,7 +87,7 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
     """The run on this rank, from an initialized process group to its summary. A stop signal any rank received
     (`stop_signals`) ends it at the next step boundary with a checkpoint of that step, on every rank alike."""
     from . import checkpoint
-    from .engine import NeuCLIPEngine, build_ds_config
+    from .engine import NeuCLIPEngine, TooManySkippedSteps, build_ds_config
     from .metrics import MetricsLogger, plot_training, read_metrics
 
     out_dir = Path(cfg.output_dir)
@@ -119,7 +119,16 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
                            config=cfg.to_dict(), wandb_project=cfg.wandb_project, wandb_offline=cfg.wandb_offline,
                            initial_step=start_step, resume=saved is not None)
 
-    def save(step: int) -> Path:
+    # the newest checkpoint with no skipped step since the one before it: an abort after skipped steps points at
+    # it and rotation keeps it (a later checkpoint may hold weights already on their way to overflow)
+    last_clean, skipped_at_last_save = resume_dir, eng.skipped_steps
+
+    def save(step: int) -> Path | None:
+        nonlocal last_clean, skipped_at_last_save
+        refusal = eng.unsafe_to_save()
+        if refusal is not None:
+            logger.note(f"neuclip-train: step {step} not saved: {refusal}")
+            return None
         estimator = eng.estimator.state_dict()
         shared_estimator = estimator if "npn" in estimator else {}  # identical on every rank: saved once
         shared_state = {"config": dict(cfg.to_dict(), zero_stage=cfg.zero_stage()), "estimator": shared_estimator,
@@ -127,8 +136,12 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
                         "temperature": eng.temperature_state()}
         rank_state = {"rng": checkpoint.rng_state(), "data": stream.state_dict(),
                       "estimator": {} if shared_estimator else estimator}
-        return checkpoint.save(eng.engine, out_dir, step=step, run_id=run_id, keep_last=cfg.keep_last,
-                               shared_state=shared_state, rank_state=rank_state)
+        tag_dir = checkpoint.save(eng.engine, out_dir, step=step, run_id=run_id, keep_last=cfg.keep_last,
+                                  shared_state=shared_state, rank_state=rank_state, keep=last_clean)
+        if eng.skipped_steps == skipped_at_last_save:
+            last_clean = tag_dir
+        skipped_at_last_save = eng.skipped_steps
+        return tag_dir
 
     record, stopped_by = {}, None
     try:
@@ -138,7 +151,10 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
             with eng.timer("data"):
                 micro_batches = stream.next_step()
             epoch = step // steps_per_epoch  # the same on every rank (FastCLIP's gamma schedule, E9)
-            m = eng.train_step(micro_batches, step=step, epoch=epoch)
+            try:
+                m = eng.train_step(micro_batches, step=step, epoch=epoch)
+            except TooManySkippedSteps as e:
+                raise TooManySkippedSteps(f"{e}; {where_to_restart(last_clean)}") from None
             bad = _check_bad_samples(stream, cfg.max_bad_fraction)
             elapsed = time.perf_counter() - t0
             times = eng.timer.times
@@ -172,7 +188,7 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
     if not record and info.rank == 0 and (out_dir / "metrics.jsonl").exists():
         rows = read_metrics(out_dir / "metrics.jsonl")
         record = rows[-1] if rows else {}
-    summary = {"final": record, "checkpoint": str(ckpt), "metrics": str(out_dir / "metrics.jsonl"),
+    summary = {"final": record, "checkpoint": str(ckpt) if ckpt else None, "metrics": str(out_dir / "metrics.jsonl"),
                "stopped_by": stopped_by}
     if cfg.val_data is not None and stopped_by is None:   # a preempted run keeps its grace period for the save
         summary.update(final_evaluation(eng, cfg, tokenizer, info, out_dir))
@@ -184,6 +200,13 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
         summary["plot"] = str(plot_training(out_dir / "metrics.jsonl", out_dir / "plots" / "training.png"))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def where_to_restart(last_clean: Path | None) -> str:
+    if last_clean is None:
+        return "no checkpoint was saved before the first skipped step: start over with a lower --lr, or check the data"
+    return (f"the last checkpoint saved before the first skipped step is {last_clean}: --resume {last_clean} with a "
+            f"lower --lr, or check the data")
 
 
 def start_output_dir(cfg: TrainConfig, out_dir: Path) -> None:
@@ -366,11 +389,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done: step {final.get('step')} loss {final.get('loss')} tau {final.get('tau')}")
         if "eval_table" in summary:
             print(summary["eval_table"])
-        print(f"metrics:    {summary['metrics']}\nplot:       {summary['plot']}\ncheckpoint: {summary['checkpoint']}")
+        print(f"metrics:    {summary['metrics']}\nplot:       {summary['plot']}\n"
+              f"checkpoint: {summary['checkpoint'] or 'not saved at the end (see above)'}")
         if "eval_results" in summary:
             print(f"evaluation: {summary['eval_results']}")
         if summary["stopped_by"]:
-            print(f"neuclip-train: stopped by {summary['stopped_by']} at step {final.get('step')} with a checkpoint; "
+            saved = "with a checkpoint" if summary["checkpoint"] else "without a checkpoint (see above)"
+            print(f"neuclip-train: stopped by {summary['stopped_by']} at step {final.get('step')} {saved}; "
                   f"--resume auto continues the run", file=sys.stderr)
     return 0
 

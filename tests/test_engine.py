@@ -100,18 +100,27 @@ def test_nan_batch_is_skipped_and_counted_on_every_rank(tmp_path):
     assert summary(out)["npn_checksums"][0] == summary(out)["npn_checksums"][1]
 
 
-def test_nan_k_in_a_row_aborts_with_a_clear_message(tmp_path):
+def test_no_checkpoint_while_diverging_and_the_abort_points_at_the_last_clean_one(tmp_path):
+    """Non-finite steps 3, 6, 7, 8 (1-based), a save every 2 steps, --keep-last 1: step 4 is saved (its own step
+    was fine), but rotation keeps step 2, the last checkpoint before the first skipped step; step 6 is not saved
+    (its step was skipped); the abort after 3 skipped steps in a row names step 2 as the state to restart from."""
     import os
+    out = tmp_path / "o"
     ds = write_ds_config(tmp_path / "z2.json", stage=2)
     script = os.path.join(os.path.dirname(__file__), "scripts", "nan_run.py")
-    os.environ["NAN_STEPS"], os.environ["NAN_RANK"] = "1,2,3", "0"
+    os.environ["NAN_STEPS"], os.environ["NAN_RANK"] = "2,5,6,7", "0"
     try:
-        proc = launch_script(script, [*BASE, "--ds-config", ds, "--output-dir", str(tmp_path / "o"),
-                                      "--max-skipped-in-a-row", "3"], nproc=1, check=False)
+        proc = launch_script(script, [*BASE, "--steps", "8", "--ds-config", ds, "--output-dir", str(out),
+                                      "--save-every", "2", "--keep-last", "1", "--max-skipped-in-a-row", "3"],
+                             nproc=1, check=False)
     finally:
         os.environ.pop("NAN_STEPS"), os.environ.pop("NAN_RANK")
     assert proc.returncode == 1
-    assert "aborted: 3 steps in a row skipped (non-finite features)" in proc.stderr
+    clean = out / "checkpoints" / "step00000002"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step00000002", "step00000004"]
+    assert "neuclip-train: step 6 not saved: the last step was skipped" in proc.stderr
+    assert (f"neuclip-train: aborted: 3 steps in a row skipped (non-finite features); the last checkpoint saved "
+            f"before the first skipped step is {clean}: --resume {clean} with a lower --lr") in proc.stderr
 
 
 def test_accelerate_launch_runs_the_same_entry_point(runs, tmp_path):

@@ -25,9 +25,10 @@ def error_line(proc) -> str:
     return lines[0]
 
 
-def the_one_error_line(ranks) -> str:
-    """The cause is printed once over all ranks, as one line, without a traceback."""
-    lines = [ln for r in ranks for ln in r.stderr.splitlines() if ln.startswith("neuclip-train:")]
+def the_one_error_line(ranks, besides=()) -> str:
+    """The cause is printed once over all ranks, as one line, without a traceback (`besides`: the run's other
+    messages)."""
+    lines = [ln for r in ranks for ln in r.stderr.splitlines() if "neuclip-train:" in ln and ln not in besides]
     assert len(lines) == 1, [r.stderr[-3000:] for r in ranks]
     assert not any("Traceback" in r.stderr for r in ranks), [r.stderr[-3000:] for r in ranks]
     return lines[0]
@@ -180,3 +181,23 @@ def test_a_rank_file_missing_on_resume_ends_every_rank_and_debug_shows_the_trace
     assert re.search(r"^neuclip-train: aborted: .*neuclip_rank1.pt is missing$", ranks[1].stderr, re.M), ranks[1].stderr
     assert "Traceback (most recent call last)" in ranks[1].stderr
     assert abs(ranks[0].exited_after_s - ranks[1].exited_after_s) < 30
+
+
+def test_non_finite_weights_on_one_rank_are_never_saved(tmp_path):
+    """Rank 1's weights turn infinite right before the step-2 save: both ranks refuse that save alike, the
+    following steps are skipped, and the abort says no checkpoint precedes the first skipped step."""
+    out = tmp_path / "run"
+    os.environ.update(POISON_STEP="1", POISON_RANK="1")
+    try:
+        ranks = launch_ranks([*BASE, "--steps", "8", "--output-dir", str(out), "--max-skipped-in-a-row", "3"],
+                             nproc=2, script=str(ROOT / "tests" / "scripts" / "poison_weights.py"), timeout=240)
+    finally:
+        del os.environ["POISON_STEP"], os.environ["POISON_RANK"]
+    assert [r.returncode for r in ranks] == [1, 1], [r.stderr[-2000:] for r in ranks]
+    refusal = "neuclip-train: step 2 not saved: the weights or optimizer state hold non-finite values"
+    then_skipped = "neuclip-train: step 4 not saved: the last step was skipped"
+    assert refusal in ranks[0].stderr.splitlines() and then_skipped in ranks[0].stderr.splitlines()
+    assert not list((out / "checkpoints").glob("step*"))
+    assert the_one_error_line(ranks, besides=[refusal, then_skipped]) == ("neuclip-train: aborted: 3 steps in a row skipped (non-finite features); no "
+                                         "checkpoint was saved before the first skipped step: start over with a lower "
+                                         "--lr, or check the data")
