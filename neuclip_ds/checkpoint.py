@@ -213,8 +213,11 @@ def _write_this_rank(engine, tag_dir: Path, *, shared_state: dict, rank_state: d
     try:
         with _engine_writes_reported(engine, tag_dir, report):
             engine.save_checkpoint(str(tag_dir.parent), tag=tag_dir.name, save_latest=False)
-    except Exception as e:   # not a file write; the ranks may be out of step now (see the README)
-        report["failed"].append(f"engine.save_checkpoint: {_one_line(e)}")
+    except Exception as e:
+        # not a file write (those are reported): the other ranks may be inside one of save_checkpoint's barriers,
+        # so no agreement can follow. This rank fails, and the failure path ends the others (stopping.py).
+        raise CheckpointNotSaved(f"checkpoint {tag_dir.name} not saved (rank {_rank()}: engine.save_checkpoint: "
+                                 f"{_one_line(e)}); `latest` still names {_latest_name(tag_dir.parent)}") from None
     ours = [(f"neuclip_rank{_rank()}.pt", rank_state)] + ([(SHARED_FILE, shared_state)] if _rank() == 0 else [])
     for name, payload in ours:
         try:
@@ -264,14 +267,17 @@ def _commit(tag_dir: Path, reports: list[dict], *, run_id: str, keep_last: int, 
         except OSError as e:
             problems.append(_one_line(e))
     if problems:
-        latest = ckpt_dir / "latest"
-        previous = latest.read_text().strip() if latest.is_file() else "no checkpoint"
         raise CheckpointNotSaved(f"checkpoint {tag_dir.name} not saved ({'; '.join(problems)}); `latest` still "
-                                 f"names {previous}")
+                                 f"names {_latest_name(ckpt_dir)}")
     try:
         rotate(ckpt_dir, run_id=run_id, current=tag_dir.name, keep_last=keep_last, keep=keep)
     except OSError as e:   # the checkpoint is saved; older ones left behind only cost disk space
         warnings.warn(f"checkpoint rotation in {ckpt_dir}: {_one_line(e)}", stacklevel=2)
+
+
+def _latest_name(ckpt_dir: Path) -> str:
+    latest = ckpt_dir / "latest"
+    return latest.read_text().strip() if latest.is_file() else "no checkpoint"
 
 
 def rotate(ckpt_dir: Path, *, run_id: str, current: str, keep_last: int, keep: Path | None = None) -> list[str]:

@@ -119,10 +119,11 @@ def test_latest_never_names_a_tag_being_rewritten(tmp_path):
     assert (ckpts / "step00000002" / checkpoint.COMPLETE).is_file()
 
 
-@pytest.mark.parametrize("failing_file", ["neuclip_rank", "optim_states"])
+@pytest.mark.parametrize("failing_file", ["neuclip_rank", "optim_states", "engine"])
 def test_a_save_that_fails_on_one_rank_stops_every_rank_and_keeps_latest(tmp_path, failing_file):
-    """Rank 1 cannot write a file of the step-4 save (ours, or DeepSpeed's optimizer shard): no COMPLETE, `latest`
-    still names step 2, and both ranks stop with the same line (exit 1) instead of hanging or moving `latest`."""
+    """Rank 1 cannot write a file of the step-4 save (ours, or DeepSpeed's optimizer shard), or DeepSpeed's
+    save_checkpoint raises on rank 1 outside any write: no COMPLETE, `latest` still names step 2, and both ranks
+    stop (exit 1) with the cause printed once, instead of hanging or moving `latest`."""
     out = tmp_path / "run"
     os.environ.update(FAIL_SAVE_STEP="4", FAIL_SAVE_RANK="1", FAIL_SAVE_FILE=failing_file)
     try:

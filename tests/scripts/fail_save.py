@@ -1,12 +1,14 @@
 """neuclip-train whose rank FAIL_SAVE_RANK cannot write one file of the save of step FAIL_SAVE_STEP (an OSError, as
 from a full disk): the first file whose name contains FAIL_SAVE_FILE, either one of ours (`neuclip_rank`, written
-by neuclip_ds.checkpoint) or one of DeepSpeed's (`optim_states`, written inside engine.save_checkpoint)."""
+by neuclip_ds.checkpoint) or one of DeepSpeed's (`optim_states`, written inside engine.save_checkpoint); or, with
+FAIL_SAVE_FILE=engine, engine.save_checkpoint itself raises before writing anything (not a file write)."""
 
 import errno
 import os
 
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.engine import DeepSpeedEngine
 
 from neuclip_ds import checkpoint, train
 
@@ -35,6 +37,16 @@ def engine_save(self, state_dict, path):
     return write_deepspeeds(self, state_dict, path)
 
 
+save_checkpoint = DeepSpeedEngine.save_checkpoint
+
+
+def engine_save_checkpoint(self, save_dir, tag=None, **kwargs):
+    if FAIL_FILE == "engine" and dist.get_rank() == FAIL_RANK and tag == FAIL_TAG:
+        raise RuntimeError("No space left on device (injected) in engine")
+    return save_checkpoint(self, save_dir, tag=tag, **kwargs)
+
+
 checkpoint._atomic_write = atomic_write
 TorchCheckpointEngine.save = engine_save
+DeepSpeedEngine.save_checkpoint = engine_save_checkpoint
 train.cli()
