@@ -27,7 +27,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-FAILED_RANKS_KEY = "neuclip_ds/failed_ranks"
+# per torchrun restart: its agent's store outlives the ranks of a failed attempt, and the next attempt starts clean
+FAILED_RANKS_KEY = f"neuclip_ds/failed_ranks/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 WATCHDOG_POLL_S = 1.0
 # set by this rank's FaultWatchdog once another rank's failure is counted: this rank's own error that follows is
