@@ -405,28 +405,30 @@ class NeuCLIPEngine:
         failure."""
         if self.skipped_in_a_row:
             return "the last step was skipped"
-        if not self._all_finite(*self._state_tensors()):
-            return "the weights or optimizer state hold non-finite values"
-        return None
+        broken = any(not torch.isfinite(t).all() for t in self._weights_and_moments())
+        # log-domain tables (FastCLIP's log u) hold -inf for a sample not seen yet (log 0): NaN and +inf are broken
+        broken = broken or any(t.isnan().any() or t.isposinf().any()
+                               for t in _nested_tensors(self.estimator.state_dict()))
+        return "the weights or optimizer state hold non-finite values" if self._on_any_rank(broken) else None
 
-    def _state_tensors(self) -> list[torch.Tensor]:
-        """This rank's share of everything a checkpoint holds: the module's parameters, the optimizer's (under ZeRO
-        the fp32 master partitions) and its moments, and the estimator's state (NPN, u tables)."""
+    def _weights_and_moments(self) -> list[torch.Tensor]:
+        """This rank's share of the encoders' state: the module's parameters, the optimizer's (under ZeRO the fp32
+        master partitions) and its moments."""
         base = getattr(self.optimizer, "optimizer", self.optimizer)   # ZeRO wraps the torch optimizer
         tensors = list(self.engine.module.parameters())
         tensors += [p for group in base.param_groups for p in group["params"]]
-        tensors += [t for state in base.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
-        return tensors + _nested_tensors(self.estimator.state_dict())
+        return tensors + [t for state in base.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
 
     def _all_finite(self, *tensors: torch.Tensor) -> bool:
         """The same verdict on every rank (one all-reduce)."""
-        bad = torch.zeros(1, device=self.info.device)
-        for t in tensors:
-            if not torch.isfinite(t).all():
-                bad += 1
+        return not self._on_any_rank(any(not torch.isfinite(t).all() for t in tensors))
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on some rank; the same answer on every rank (one all-reduce)."""
+        found = torch.tensor([float(flag)], device=self.info.device)
         if self.info.world_size > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bool(bad.item() == 0)
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        return bool(found.item() > 0)
 
     def _splice(self, a: int, fresh: dict, cache_img: torch.Tensor, cache_txt: torch.Tensor,
                 glob_img: torch.Tensor, glob_txt: torch.Tensor) -> Features:
