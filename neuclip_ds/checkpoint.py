@@ -34,6 +34,7 @@ import subprocess
 import sys
 import uuid
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -124,6 +125,33 @@ def _refused(path: str | os.PathLike, reason: str) -> str:
 
 def _not_allowed(name: str) -> str:
     return f"it names {name}, which is not on the allow-list"
+
+
+def check_files_are_data(*dirs: Path) -> None:
+    """Collective, before a resume loads anything: every rank reads the pickle of every `*.pt` file under dirs (not
+    its tensors: cheap) and, if one names a global that `load_data` would refuse, the run stops on every rank alike
+    with `load_data`'s line. Without it, only the rank loading such a file would stop, and the others would wait
+    for it in a DeepSpeed collective. `load_data` stays the guard: the legacy (non-zip) format is not scanned."""
+    problems = gather_objects(_first_refused(sorted({p for d in dirs for p in Path(d).rglob("*.pt")})))
+    problem = next((p for p in problems if p), None)
+    if problem:
+        raise CheckpointError(problem)
+
+
+def _first_refused(paths: list[Path]) -> str | None:
+    """The line of the first of paths that `load_data` would refuse (None: none). Never raises: the other ranks
+    are waiting for this rank's answer."""
+    for path in paths:
+        try:
+            if not zipfile.is_zipfile(path):
+                continue
+            with torch.serialization.safe_globals(deepspeed_types()):
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception as e:
+            return f"{path} cannot be read: {_one_line(e)[:200]}"
+        if unsafe:
+            return _refused(path, _not_allowed(unsafe[0]))
+    return None
 
 
 @contextlib.contextmanager

@@ -1,7 +1,10 @@
 """Checkpoints are data, not code (issue 13): a checkpoint file that would run code when unpickled is refused, with
 one line naming it, before any of it runs, by --resume (same and another world size: the universal conversion and
 its loading), neuclip-export and neuclip-eval; real ZeRO-1/2/3 checkpoints (fp32, bf16) still resume and export.
-CPU, gloo. The resume cases plant both torch.save's zip format and the legacy one."""
+CPU, gloo.
+
+A resume scans the files before loading (torch.save's zip format) so that every rank stops alike; a file in the
+legacy format is not scanned and reaches the loaders, which refuse it themselves: the resume cases plant both."""
 
 import pickle
 import shutil
@@ -17,6 +20,7 @@ TINY = ["--synthetic-samples", "64", "--global-batch-size", "16", "--npn-prototy
 TAG = "step00000002"
 MODEL_STATES = "mp_rank_00_model_states.pt"
 OPTIMIZER_SHARD = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+UNIVERSAL_FRAGMENT = "zero/logit_scale/fp32.pt"
 
 
 class CreatesAFile:
@@ -118,6 +122,20 @@ def test_another_world_size_refuses_a_file_in_the_conversion(trained, tmp_path):
     assert proc.returncode != 0 and not marker.exists()
     # `in`, not startswith: the two ranks' lines share stderr, and print writes a line's end separately
     assert all("aborted: --resume: ds_to_universal failed on" in line for line in refusal_lines(proc.stderr, path))
+
+
+def test_another_world_size_refuses_a_file_of_the_universal_checkpoint(trained, tmp_path):
+    """1 -> 2 ranks from an existing universal conversion: found by the scan, so both ranks stop (the loader behind
+    it: the next test)."""
+    from neuclip_ds.checkpoint import to_universal
+
+    run, marker = copy_of(trained, tmp_path), tmp_path / "MARKER"
+    universal = to_universal(run / "checkpoints" / TAG)   # the conversion itself reads every file as data
+    path = universal / UNIVERSAL_FRAGMENT
+    plant(path, marker)
+    proc = launch(train_args(run, steps=3, extra=["--resume", "auto"]), nproc=2, check=False)
+    assert proc.returncode != 0 and not marker.exists()
+    assert all("neuclip-train: aborted:" in line for line in refusal_lines(proc.stderr, path))
 
 
 def test_what_deepspeed_reads_inside_the_block_is_data(tmp_path):
