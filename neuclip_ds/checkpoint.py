@@ -12,7 +12,9 @@ Layout of `<output_dir>/checkpoints/`:
     latest                        moved (atomic rename) only after COMPLETE exists: a kill or a failure during a
                                   save leaves the previous checkpoint as `latest`, and resume refuses a tag
                                   without COMPLETE
-Everything of ours is plain tensors / numbers / strings and is loaded with `torch.load(weights_only=True)`.
+Checkpoints are data, not code: every file of a checkpoint (ours and DeepSpeed's, on resume, export, eval and the
+universal conversion) is read through `load_data`: `torch.load(weights_only=True)` with an allow-list of the few
+DeepSpeed types those files hold. A file naming anything else is refused with one line naming it.
 The last `keep_last` complete checkpoints of the current run are kept; rotation never deletes another run's tags.
 
 Sections: save, resume (engine + our state), and loading a trained model without an engine
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
 import re
 import shutil
@@ -31,8 +34,9 @@ import subprocess
 import sys
 import uuid
 import warnings
+import zipfile
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -76,6 +80,107 @@ def gather_objects(obj) -> list:
     out = [None] * _world()
     dist.all_gather_object(out, obj)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading a checkpoint file: data, not code
+# ---------------------------------------------------------------------------------------------------------------
+def deepspeed_types() -> list[type]:
+    """The DeepSpeed types a checkpoint file may hold besides what `weights_only` reads by default (tensors,
+    numbers, strings, containers, torch dtypes and sizes). Found with `torch.serialization.
+    get_unsafe_globals_in_checkpoint` on ZeRO-1/2/3 checkpoints (fp32, bf16) of DeepSpeed 0.19 and on their
+    universal conversions: the optimizer shards hold LossScaler, ZeroStageEnum and fragment_address (ZeRO-1/2);
+    fp16 saves a DynamicLossScaler where the others save a LossScaler. Each is a plain record: loading one sets its
+    attributes and runs no code of the file's choosing."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_data(f: str | os.PathLike, map_location: Any = None, *, mmap: bool | None = None, **ignored) -> Any:
+    """`torch.load` of one checkpoint file as data: `weights_only=True`, allowing `deepspeed_types()` besides
+    torch's defaults. It stands in for `torch.load` (see `files_read_as_data`), so it takes its arguments;
+    `weights_only`, `pickle_module` and other unpickling options in `ignored` are overridden.
+
+    A file that names any other global (a function to call, a class to build) is refused before anything in it
+    runs: CheckpointError, one line naming the file and the global. A file that cannot be read at all (torn,
+    not a torch file) is a one-line CheckpointError too."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_types()):
+            # torch.serialization.load is the function itself; `torch.load` may be this one, standing in for it
+            return torch.serialization.load(f, map_location=map_location, mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as e:
+        named = re.search(r"GLOBAL (\S+)", str(e))
+        # torch's message is a page of advice raised `from None`; its reason is the exception it replaced
+        reason = _not_allowed(named.group(1)) if named else _one_line(e.__context__ or e)[:200]
+        raise CheckpointError(_refused(f, reason)) from None
+    except Exception as e:
+        raise CheckpointError(f"{f} cannot be read: {_one_line(e)[:200]}") from None
+
+
+def _refused(path: str | os.PathLike, reason: str) -> str:
+    return (f"{path} refused: {reason}; a checkpoint file may hold tensors, plain values and DeepSpeed's own "
+            f"records only (README: What a checkpoint may contain)")
+
+
+def _not_allowed(name: str) -> str:
+    return f"it names {name}, which is not on the allow-list"
+
+
+def check_files_are_data(*dirs: Path) -> None:
+    """Collective, before a resume loads anything: every rank reads the pickle of every `*.pt` file under dirs (not
+    its tensors: cheap) and, if one names a global that `load_data` would refuse, the run stops on every rank alike
+    with `load_data`'s line. Without it, only the rank loading such a file would stop, and the others would wait
+    for it in a DeepSpeed collective. `load_data` stays the guard: the legacy (non-zip) format is not scanned."""
+    problems = gather_objects(_first_refused(sorted({p for d in dirs for p in Path(d).rglob("*.pt")})))
+    problem = next((p for p in problems if p), None)
+    if problem:
+        raise CheckpointError(problem)
+
+
+def _first_refused(paths: list[Path]) -> str | None:
+    """The line of the first of paths that `load_data` would refuse (None: none). Never raises: the other ranks
+    are waiting for this rank's answer."""
+    for path in paths:
+        try:
+            if not zipfile.is_zipfile(path):
+                continue
+            with torch.serialization.safe_globals(deepspeed_types()):
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception as e:
+            return f"{path} cannot be read: {_one_line(e)[:200]}"
+        if unsafe:
+            return _refused(path, _not_allowed(unsafe[0]))
+    return None
+
+
+@contextlib.contextmanager
+def files_read_as_data(engine: Any = None) -> Iterator[None]:
+    """Every file DeepSpeed reads inside the block goes through `load_data`.
+
+    The engine's own reads (model states and optimizer shards, on resume) go through its checkpoint engine, whose
+    `load` is routed there. DeepSpeed 0.19 also calls `torch.load(weights_only=False)` directly, past any
+    checkpoint engine: zero_to_fp32 (export, eval), ds_to_universal, and the universal-checkpoint loaders
+    (`universal_checkpoint.load_hp_checkpoint_state`, ZeRO-3's `load_hp_checkpoint_state_from_checkpoint_dir`).
+    No hook reaches those, so `torch.load` itself stands in for the block alone, and is put back after it."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_swapped(torch, "load", load_data))
+        if engine is not None:
+            stack.enter_context(_swapped(engine.checkpoint_engine, "load", load_data))
+        yield
+
+
+@contextlib.contextmanager
+def _swapped(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """owner.name is value inside the block, and what it was after it."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,8 +338,7 @@ def _engine_writes_reported(engine, tag_dir: Path, report: dict):
     """Route the engine's file writes into `report` instead of letting a failed one raise: DeepSpeed's
     save_checkpoint has barriers between and after its writes, and a rank leaving it early would leave the other
     ranks waiting in one of them. Every file DeepSpeed saves goes through `engine.checkpoint_engine.save`."""
-    checkpoint_engine = engine.checkpoint_engine
-    original = checkpoint_engine.save
+    original = engine.checkpoint_engine.save
 
     def save(state_dict, path, *args, **kwargs):
         name = os.path.relpath(path, tag_dir)
@@ -244,11 +348,8 @@ def _engine_writes_reported(engine, tag_dir: Path, report: dict):
         except Exception as e:
             report["failed"].append(f"{name}: {_one_line(e)}")
 
-    checkpoint_engine.save = save
-    try:
+    with _swapped(engine.checkpoint_engine, "save", save):
         yield
-    finally:
-        checkpoint_engine.save = original
 
 
 def _commit(tag_dir: Path, reports: list[dict], *, run_id: str, keep_last: int, keep: Path | None) -> None:
@@ -333,14 +434,14 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
 
 
 def read_shared(tag_dir: Path) -> dict:
-    return torch.load(tag_dir / SHARED_FILE, weights_only=True)
+    return load_data(tag_dir / SHARED_FILE)
 
 
 def read_rank(tag_dir: Path, rank: int) -> dict:
     path = tag_dir / f"neuclip_rank{rank}.pt"
     if not path.is_file():
         raise CheckpointError(f"--resume: {path} is missing")
-    return torch.load(path, weights_only=True)
+    return load_data(path)
 
 
 # the options that define what a checkpoint holds; resuming with another value is an error, not a surprise
@@ -360,13 +461,14 @@ def check_compatible(saved_config: dict, config: dict, zero_stage: int | None = 
 
 
 def to_universal(tag_dir: Path) -> Path:
-    """Convert a ZeRO checkpoint to DeepSpeed's universal format (rank 0 runs ds_to_universal; others wait).
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (rank 0 runs ds_to_universal reading every file
+    as data, `neuclip_ds.ds_to_universal`; others wait).
 
     Used when the world size changed; the engine then loads it with `checkpoint.load_universal`."""
     out = tag_dir.parent / (tag_dir.name + "_universal")
     if _rank() == 0 and not (out / COMPLETE).is_file():
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+        cmd = [sys.executable, "-m", "neuclip_ds.ds_to_universal", "--input_folder", str(tag_dir),
                "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
                "--inject_missing_state"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -387,19 +489,11 @@ def _load_universal_groups_without_local_elements(optimizer, lp_groups_name: str
     instead of an IndexError. The temperature is a one-element group (its own lr, E6), so at 2+ ranks every rank
     but one holds only padding of it; without this, resuming at another world size fails on those ranks."""
     from deepspeed.runtime.base_optimizer import _get_universal_checkpoint_ep_info
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.utils import bwc_tensor_model_parallel_rank
-    from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
 
     checkpoint_dir = os.path.join(checkpoint_dir, "zero")
-    path = os.path.join(checkpoint_dir, "optimizer_state.pt")
-    try:   # data, not code: tensors and plain values plus the two DeepSpeed types the file holds
-        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum]):
-            optim_sd = torch.load(path, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"--resume: {path} is not a plain DeepSpeed optimizer state "
-                              f"({_one_line(e)[:200]})") from None
+    optim_sd = load_data(os.path.join(checkpoint_dir, "optimizer_state.pt"))
     optimizer._load_global_state(optim_sd)
     tp_rank = bwc_tensor_model_parallel_rank(mpu=optimizer.mpu)
     ep_rank, ep_size = _get_universal_checkpoint_ep_info()
@@ -425,7 +519,8 @@ def load_engine(engine, tag_dir: Path) -> None:
             and getattr(opt, "mpu", None) is None and engine.zero_optimization_stage() in (1, 2):
         opt.load_hp_checkpoint_state_from_checkpoint_dir = \
             lambda name, folder: _load_universal_groups_without_local_elements(opt, name, folder)
-    load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
+    with files_read_as_data(engine):
+        load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
     if load_path is None:
         raise CheckpointError(f"--resume: DeepSpeed could not load {tag_dir}")
 
@@ -461,17 +556,13 @@ def load_checkpoint_state_dict(ckpt_dir: str | os.PathLike, tag: str) -> dict[st
     if any(tag_dir.glob("*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(sys.stderr):  # it prints progress; keep stdout for the table
+        with contextlib.redirect_stdout(sys.stderr), files_read_as_data():  # it prints progress; stdout: the table
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
         return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise CheckpointError(f"--checkpoint: no model states in {tag_dir}")
-    try:   # data, not code
-        blob = torch.load(files[0], map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"--checkpoint: {files[0]} is not a plain weights file "
-                              f"({_one_line(e)[:200]})") from None
+    blob = load_data(files[0], map_location="cpu")
     state = blob.get("module") if isinstance(blob, dict) else None
     if not state:
         raise CheckpointError(f"--checkpoint: {files[0]} holds no module weights (ZeRO-3 without optimizer shards?)")
@@ -492,7 +583,7 @@ def read_run_config(run_dir: str | os.PathLike, ckpt_dir: str | os.PathLike | No
     if ckpt_dir is not None and tag is not None:
         shared = Path(ckpt_dir) / tag / SHARED_FILE  # written by save() above (plain values)
         if shared.is_file():
-            blob = torch.load(shared, map_location="cpu", weights_only=True)
+            blob = load_data(shared, map_location="cpu")
             if isinstance(blob.get("config"), dict):
                 return blob["config"]
     raise CheckpointError(f"--checkpoint: no config.yaml in {run_dir} (needed to rebuild the model)")

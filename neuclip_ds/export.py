@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (COMPLETE, SHARED_FILE, CheckpointError, load_checkpoint_state_dict, model_from_state_dict,
-                         read_run_config, resolve_checkpoint)
+from .checkpoint import (COMPLETE, SHARED_FILE, CheckpointError, load_checkpoint_state_dict, load_data,
+                         model_from_state_dict, read_run_config, resolve_checkpoint)
 
 TOWER_PREFIXES = ("visual.", "text.")  # visual.vision_model.* -> vision_model.*, text.text_model.* -> text_model.*
 
@@ -108,7 +108,7 @@ def _export_npn(tag_dir: Path, out: Path) -> str | None:
     path = tag_dir / SHARED_FILE
     if not path.is_file():
         return None
-    shared = torch.load(path, weights_only=True)
+    shared = load_data(path)
     npn = (shared.get("estimator") or {}).get("npn")
     if not npn:
         return None

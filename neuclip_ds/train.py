@@ -110,6 +110,7 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
     if saved is None:
         seed_everything(cfg.seed * 1000 + info.rank)  # per-rank random streams from here on (augmentation)
     else:
+        checkpoint.check_files_are_data(resume_dir, load_dir)   # a refused file stops every rank alike
         checkpoint.load_engine(eng.engine, load_dir)
         start_step = restore_run_state(saved, resume_dir, eng, stream, info, cfg)
 
