@@ -72,8 +72,9 @@ def report_failure(error: BaseException, *, debug: bool, expected: tuple[type, .
         if debug:
             traceback.print_exception(error)
         cause = str(error) if isinstance(error, expected) else f"error on rank {rank}: {one_line(error)}"
-        print(f"neuclip-train: {'aborted: ' if isinstance(error, expected) else ''}{cause}", file=sys.stderr,
-              flush=True)
+        # one write: with --debug every failing rank prints, and their lines must not interleave
+        sys.stderr.write(f"neuclip-train: {'aborted: ' if isinstance(error, expected) else ''}{cause}\n")
+        sys.stderr.flush()
     if rank == 0 and dist.is_initialized() and dist.get_world_size() > 1:
         # rank 0 hosts the store: it stays long enough for every watchdog to read the count before the store goes
         time.sleep(2.5 * WATCHDOG_POLL_S)
