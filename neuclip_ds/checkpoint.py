@@ -42,9 +42,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .rundir import CHECKPOINTS, RunFiles
 from .stopping import one_line as _one_line
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = CHECKPOINTS
 COMPLETE = "COMPLETE"
 RUN_ID = "RUN_ID"
 SHARED_FILE = "neuclip_state.pt"
@@ -204,6 +205,73 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run's state outside DeepSpeed's engine
+# ---------------------------------------------------------------------------------------------------------------
+class TrainState:
+    """Everything a checkpoint holds beside the engine's files (weights, optimizer, LR schedule): the step, the
+    estimator (NPN + AdaGrad, E7, identical on every rank; or this rank's FastCLIP u-table shard, E9), the data
+    position, the RNG states, the skip counters and the temperature's bound counter.
+
+    `state_dict()` gives the two payloads a checkpoint stores: "shared" (rank 0 writes it once) and "rank" (each
+    rank its own). `load_state_dict()` restores them, exactly at the same world size; at another one (a universal
+    checkpoint) everything but the per-rank RNG streams and the webdataset sample order carries over."""
+
+    def __init__(self, eng, stream, *, config: dict, seed: int, rank: int, world_size: int):
+        self.eng, self.stream, self.config, self.seed = eng, stream, config, seed
+        self.rank, self.world_size = rank, world_size
+
+    def state_dict(self) -> dict:
+        estimator = self.eng.estimator.state_dict()
+        replicated = "npn" in estimator   # identical on every rank: saved once
+        shared = {"config": self.config, "estimator": estimator if replicated else {},
+                  "skipped_steps": self.eng.skipped_steps, "data_rank0": self.stream.state_dict(),
+                  "temperature": self.eng.temperature_state(), "world_size": self.world_size}
+        rank = {"rng": rng_state(), "data": self.stream.state_dict(), "estimator": {} if replicated else estimator}
+        return {"shared": shared, "rank": rank}
+
+    def load_state_dict(self, shared: dict, tag_dir: Path) -> int:
+        """Restore from a checkpoint's shared payload and the rank files in tag_dir; returns the step."""
+        step = int(shared["step"])
+        self.eng.skipped_steps = int(shared.get("skipped_steps", 0))
+        self.eng.load_temperature_state(shared.get("temperature", {}))
+        if shared["world_size"] == self.world_size:
+            mine = read_rank(tag_dir, self.rank)
+            self.eng.estimator.load_state_dict(shared["estimator"] or mine["estimator"])
+            self.stream.load_state_dict(mine["data"])
+            set_rng_state(mine["rng"])
+            return step
+        self._load_resharded(shared, tag_dir, step)
+        return step
+
+    def _load_resharded(self, shared: dict, tag_dir: Path, step: int) -> None:
+        """Another world size: u tables re-sharded by index owner; synthetic streams continue exactly (their global
+        batches do not depend on the world size); a webdataset stream restarts the saved epoch and skips the same
+        fraction of it (the sample order differs); every rank is reseeded from (seed, step, rank)."""
+        if shared["estimator"]:
+            self.eng.estimator.load_state_dict(shared["estimator"])
+        elif hasattr(self.eng.estimator, "load_resharded"):
+            self.eng.estimator.load_resharded([read_rank(tag_dir, r)["estimator"]
+                                               for r in range(shared["world_size"])])
+        data = shared["data_rank0"]
+        if "step_in_epoch" in data:   # synthetic
+            self.stream.load_state_dict(data)
+        else:
+            loader = dict(data["loader"])
+            loader["batches_in_epoch"] = loader["batches_in_epoch"] * shared["world_size"] // self.world_size
+            self.stream.load_state_dict({"loader": loader, "tracker": {}})
+        seed_everything(self.seed * 1000 + self.rank + 7919 * step)
+        if self.rank == 0:
+            print(f"neuclip-train: resuming a {shared['world_size']}-rank checkpoint on {self.world_size} ranks "
+                  f"(universal checkpoint); RNG reseeded per rank", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # save
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,19 +329,19 @@ def _atomic_write(path: Path, payload, *, text: bool = False) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, output_dir: str | Path, *, step: int, run_id: str, shared_state: dict, rank_state: dict,
-         keep_last: int, keep: Path | None = None) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory.
+def save(engine, output_dir: str | Path, *, step: int, run_id: str, state: dict, keep_last: int,
+         keep: Path | None = None) -> Path:
+    """Collective: every rank calls it with its `TrainState.state_dict()`. Returns the checkpoint directory.
 
-    The ranks agree on the outcome: each writes its part and reports what it wrote and what failed (it never
-    raises before reporting: the others are waiting for its answer), rank 0 checks every reported file is on
+    The ranks agree on the outcome: each writes its part and reports what it wrote and what failed (a failed
+    write never raises before reporting: the others are waiting for its answer), rank 0 checks every reported file is on
     disk, and only then writes COMPLETE and moves `latest`. A failed save raises CheckpointNotSaved on every rank
     alike; `latest` still names the previous checkpoint. `keep`: a checkpoint rotation must not delete (the
     last one saved before the first skipped step: an abort points at it)."""
     tag_dir = Path(output_dir) / CHECKPOINT_DIR / tag_for(step)
     _from_rank0(lambda: _prepare_tag_dir(tag_dir, run_id))
-    report = _write_this_rank(engine, tag_dir, shared_state=dict(shared_state, step=step, world_size=_world()),
-                              rank_state=rank_state)
+    report = _write_this_rank(engine, tag_dir, shared_state=dict(state["shared"], step=step, world_size=_world()),
+                              rank_state=state["rank"])
     reports = gather_objects(report)
     _from_rank0(lambda: _commit(tag_dir, reports, run_id=run_id, keep_last=keep_last, keep=keep))
     return tag_dir
@@ -574,7 +642,7 @@ def read_run_config(run_dir: str | os.PathLike, ckpt_dir: str | os.PathLike | No
     """The run's ``config.yaml``; else the ``config`` saved in the checkpoint's client state."""
     import yaml
 
-    path = Path(run_dir) / "config.yaml"
+    path = RunFiles(Path(run_dir)).config
     if path.is_file():
         cfg = yaml.safe_load(path.read_text()) or {}
         if not isinstance(cfg, dict):

@@ -11,13 +11,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .rundir import RunFiles
+
 
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, *, rank: int, total_steps: int, report_to: str = "jsonl",
                  config: dict | None = None, wandb_project: str = "neuclip_ds", wandb_offline: bool = False,
                  initial_step: int = 0, resume: bool = False):
         self.rank = rank
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = RunFiles(Path(output_dir)).metrics
         self.file = None
         self.bar = None
         self.wandb = None

@@ -15,12 +15,48 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "eval_results.json", "plots/training.png")
-CHECKPOINTS = "checkpoints"
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """Where a run's outputs live under its output directory: the one place that names them."""
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def eval_results(self) -> Path:
+        return self.root / "eval_results.json"
+
+    @property
+    def plot(self) -> Path:
+        return self.root / "plots" / "training.png"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def records(self) -> list[Path]:
+        return [self.config, self.metrics, self.summary, self.eval_results, self.plot]
+
+
+RUN_FILES = tuple(str(p) for p in RunFiles(Path()).records())
+CHECKPOINTS = RunFiles(Path()).checkpoints.name
 
 
 def previous_run(output_dir: str | Path) -> list[str]:

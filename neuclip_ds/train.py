@@ -7,24 +7,18 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
 from .config import ConfigError, TrainConfig, parse_config
+from .checkpoint import seed_everything
 from .presets import get_preset
+from .rundir import RunFiles
 from .stopping import FaultWatchdog, StopSignals, report_failure
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def build_tokenizer_vocab(cfg: TrainConfig):
@@ -91,6 +85,7 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
     from .metrics import MetricsLogger, plot_training, read_metrics
 
     out_dir = Path(cfg.output_dir)
+    files = RunFiles(out_dir)
     if info.rank == 0:
         start_output_dir(cfg, out_dir)
     run_id = checkpoint.run_id_for(resume_dir)
@@ -106,13 +101,15 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
     eng = NeuCLIPEngine(cfg, model, info, total_steps=total_steps, dataset_size=cfg.dataset_size or dataset_size,
                         load_universal=resized)
 
+    state = checkpoint.TrainState(eng, stream, config=dict(cfg.to_dict(), zero_stage=cfg.zero_stage()),
+                                  seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     start_step = 0
     if saved is None:
         seed_everything(cfg.seed * 1000 + info.rank)  # per-rank random streams from here on (augmentation)
     else:
         checkpoint.check_files_are_data(resume_dir, load_dir)   # a refused file stops every rank alike
         checkpoint.load_engine(eng.engine, load_dir)
-        start_step = restore_run_state(saved, resume_dir, eng, stream, info, cfg)
+        start_step = state.load_state_dict(saved, resume_dir)
 
     probe = build_norm_err_probe(cfg, info, stream, tokenizer) if cfg.norm_err_every else None
 
@@ -130,15 +127,8 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
         if refusal is not None:
             logger.note(f"neuclip-train: step {step} not saved: {refusal}")
             return None
-        estimator = eng.estimator.state_dict()
-        shared_estimator = estimator if "npn" in estimator else {}  # identical on every rank: saved once
-        shared_state = {"config": dict(cfg.to_dict(), zero_stage=cfg.zero_stage()), "estimator": shared_estimator,
-                        "skipped_steps": eng.skipped_steps, "data_rank0": stream.state_dict(),
-                        "temperature": eng.temperature_state()}
-        rank_state = {"rng": checkpoint.rng_state(), "data": stream.state_dict(),
-                      "estimator": {} if shared_estimator else estimator}
-        tag_dir = checkpoint.save(eng.engine, out_dir, step=step, run_id=run_id, keep_last=cfg.keep_last,
-                                  shared_state=shared_state, rank_state=rank_state, keep=last_clean)
+        tag_dir = checkpoint.save(eng.engine, out_dir, step=step, run_id=run_id, state=state.state_dict(),
+                                  keep_last=cfg.keep_last, keep=last_clean)
         if eng.skipped_steps == skipped_at_last_save:
             last_clean = tag_dir
         skipped_at_last_save = eng.skipped_steps
@@ -186,20 +176,20 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
                           file=sys.stderr)
     finally:
         logger.close()
-    if not record and info.rank == 0 and (out_dir / "metrics.jsonl").exists():
-        rows = read_metrics(out_dir / "metrics.jsonl")
+    if not record and info.rank == 0 and files.metrics.exists():
+        rows = read_metrics(files.metrics)
         record = rows[-1] if rows else {}
-    summary = {"final": record, "checkpoint": str(ckpt) if ckpt else None, "metrics": str(out_dir / "metrics.jsonl"),
+    summary = {"final": record, "checkpoint": str(ckpt) if ckpt else None, "metrics": str(files.metrics),
                "stopped_by": stopped_by}
     if cfg.val_data is not None and stopped_by is None:   # a preempted run keeps its grace period for the save
-        summary.update(final_evaluation(eng, cfg, tokenizer, info, out_dir))
+        summary.update(final_evaluation(eng, cfg, tokenizer, info, files.eval_results))
     if hasattr(eng.estimator, "npn"):  # E8: the replicas must be identical; say so, and fail loudly if not
         summary["npn_checksums"] = checkpoint.gather_objects(eng.estimator.npn.checksum())
         if len(set(summary["npn_checksums"])) != 1:
             raise RuntimeError(f"NPN replicas diverged across ranks: {summary['npn_checksums']}")
     if info.rank == 0:
-        summary["plot"] = str(plot_training(out_dir / "metrics.jsonl", out_dir / "plots" / "training.png"))
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary["plot"] = str(plot_training(files.metrics, files.plot))
+        files.summary.write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -221,7 +211,7 @@ def start_output_dir(cfg: TrainConfig, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     # --overwrite acts once: a config.yaml reused with --config must not carry it to another directory
     run_config = dict(cfg.to_dict(), overwrite=False)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+    RunFiles(out_dir).config.write_text(yaml.safe_dump(run_config, sort_keys=False))
 
 
 def build_norm_err_probe(cfg: TrainConfig, info, stream, tokenizer):
@@ -261,43 +251,6 @@ def measure_norm_err(probe, eng, cfg: TrainConfig, info) -> dict:
     return out
 
 
-def restore_run_state(saved: dict, tag_dir: Path, eng, stream, info, cfg: TrainConfig) -> int:
-    """Everything outside the engine: NPN / u tables, data position, RNG, counters. Returns the step.
-
-    Same world size: exact (each rank takes its own RNG, data position and u-table shard). Another world size
-    (universal checkpoint): the NPN and the engine state (weights, tau, optimizer, schedule) carry over exactly;
-    the u tables are re-sharded by index owner; per-rank RNG states cannot map 1:1, so every rank is reseeded
-    from (seed, step, rank); synthetic data continues exactly (its global batches do not depend on the world
-    size), webdataset streams restart the saved epoch and skip the same fraction of it (the sample order differs)."""
-    from .checkpoint import read_rank, set_rng_state
-
-    step = int(saved["step"])
-    eng.skipped_steps = int(saved.get("skipped_steps", 0))
-    eng.load_temperature_state(saved.get("temperature", {}))
-    if saved["world_size"] == info.world_size:
-        mine = read_rank(tag_dir, info.rank)
-        eng.estimator.load_state_dict(saved["estimator"] or mine["estimator"])
-        stream.load_state_dict(mine["data"])
-        set_rng_state(mine["rng"])
-        return step
-    if saved["estimator"]:
-        eng.estimator.load_state_dict(saved["estimator"])
-    elif hasattr(eng.estimator, "load_resharded"):
-        eng.estimator.load_resharded([read_rank(tag_dir, r)["estimator"] for r in range(saved["world_size"])])
-    data = saved["data_rank0"]
-    if "step_in_epoch" in data:  # synthetic: world-size independent
-        stream.load_state_dict(data)
-    else:
-        loader = dict(data["loader"])
-        loader["batches_in_epoch"] = loader["batches_in_epoch"] * saved["world_size"] // info.world_size
-        stream.load_state_dict({"loader": loader, "tracker": {}})
-    seed_everything(cfg.seed * 1000 + info.rank + 7919 * step)
-    if info.rank == 0:
-        print(f"neuclip-train: resuming a {saved['world_size']}-rank checkpoint on {info.world_size} ranks "
-              f"(universal checkpoint); RNG reseeded per rank", file=sys.stderr)
-    return step
-
-
 def _evaluate_now(eng, cfg: TrainConfig, tokenizer, info, *, progress: bool) -> dict | None:
     """Zero-shot + retrieval on the held-out split; the results on rank 0, None elsewhere.
 
@@ -322,13 +275,12 @@ def periodic_evaluation(eng, cfg: TrainConfig, tokenizer, info) -> dict:
     return {f"eval/{k}": v for k, v in results.items() if k != "num_samples"}
 
 
-def final_evaluation(eng, cfg: TrainConfig, tokenizer, info, out_dir: Path) -> dict:
+def final_evaluation(eng, cfg: TrainConfig, tokenizer, info, path: Path) -> dict:
     from .evaluate import format_table, write_results
 
     results = _evaluate_now(eng, cfg, tokenizer, info, progress=True)
     if results is None:
         return {}
-    path = out_dir / "eval_results.json"
     write_results(results, path)
     return {"eval": results, "eval_results": str(path), "eval_table": format_table(results)}
 

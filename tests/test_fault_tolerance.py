@@ -75,7 +75,7 @@ class FakeEngine:
 
 
 def save(out, step, run_id, *, keep_last=2, engine=None):
-    return checkpoint.save(engine or FakeEngine(), out, step=step, run_id=run_id, shared_state={}, rank_state={},
+    return checkpoint.save(engine or FakeEngine(), out, step=step, run_id=run_id, state={"shared": {}, "rank": {}},
                            keep_last=keep_last)
 
 
