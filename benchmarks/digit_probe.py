@@ -19,7 +19,7 @@ from _common import ROOT
 
 
 def load_split(pattern: str, tokenizer, image_size: int, label: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from neuclip_ds.data.pipeline import make_eval_loader
+    from neuclip_ds.data.loader import make_eval_loader
 
     xs, ys = [], []
     for batch in make_eval_loader(pattern, tokenizer=tokenizer, image_size=image_size, batch_size=500):

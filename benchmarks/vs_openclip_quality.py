@@ -536,7 +536,7 @@ def check_setup(model_name: str, text_tok, preset, paths: dict, dataset_dir: str
 
     import open_clip
     from neuclip_ds.data.embedded import load_classnames, load_templates
-    from neuclip_ds.data.pipeline import CLIP_MEAN, CLIP_STD, image_transform
+    from neuclip_ds.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 
     notes = []
     # tokens: open_clip's tokenizer = TextTokenizer on all captions and prompts; argmax = eos position
@@ -566,7 +566,7 @@ def check_setup(model_name: str, text_tok, preset, paths: dict, dataset_dir: str
     steps = list(getattr(preprocess_train, "transforms", []))
     crops = [t for t in steps if isinstance(t, T.RandomResizedCrop)]
     norms = [t for t in steps if isinstance(t, T.Normalize)]
-    ours_t = image_transform(preset.image_size, train=True)
+    ours_t = ImageTransform(preset.image_size, train=True)
     other = [type(t).__name__ for t in steps if not isinstance(t, (T.RandomResizedCrop, T.Normalize, T.ToTensor))
              and getattr(t, "__name__", "") != "_convert_to_rgb"]
     if len(crops) != 1 or len(norms) != 1 or other:

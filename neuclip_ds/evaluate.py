@@ -297,7 +297,7 @@ def evaluate(model, *, val_data, tokenizer, image_size: int | None = None,
     ``val_data`` when not given; without class names, only retrieval is computed. Returns a flat dict (see
     the module docstring); all values except ``num_samples`` lie in [0, 1].
     """
-    from .data.pipeline import make_eval_loader
+    from .data.loader import make_eval_loader
 
     module = getattr(model, "module", model)
     context_length = getattr(module, "context_length", 77)
@@ -467,7 +467,7 @@ def run_cli(args: argparse.Namespace) -> dict:
         val_data = str(_resolve_path(run_config["val_data"], run_dir))
     if val_data is None:
         raise EvalError("--val-data: no validation data given (pass --val-data or --dataset-dir)")
-    from .data.pipeline import expand_shards
+    from .data.shards import expand_shards
 
     try:
         expand_shards(val_data)

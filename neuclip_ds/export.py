@@ -43,7 +43,7 @@ def clip_state_dict(model) -> dict[str, torch.Tensor]:
 def export_hf(checkpoint: str | Path, out: str | Path, *, tag: str | None = None, overwrite: bool = False) -> dict:
     from transformers import CLIPImageProcessor, CLIPModel
 
-    from .data.pipeline import CLIP_MEAN, CLIP_STD
+    from .data.transforms import CLIP_MEAN, CLIP_STD
     from .data.tokenizer import TextTokenizer
 
     out = Path(out)

@@ -7,7 +7,7 @@ Nothing here downloads anything: models are built from these configs (or from a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from transformers import CLIPTextConfig, CLIPVisionConfig
 
@@ -70,9 +70,6 @@ class Preset:
             hidden_act=self.hidden_act,
             **kwargs,
         )
-
-    def with_overrides(self, **kwargs) -> "Preset":
-        return replace(self, **kwargs)
 
 
 PRESETS: dict[str, Preset] = {

@@ -52,10 +52,13 @@ class SyntheticStream:
         if self.steps_per_epoch == 0:
             raise ValueError(f"global_batch_size: {global_batch_size} exceeds the {data.num_samples} samples")
         self.epoch, self.step_in_epoch = 0, 0
-        self.bad_samples = 0  # synthetic data has none; same attribute as the webdataset stream
 
     def _perm(self, epoch: int) -> torch.Tensor:
         return torch.randperm(self.data.num_samples, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+
+    def check_bad_samples(self) -> int:
+        """Synthetic data has no bad samples (the trainer asks every stream, see data/stream.py)."""
+        return 0
 
     def next_step(self) -> list[dict]:
         if self.step_in_epoch >= self.steps_per_epoch:

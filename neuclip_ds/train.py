@@ -39,7 +39,7 @@ def build_data(cfg: TrainConfig, info, accumulation: int, vocab: dict, tokenizer
     preset = get_preset(cfg.preset)
     micro = cfg.global_batch_size // (info.world_size * accumulation)
     if cfg.train_data is not None:
-        from .data.pipeline import make_train_loader
+        from .data.loader import make_train_loader
         from .data.stream import LoaderStream
 
         loader = make_train_loader(cfg.train_data, tokenizer=tokenizer, image_size=preset.image_size,
@@ -81,7 +81,8 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
     """The run on this rank, from an initialized process group to its summary. A stop signal any rank received
     (`stop_signals`) ends it at the next step boundary with a checkpoint of that step, on every rank alike."""
     from . import checkpoint
-    from .engine import NeuCLIPEngine, TooManySkippedSteps, build_ds_config
+    from .data.bad_samples import TooManyBadSamplesError
+    from .engine import NeuCLIPEngine, TooManySkippedSteps, TrainingAborted, build_ds_config
     from .metrics import MetricsLogger, plot_training, read_metrics
 
     out_dir = Path(cfg.output_dir)
@@ -146,7 +147,10 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
                 m = eng.train_step(micro_batches, step=step, epoch=epoch)
             except TooManySkippedSteps as e:
                 raise TooManySkippedSteps(f"{e}; {where_to_restart(last_clean)}") from None
-            bad = _check_bad_samples(stream, cfg.max_bad_fraction)
+            try:
+                bad = stream.check_bad_samples()
+            except TooManyBadSamplesError as e:
+                raise TrainingAborted(str(e)) from None
             elapsed = time.perf_counter() - t0
             times = eng.timer.times
             record = {"step": step + 1, "epoch": epoch, "loss": m["loss"], "tau": m["tau"],
@@ -226,7 +230,7 @@ def build_norm_err_probe(cfg: TrainConfig, info, stream, tokenizer):
         anchors = data.batch(torch.arange(min(S, data.num_samples)))
         mine = torch.arange(info.rank, data.num_samples, info.world_size)
         return NormErrProbe(anchors, lambda: (data.batch(i) for i in mine.split(256)), eps=cfg.eps)
-    from .data.pipeline import make_eval_loader
+    from .data.loader import make_eval_loader
 
     preset = get_preset(cfg.preset)
     common = dict(tokenizer=tokenizer, image_size=preset.image_size, dataset_size=cfg.dataset_size)
@@ -283,20 +287,6 @@ def final_evaluation(eng, cfg: TrainConfig, tokenizer, info, path: Path) -> dict
         return {}
     write_results(results, path)
     return {"eval": results, "eval_results": str(path), "eval_table": format_table(results)}
-
-
-def _check_bad_samples(stream, max_fraction: float) -> int:
-    """Bad samples skipped so far over all ranks; abort (on every rank alike) past the allowed fraction."""
-    if not hasattr(stream, "global_bad_stats"):
-        return 0
-    from .engine import TrainingAborted
-
-    stats = stream.global_bad_stats()
-    if stats["good"] + stats["bad"] >= 100 and stats["fraction"] > max_fraction:
-        raise TrainingAborted(f"data: {stats['bad']} of {stats['good'] + stats['bad']} samples were bad "
-                              f"({stats['fraction']:.1%} > --max-bad-fraction {max_fraction:.1%}); see the "
-                              f"warnings above for which shards and why")
-    return stats["bad"]
 
 
 def shutdown_distributed() -> None:

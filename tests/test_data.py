@@ -17,8 +17,9 @@ from PIL import Image
 
 from neuclip_ds.data.embedded import (ATTRIBUTES, CLASSNAMES, TEMPLATES, build_embedded_dataset, dataset_paths,
                                       is_complete, split_sources)
-from neuclip_ds.data.pipeline import (CLIP_MEAN, CLIP_STD, BadSampleTracker, BadSampleWarning, ImageTransform,
-                                      TooManyBadSamplesError, make_eval_loader, make_train_loader)
+from neuclip_ds.data.bad_samples import BadSampleTracker, BadSampleWarning, TooManyBadSamplesError
+from neuclip_ds.data.loader import make_eval_loader, make_train_loader
+from neuclip_ds.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 from neuclip_ds.data.tokenizer import TextTokenizer
 
 N_TRAIN, N_VAL, PER_SHARD = 240, 60, 40  # 6 train shards, 2 val shards

@@ -18,7 +18,7 @@ import yaml
 from neuclip_ds import checkpoint as C
 from neuclip_ds import evaluate as E
 from neuclip_ds.data.embedded import CLASSNAMES, TEMPLATES, build_embedded_dataset, dataset_paths
-from neuclip_ds.data.pipeline import make_eval_loader
+from neuclip_ds.data.loader import make_eval_loader
 from neuclip_ds.data.tokenizer import TextTokenizer
 from neuclip_ds.model import build_model
 

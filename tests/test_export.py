@@ -9,7 +9,7 @@ from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
 from _launch import launch
 from neuclip_ds.data.embedded import build_embedded_dataset
-from neuclip_ds.data.pipeline import make_eval_loader
+from neuclip_ds.data.loader import make_eval_loader
 from neuclip_ds.data.tokenizer import TextTokenizer
 from neuclip_ds.checkpoint import load_checkpoint_model
 

@@ -1,5 +1,5 @@
 """Shard specs -> shard lists. The one expansion that both run validation (config.py) and the loaders
-(pipeline.py) use, so a spec is read at run time exactly as it was checked before the run started.
+(loader.py) use, so a spec is read at run time exactly as it was checked before the run started.
 
 A spec is a string of ``::``-joined parts, each brace-expanded (``a/{00000..00007}.tar::b/x.tar``, webdataset's
 ``expand_urls``, which also substitutes ``WDS_`` environment variables), or a list of such strings. A local name

@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .pipeline import BadSampleTracker, ClipLoader
+from .bad_samples import MIN_SEEN, BadSampleTracker, check_bad_fraction
+from .loader import ClipLoader
 
 
 class LoaderStream:
-    def __init__(self, loader: ClipLoader, *, accumulation: int, max_bad_fraction: float, min_seen: int = 100):
+    def __init__(self, loader: ClipLoader, *, accumulation: int, max_bad_fraction: float, min_seen: int = MIN_SEEN):
         self.loader, self.A = loader, accumulation
         self.steps_per_epoch = max(1, len(loader) // accumulation)
         self.tracker = BadSampleTracker(max_bad_fraction, min_seen=min_seen)
@@ -36,13 +37,15 @@ class LoaderStream:
             batches.append(batch)
         return batches
 
-    def global_bad_stats(self) -> dict:
-        """Good and bad sample counts summed over ranks (one small all-reduce), identical on every rank."""
+    def check_bad_samples(self) -> int:
+        """Bad samples skipped so far over all ranks (one small all-reduce, so every rank decides alike);
+        ``check_bad_fraction`` raises once they pass ``max_bad_fraction``."""
         counts = torch.tensor([self.tracker.good, self.tracker.total], dtype=torch.float64)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(counts)
         good, bad = (int(x) for x in counts.tolist())
-        return {"good": good, "bad": bad, "fraction": bad / max(1, good + bad)}
+        check_bad_fraction(good, bad, self.tracker.max_fraction, min_seen=self.tracker.min_seen)
+        return bad
 
     def state_dict(self) -> dict:
         return {"loader": self.loader.state_dict(), "tracker": self.tracker.state_dict()}

@@ -16,7 +16,7 @@ tokenizer dir passed as ``--tokenizer PATH``). ``tok(list_of_str)`` returns
 ``{"input_ids": LongTensor[b, context_length], "attention_mask": LongTensor[b, context_length]}`` with
 ``bos + tokens + eos`` then padding with ``pad_token_id`` (mask 0). Over-long texts are truncated keeping eos
 as the last token; ``truncated_count`` counts truncated texts (per process: inside dataloader workers the
-pipeline reports it per batch instead, see pipeline.py). A missing directory or one without a usable
+loader reports it per batch instead, see loader.py). A missing directory or one without a usable
 tokenizer raises ``ValueError`` naming the path.
 """
 

@@ -1,31 +1,13 @@
-"""WebDataset input pipeline for CLIP training: shards -> (shuffle) -> decode/validate -> transform -> batches.
+"""The webdataset loader for CLIP training and evaluation: shards -> (shuffle) -> decode/validate -> transform ->
+batches, with a resumable data position.
 
-Shards are given as one string: brace patterns, ``::``-joined lists and local globs
-(``"a/{00000..00007}.tar::b/*.tar"``, expanded by ``shards.expand_shards``, the expansion run validation uses too)
-or a list of paths/URLs. Local shard files that are missing or unreadable are dropped with a warning and counted
-(reason ``missing_shard``); if no listed local file is readable at all the factories raise ``FileNotFoundError``
-naming the pattern. Tar reading and grouping use ``webdataset`` (``tarfile_samples``) with a counting
-warn-and-continue handler, so no worker ever dies on bad input.
-
-Distribution and determinism
-    Non-resampled mode (default): each epoch, the full shard list is permuted with a RNG seeded by
-    (seed, epoch) (identical on all ranks), rank r takes shards ``[r::world_size]`` and dataloader worker w of
-    that rank takes ``[w::workers]`` of those; every sample of every readable shard is read exactly once per
-    epoch across all ranks and workers. A sample shuffle buffer (seeded by seed, epoch, rank, worker) mixes
-    samples within a worker; the random-resized-crop RNG is seeded the same way. Batches are formed inside the
-    worker; ``torch.utils.data.DataLoader`` returns them round-robin over workers, so the batch sequence of a
-    rank is a deterministic function of (shards, seed, epoch, rank, world_size, workers, batch_size).
-    Ranks may get different numbers of batches when shards hold different numbers of samples; the last batch
-    of each worker is partial unless ``drop_last=True``.
-    ``num_samples`` (per epoch, all ranks together) caps a rank at ``ceil(num_samples / world_size)`` samples
-    (it stops after the batch that reaches the cap); set it >= the data size to read everything once.
-    Resampled mode (``resampled=True``): each worker draws shards with replacement (RNG seeded by seed, epoch,
-    rank, worker) forever; an epoch is exactly ``num_batches = max(1, num_samples // (batch_size *
-    world_size))`` full batches per rank (split exactly over the workers), the same on every rank. Use it for
-    multi-rank training where every rank must take the same number of steps.
+``make_train_loader`` / ``make_eval_loader`` -> ``ClipLoader``. Shard specs are expanded by ``shards.expand_shards``
+(the expansion run validation uses too); local shard files that are missing or unreadable are dropped with a
+warning and counted (``missing_shard``). Tar reading and grouping use webdataset with a counting warn-and-continue
+handler, so no worker ever dies on bad input (the reasons: bad_samples.py).
 
 Batch format (a dict)
-    ``pixel_values``   float32 [b, 3, S, S], CLIP mean/std normalized
+    ``pixel_values``   float32 [b, 3, S, S], CLIP mean/std normalized (transforms.py)
     ``input_ids``      int64 [b, context_length] (bos + tokens + eos + pad, see tokenizer.py)
     ``attention_mask`` int64 [b, context_length]
     ``index``          int64 [b]: json ``"index"`` of the sample, else ``int(key)`` when the key is all digits
@@ -34,203 +16,33 @@ Batch format (a dict)
     ``labels``         (only when every sample's json has a ``"labels"`` dict, e.g. the embedded val split)
                        dict attribute -> int64 [b]
     ``bad_samples``    dict reason -> int: samples (or shard-level events) skipped on this rank since the
-                       previous batch this loader yielded (all workers merged; see below)
+                       previous batch this loader yielded (all workers merged, see ``ClipLoader``)
     ``num_truncated``  int: captions of this batch truncated to the context length
-
-Bad input and how the counts reach the trainer
-    Reasons: ``missing_shard`` (one per missing shard file; files already missing when the loader is built
-    are attributed to rank ``i % world_size``, i = position among the missing ones, so the sum over ranks
-    counts each once), ``shard_error`` (one per tar read error: truncated or corrupt tar; samples after the
-    error point are lost and cannot be counted),
-    ``missing_image``, ``decode_error`` (image bytes PIL cannot decode), ``missing_caption``, ``empty_caption``
-    (blank after strip, or not utf-8), ``bad_json`` (unparsable json), ``missing_index`` (no json ``index``
-    and a non-numeric key), ``bad_index`` (an index < 0, or >= ``dataset_size`` when the factory is given one:
-    FastCLIP's u tables have exactly that many rows), ``duplicate_key`` (a key seen again later in the same
-    shard read, adjacent or not: the first sample of the key is kept, every later one is skipped and counted
-    once). Each is skipped with a ``BadSampleWarning`` (first 20 per worker and epoch, then
-    one "suppressed" note). Each worker counts locally and ships its counts with its next batch (or, after its
-    last batch, in a stats-only item that the loader absorbs); the main-process loader merges them into the
-    ``bad_samples`` field of the batch it yields, so the sum of ``batch["bad_samples"]`` over all batches of a
-    rank is that rank's total (counts that arrive when no batch follows are carried to the next epoch's first
-    batch and always visible in ``loader.bad_sample_totals``). ``BadSampleTracker.update(batch)`` sums them;
-    ``check(max_fraction)`` raises ``TooManyBadSamplesError`` when ``bad / (bad + good)`` exceeds the limit.
-
-Data position
-    ``loader.state_dict() -> {"epoch", "batches_in_epoch"}`` counts batches already yielded (taken when the
-    batch is handed out, so a checkpoint saved after training on it is exact; after the last batch of an epoch
-    it already reads ``{"epoch": e + 1, "batches_in_epoch": 0}``). ``load_state_dict`` on a freshly built
-    loader with the same arguments makes the next ``iter(loader)`` replay epoch e from its start and drop the
-    first ``batches_in_epoch`` batches, so it continues with exactly the batches (pixels included) an
-    uninterrupted run would have produced. ``set_epoch(e)`` starts epoch e (no-op if e is the current epoch,
-    so a resumed position survives the usual ``set_epoch`` at the top of the epoch loop). Iterating the loader
-    runs the current epoch to its end and then advances to the next epoch.
-
-Image transforms (no torchvision): train = random-resized-crop (scale (0.9, 1.0), ratio (3/4, 4/3), bicubic,
-torchvision's sampling algorithm) to ``image_size``; eval = resize shortest side to ``image_size`` (bicubic) +
-center crop; both then to float [0, 1] and CLIP mean/std normalization. 16-bit greyscale images are scaled
-to 8 bits (PIL's own RGB conversion clips their levels to 255).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import random
 import warnings
 from collections import Counter
 from typing import Any, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+from .bad_samples import BadSample, BadSampleWarning, WorkerBadCounts, merge_counts
 from .shards import expand_shards, is_local, local_path
+from .transforms import ImageTransform, to_rgb
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-BAD_REASONS = ("missing_shard", "shard_error", "missing_image", "decode_error", "missing_caption",
-               "empty_caption", "bad_json", "missing_index", "bad_index", "duplicate_key")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt", "text", "caption")
-_MAX_WARNINGS = 20
-# PIL's modes for 16-bit greyscale (PNG: "I;16" in recent Pillow, "I" in older ones); PIL reads 16-bit RGB(A)
-# and grey + alpha PNGs at 8 bits itself
-_GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-class BadSampleWarning(UserWarning):
-    """A sample or shard was skipped (see the ``bad_samples`` counters)."""
-
-
-class TooManyBadSamplesError(RuntimeError):
-    """The fraction of skipped samples passed the configured threshold."""
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Image transforms
-# ------------------------------------------------------------------------------------------------------------
-def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB. 16-bit grey levels are divided by 257 (65535 -> 255): ``convert("RGB")`` would clip them to 255,
-    turning almost every 16-bit greyscale image white."""
-    if img.mode in _GREY16_MODES:
-        levels = np.asarray(img, dtype=np.float32) / 257.0
-        img = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8))
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-class ImageTransform:
-    """PIL image -> normalized float tensor [3, S, S]. ``train``: random-resized-crop; else resize + center crop."""
-
-    def __init__(self, image_size: int, *, train: bool, scale: tuple[float, float] = (0.9, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), mean: Sequence[float] = CLIP_MEAN,
-                 std: Sequence[float] = CLIP_STD):
-        self.image_size = int(image_size)
-        self.train = bool(train)
-        self.scale = tuple(scale)
-        self.ratio = tuple(ratio)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-
-    def crop_params(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
-        """torchvision RandomResizedCrop.get_params: (top, left, crop_h, crop_w)."""
-        area = width * height
-        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
-        for _ in range(10):
-            target_area = area * rng.uniform(self.scale[0], self.scale[1])
-            aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-            w = int(round(math.sqrt(target_area * aspect)))
-            h = int(round(math.sqrt(target_area / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-        in_ratio = width / height
-        if in_ratio < min(self.ratio):
-            w, h = width, int(round(width / min(self.ratio)))
-        elif in_ratio > max(self.ratio):
-            h, w = height, int(round(height * max(self.ratio)))
-        else:
-            w, h = width, height
-        return (height - h) // 2, (width - w) // 2, h, w
-
-    def _resize_center_crop(self, img: Image.Image) -> Image.Image:
-        s = self.image_size
-        w, h = img.size
-        if min(w, h) != s:
-            f = s / min(w, h)
-            nw, nh = max(s, int(round(w * f))), max(s, int(round(h * f)))
-            img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-            w, h = nw, nh
-        left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
-        if (w, h) != (s, s):
-            img = img.crop((left, top, left + s, top + s))
-        return img
-
-    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        img = to_rgb(img)
-        s = self.image_size
-        if self.train:
-            top, left, h, w = self.crop_params(img.width, img.height, rng if rng is not None else random)
-            img = img.resize((s, s), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
-        else:
-            img = self._resize_center_crop(img)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-        return (x - self.mean) / self.std
-
-
-def image_transform(image_size: int, *, train: bool, scale: tuple[float, float] = (0.9, 1.0),
-                    mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> ImageTransform:
-    return ImageTransform(image_size, train=train, scale=scale, mean=mean, std=std)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Per-worker stream
-# ------------------------------------------------------------------------------------------------------------
-class _BadSample(Exception):
-    def __init__(self, reason: str, msg: str):
-        super().__init__(msg)
-        self.reason = reason
-
-
-class _Stats:
-    """Per-worker bad-sample counts and rate-limited warnings."""
-
-    def __init__(self, where: str):
-        self.counts: Counter = Counter()
-        self.where = where
-        self.warned = 0
-        self.shard_seq: int | None = None  # which shard read of this worker is open (set by _open_shards)
-        self._counted_shard: int | None = None
-
-    def add(self, reason: str, msg: str) -> None:
-        self.counts[reason] += 1
-        self.warned += 1
-        if self.warned <= _MAX_WARNINGS:
-            warnings.warn(f"data: skipped ({reason}) {msg} [{self.where}]", BadSampleWarning, stacklevel=2)
-        elif self.warned == _MAX_WARNINGS + 1:
-            warnings.warn(f"data: more bad samples, further warnings suppressed [{self.where}]",
-                          BadSampleWarning, stacklevel=2)
-
-    def handler(self, exn: Exception) -> bool:
-        """webdataset exception handler: count and continue; one count per shard read (an error inside a tar
-        is reported by webdataset twice: by the member loop and by the shard loop)."""
-        shard = self.shard_seq
-        if shard is not None and shard == self._counted_shard:
-            return True
-        self._counted_shard = shard
-        reason = "missing_shard" if isinstance(exn, FileNotFoundError) else "shard_error"
-        self.add(reason, repr(exn)[:300])
-        return True  # continue
-
-    def take(self) -> dict[str, int]:
-        out = {k: int(v) for k, v in self.counts.items() if v}
-        self.counts.clear()
-        return out
-
-
-def _open_shards(urls: Iterable[dict], stats: _Stats) -> Iterator[dict]:
+def _open_shards(urls: Iterable[dict], stats: WorkerBadCounts) -> Iterator[dict]:
     """Open each shard (local files directly, other URLs with webdataset's gopen) and close it once the
     consumer moves on; yields ``{"url", "stream"}`` as webdataset's tar expander expects."""
     from webdataset.gopen import gopen
@@ -250,7 +62,7 @@ def _open_shards(urls: Iterable[dict], stats: _Stats) -> Iterator[dict]:
             stream.close()
 
 
-def _skip_repeated_keys(members: Iterable[dict], stats: _Stats) -> Iterator[dict]:
+def _skip_repeated_keys(members: Iterable[dict], stats: WorkerBadCounts) -> Iterator[dict]:
     """Tar members -> the same, less those of a sample whose key already had one earlier in this shard read.
 
     A repeat is counted (``duplicate_key``) and skipped whole, so the first sample of a key is the one used:
@@ -295,29 +107,29 @@ def _sample_index(meta: dict, key: str, where: str, dataset_size: int | None) ->
         if index is None and base.isdigit():
             index = int(base)
         else:
-            raise _BadSample("missing_index", where)
+            raise BadSample("missing_index", where)
     if index < 0 or (dataset_size is not None and index >= dataset_size):
         bound = "" if dataset_size is None else f", the data set has {dataset_size}"
-        raise _BadSample("bad_index", f"{where} (index {index}{bound})")
+        raise BadSample("bad_index", f"{where} (index {index}{bound})")
     return index
 
 
 def decode_sample(sample: dict, transform: ImageTransform, rng: random.Random | None,
                   dataset_size: int | None = None) -> dict:
-    """Validate and decode one raw webdataset sample; raises _BadSample(reason) when it must be skipped.
+    """Validate and decode one raw webdataset sample; raises BadSample(reason) when it must be skipped.
     ``dataset_size``: indices must lie in [0, dataset_size) (else only >= 0)."""
     key = str(sample.get("__key__", "?"))
     where = f"{key} in {sample.get('__url__', '?')}"
     raw_txt = _first(sample, TEXT_EXTS)
     if raw_txt is None:
-        raise _BadSample("missing_caption", where)
+        raise BadSample("missing_caption", where)
     try:
         caption = raw_txt.decode("utf-8") if isinstance(raw_txt, (bytes, bytearray)) else str(raw_txt)
     except UnicodeDecodeError:
-        raise _BadSample("empty_caption", f"{where} (caption is not utf-8)") from None
+        raise BadSample("empty_caption", f"{where} (caption is not utf-8)") from None
     caption = caption.strip()
     if not caption:
-        raise _BadSample("empty_caption", where)
+        raise BadSample("empty_caption", where)
     meta: dict = {}
     if sample.get("json") is not None:
         try:
@@ -325,17 +137,17 @@ def decode_sample(sample: dict, transform: ImageTransform, rng: random.Random | 
             if not isinstance(meta, dict):
                 raise ValueError("json is not an object")
         except (ValueError, UnicodeDecodeError) as exc:
-            raise _BadSample("bad_json", f"{where}: {exc}") from None
+            raise BadSample("bad_json", f"{where}: {exc}") from None
     index = _sample_index(meta, key, where, dataset_size)
     raw_img = _first(sample, IMAGE_EXTS)
     if raw_img is None:
-        raise _BadSample("missing_image", where)
+        raise BadSample("missing_image", where)
     try:
         with Image.open(io.BytesIO(raw_img)) as im:
             im.load()
             img = to_rgb(im)
     except Exception as exc:  # noqa: BLE001 - any decoder failure
-        raise _BadSample("decode_error", f"{where}: {exc!r}"[:300]) from None
+        raise BadSample("decode_error", f"{where}: {exc!r}"[:300]) from None
     out = {"pixel_values": transform(img, rng), "caption": caption, "index": index, "key": key}
     labels = meta.get("labels")
     if isinstance(labels, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
@@ -344,7 +156,19 @@ def decode_sample(sample: dict, transform: ImageTransform, rng: random.Random | 
 
 
 class ShardStream(IterableDataset):
-    """The per-rank stream of ready batches (runs inside each DataLoader worker). Prefer the loader factories."""
+    """The per-rank stream of ready batches (runs inside each DataLoader worker). Prefer the loader factories.
+
+    Non-resampled (the default): each epoch the full shard list is permuted with an RNG seeded by (seed, epoch),
+    identical on all ranks; rank r takes shards ``[r::world_size]`` and dataloader worker w of that rank takes
+    ``[w::workers]`` of those, so every sample of every readable shard is read exactly once per epoch across all
+    ranks and workers. A sample shuffle buffer and the random-resized-crop RNG are seeded by (seed, epoch, rank,
+    worker). Batches are formed inside the worker and ``DataLoader`` returns them round-robin over workers, so the
+    batch sequence of a rank is a deterministic function of (shards, seed, epoch, rank, world_size, workers,
+    batch_size). Ranks may get different numbers of batches when shards hold different numbers of samples; the
+    last batch of each worker is partial unless ``drop_last``.
+    Resampled: each worker draws shards with replacement (RNG seeded by seed, epoch, rank, worker) for exactly its
+    share of ``batches_per_epoch`` full batches, the same number on every rank.
+    """
 
     def __init__(self, urls: list[str], *, tokenizer, transform: ImageTransform, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True, resampled: bool = False,
@@ -400,7 +224,7 @@ class ShardStream(IterableDataset):
             state["shards_since_good"] += 1
             yield {"url": rng.choice(self.urls)}
 
-    def _collate(self, samples: list[dict], stats: _Stats) -> dict[str, Any]:
+    def _collate(self, samples: list[dict], stats: WorkerBadCounts) -> dict[str, Any]:
         text, truncated = self.tokenizer.encode_batch([s["caption"] for s in samples])
         batch = {
             "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
@@ -425,7 +249,7 @@ class ShardStream(IterableDataset):
 
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        stats = _Stats(f"rank {self.rank} worker {worker} epoch {self.epoch}")
+        stats = WorkerBadCounts(f"rank {self.rank} worker {worker} epoch {self.epoch}")
         state = {"shards_since_good": 0}
         quota = self.worker_quota(worker, num_workers)
         if quota == 0:
@@ -442,7 +266,7 @@ class ShardStream(IterableDataset):
         for raw in samples:
             try:
                 pending.append(decode_sample(raw, self.transform, aug_rng, self.dataset_size))
-            except _BadSample as bad:
+            except BadSample as bad:
                 stats.add(bad.reason, str(bad))
                 continue
             state["shards_since_good"] = 0
@@ -459,20 +283,21 @@ class ShardStream(IterableDataset):
             yield {"__stats_only__": True, "bad_samples": leftover}
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Main-process loader with a data position
-# ------------------------------------------------------------------------------------------------------------
-def _merge(into: Counter, counts: dict | None) -> None:
-    for k, v in (counts or {}).items():
-        into[k] += int(v)
-
 
 class ClipLoader:
     """Iterable over one epoch of batches of this rank; keeps the data position and bad-sample totals.
 
     Attributes: ``num_batches`` (nominal batches per epoch for this rank, exact in resampled mode; also
     ``len(loader)``), ``num_samples``, ``epoch``, ``batches_in_epoch``, ``bad_sample_totals`` (Counter over
-    the loader's lifetime), ``samples_yielded``, ``truncated_total``, ``urls``, ``missing_shards``.
+    the loader's lifetime), ``urls``, ``missing_shards``.
+
+    Bad-sample counts: each worker counts locally and ships its counts with its next batch (or, after its last
+    batch, in a stats-only item that the loader absorbs); the loader merges them into the ``bad_samples`` field of
+    the batch it yields, so the sum of ``batch["bad_samples"]`` over all batches of a rank is that rank's total.
+    Counts that arrive when no batch follows are carried to the next epoch's first batch and are always visible in
+    ``bad_sample_totals``.
+
+    Iterating the loader runs the current epoch to its end and then advances to the next epoch.
     """
 
     def __init__(self, stream: ShardStream, *, workers: int = 0, num_samples: int | None = None,
@@ -488,8 +313,6 @@ class ClipLoader:
         self.epoch = int(epoch)
         self.batches_in_epoch = 0
         self._attached: Counter = Counter()  # counts handed out in batches
-        self.samples_yielded = 0
-        self.truncated_total = 0
         self._pending: Counter = Counter()
         if self.missing_shards:
             warnings.warn(f"data: skipped (missing_shard) {len(self.missing_shards)} of {len(self.urls) + len(self.missing_shards)} "
@@ -520,13 +343,20 @@ class ClipLoader:
 
     # -- position ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:
+        """Batches already yielded, counted when a batch is handed out so a checkpoint saved after training on it
+        is exact; after the last batch of epoch e it reads ``{"epoch": e + 1, "batches_in_epoch": 0}``."""
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
 
     def load_state_dict(self, state: dict) -> None:
+        """On a freshly built loader with the same arguments, the next ``iter`` replays the epoch from its start
+        and drops the batches already yielded, so it continues with exactly the batches (pixels included) an
+        uninterrupted run would have produced."""
         self.epoch = int(state["epoch"])
         self.batches_in_epoch = int(state.get("batches_in_epoch", 0))
 
     def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch``; a no-op when it is the current one, so a resumed position survives the usual
+        ``set_epoch`` at the top of an epoch loop."""
         if int(epoch) != self.epoch:
             self.epoch = int(epoch)
             self.batches_in_epoch = 0
@@ -549,9 +379,9 @@ class ClipLoader:
         """Real batches only; stats-only items are merged into ``counts`` (shared with the caller)."""
         for item in items:
             if item.get("__stats_only__"):
-                _merge(counts, item["bad_samples"])
+                merge_counts(counts, item["bad_samples"])
                 continue
-            _merge(counts, item.pop("bad_samples", None))
+            merge_counts(counts, item.pop("bad_samples", None))
             yield item
 
     def __iter__(self) -> Iterator[dict]:
@@ -570,13 +400,11 @@ class ClipLoader:
                 counts.clear()
                 cur = nxt
                 continue
-            _merge(self._pending, counts)
+            merge_counts(self._pending, counts)
             counts.clear()
             cur["bad_samples"] = {k: v for k, v in sorted(self._pending.items()) if v}
-            _merge(self._attached, cur["bad_samples"])
+            merge_counts(self._attached, cur["bad_samples"])
             self._pending.clear()
-            self.samples_yielded += len(cur["key"])
-            self.truncated_total += cur["num_truncated"]
             if nxt is None:
                 self.epoch, self.batches_in_epoch = epoch + 1, 0
             else:
@@ -584,7 +412,7 @@ class ClipLoader:
             yield cur
             cur = nxt
         # epoch ended without a batch to carry late counts: keep them for the next batch
-        _merge(self._pending, counts)
+        merge_counts(self._pending, counts)
         if self.epoch == epoch:
             self.epoch, self.batches_in_epoch = epoch + 1, 0
 
@@ -604,8 +432,14 @@ def make_train_loader(shards: str | Sequence[str], *, tokenizer, image_size: int
                       shuffle_initial: int = 100, crop_scale: tuple[float, float] = (0.9, 1.0),
                       drop_last: bool = False, pin_memory: bool = False,
                       dataset_size: int | None = None) -> ClipLoader:
-    """Training loader for this rank (``batch_size`` per rank). See the module docstring for the semantics;
-    ``dataset_size``: samples whose index is not below it are skipped (``bad_index``)."""
+    """Training loader for this rank (``batch_size`` per rank; distribution and determinism: ``ShardStream``).
+
+    ``num_samples`` (per epoch, all ranks together): non-resampled, it caps a rank at ``ceil(num_samples /
+    world_size)`` samples (stopping after the batch that reaches the cap; set it >= the data size to read
+    everything once); resampled, an epoch is exactly ``max(1, num_samples // (batch_size * world_size))`` full
+    batches per rank, split exactly over the workers, the same on every rank (for multi-rank training, where
+    every rank must take the same number of steps). ``dataset_size``: samples whose index is not below it are
+    skipped (``bad_index``)."""
     _check_common(batch_size, world_size, rank, image_size, dataset_size)
     urls, missing = expand_shards(shards)
     batches = None
@@ -632,71 +466,3 @@ def make_eval_loader(shards: str | Sequence[str], *, tokenizer, image_size: int,
                          batch_size=batch_size, rank=rank, world_size=world_size, shuffle=False,
                          resampled=False, drop_last=False, dataset_size=dataset_size)
     return ClipLoader(stream, workers=workers, num_samples=None, missing_shards=missing, pin_memory=pin_memory)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Bad-sample accounting for the trainer
-# ------------------------------------------------------------------------------------------------------------
-class BadSampleTracker:
-    """Sums ``batch["bad_samples"]`` and good samples; ``check`` raises when the bad fraction is too high.
-
-    ``fraction = bad / (bad + good)`` where shard-level events (missing_shard, shard_error) count as one each.
-    ``check`` only judges once ``min_seen`` units were seen, so one early bad shard does not stop a run.
-    Multi-rank: all-reduce ``counts_vector()`` (order ``("good",) + BAD_REASONS`` then extra reasons sorted)
-    or sum ``as_dict()`` across ranks.
-    """
-
-    def __init__(self, max_fraction: float | None = None, *, min_seen: int = 100):
-        self.max_fraction = max_fraction
-        self.min_seen = int(min_seen)
-        self.good = 0
-        self.bad: Counter = Counter()
-
-    def update(self, batch: dict) -> dict[str, int]:
-        counts = batch.get("bad_samples") or {}
-        _merge(self.bad, counts)
-        if "key" in batch:
-            self.good += len(batch["key"])
-        elif "index" in batch:
-            self.good += int(batch["index"].shape[0])
-        return dict(counts)
-
-    @property
-    def total(self) -> int:
-        return int(sum(self.bad.values()))
-
-    @property
-    def seen(self) -> int:
-        return self.good + self.total
-
-    @property
-    def fraction(self) -> float:
-        return self.total / self.seen if self.seen else 0.0
-
-    def check(self, max_fraction: float | None = None) -> None:
-        limit = self.max_fraction if max_fraction is None else max_fraction
-        if limit is None or self.seen < self.min_seen:
-            return
-        if self.fraction > limit:
-            detail = ", ".join(f"{k}={v}" for k, v in sorted(self.bad.items()) if v)
-            raise TooManyBadSamplesError(
-                f"data: {self.total} of {self.seen} samples skipped ({self.fraction:.2%} > limit {limit:.2%}): "
-                f"{detail}")
-
-    def as_dict(self) -> dict[str, float]:
-        out: dict[str, float] = {"bad_samples": self.total, "good_samples": self.good,
-                                 "bad_fraction": self.fraction}
-        for k, v in sorted(self.bad.items()):
-            out[f"bad_samples/{k}"] = int(v)
-        return out
-
-    def counts_vector(self) -> list[int]:
-        extra = sorted(k for k in self.bad if k not in BAD_REASONS)
-        return [self.good] + [int(self.bad.get(k, 0)) for k in BAD_REASONS + tuple(extra)]
-
-    def state_dict(self) -> dict:
-        return {"good": self.good, "bad": dict(self.bad)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.good = int(state.get("good", 0))
-        self.bad = Counter({k: int(v) for k, v in state.get("bad", {}).items()})
