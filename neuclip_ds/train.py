@@ -81,8 +81,7 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
     """The run on this rank, from an initialized process group to its summary. A stop signal any rank received
     (`stop_signals`) ends it at the next step boundary with a checkpoint of that step, on every rank alike."""
     from . import checkpoint
-    from .data.bad_samples import TooManyBadSamplesError
-    from .engine import NeuCLIPEngine, TooManySkippedSteps, TrainingAborted, build_ds_config
+    from .engine import NeuCLIPEngine, TooManySkippedSteps, build_ds_config
     from .metrics import MetricsLogger, plot_training, read_metrics
 
     out_dir = Path(cfg.output_dir)
@@ -147,10 +146,7 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
                 m = eng.train_step(micro_batches, step=step, epoch=epoch)
             except TooManySkippedSteps as e:
                 raise TooManySkippedSteps(f"{e}; {where_to_restart(last_clean)}") from None
-            try:
-                bad = stream.check_bad_samples()
-            except TooManyBadSamplesError as e:
-                raise TrainingAborted(str(e)) from None
+            bad = stream.check_bad_samples()   # past --max-bad-fraction: TooManyBadSamplesError on every rank alike
             elapsed = time.perf_counter() - t0
             times = eng.timer.times
             record = {"step": step + 1, "epoch": epoch, "loss": m["loss"], "tau": m["tau"],
@@ -316,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as e:
         print(f"neuclip-train: error: {e}", file=sys.stderr)
         return 2
+    from .data.bad_samples import TooManyBadSamplesError
     from .engine import TrainingAborted, init_distributed
 
     stop_signals = StopSignals()   # from here on a SIGTERM is a request to save and stop, honoured at step 1 at least
@@ -324,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         watchdog = FaultWatchdog()
         summary = run(cfg, info, resume_dir, stop_signals)
     except BaseException as e:   # no barrier, no teardown: the other ranks may be waiting for this one (stopping.py)
-        return report_failure(e, debug=cfg.debug, expected=(TrainingAborted, CheckpointError))
+        return report_failure(e, debug=cfg.debug, expected=(TrainingAborted, CheckpointError, TooManyBadSamplesError))
     watchdog.stop()
     shutdown_distributed()
     if info.rank == 0:
