@@ -186,7 +186,7 @@ def zero_worker(args) -> dict:
     info = init_distributed()
     baseline = proc_status("VmRSS")
     cfg = TrainConfig(preset=args.preset, ds_config=str(ROOT / "ds_configs" / f"zero{args.stage}.json"),
-                      global_batch_size=args.batch * info.world_size, precision="fp32", steps=1)
+                      global_batch_size=args.batch * info.world_size, precision="fp32", steps=1).resolve()
     ds = build_ds_config(cfg, info.world_size)
     if args.persistence_threshold is not None:
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = args.persistence_threshold

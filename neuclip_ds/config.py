@@ -1,5 +1,11 @@
-"""One dataclass for a run: defaults < YAML file (--config) < command line. `validate()` checks everything before
-any process group starts and raises ConfigError, which the entry point prints as one line and exits with code 2."""
+"""One dataclass for a run: defaults < YAML file (--config) < command line.
+
+Each option is one `TrainConfig` field: its type (a `Literal` lists the choices), default, help text and --help group
+all live there, and the flag (--name-with-dashes), the YAML key (the name, with _ or -), the type check of YAML and
+command-line values and the choice check all derive from it. `resolve()` reads what the options point to once (the
+DeepSpeed JSON, a --dataset-dir) into a new config; `validate()` checks everything before any process group starts,
+returns that resolved config and leaves its own untouched. Problems raise ConfigError, which the entry point prints
+as one line and exits with code 2."""
 
 from __future__ import annotations
 
@@ -9,151 +15,200 @@ import difflib
 import json
 import math
 import os
-from dataclasses import dataclass
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import yaml
 
 from .data.shards import expand_shards
 from .presets import PRESETS
 
-LOSS_CHOICES = ("neuclip", "fastclip", "mbcl", "siglip")
-PRECISIONS = ("fp32", "bf16", "fp16")
-REPORT_TO = ("none", "jsonl", "wandb")
 ZERO_STAGES = (0, 1, 2, 3)
+
+# the --help groups, in their order there (the first option of a group places it)
+MODEL, TEMPERATURE, LOSS, NPN, DATA, OPTIMIZATION, SYSTEM = (
+    "model", "temperature", "loss", "NPN (NeuCLIP)", "data", "optimization", "system")
 
 
 class ConfigError(ValueError):
     """A run configuration problem, reported as one line before anything starts."""
 
 
+def opt(default: Any, help: str, group: str) -> Any:  # noqa: A002 (argparse's word)
+    """A TrainConfig option; the flag, YAML key and --help entry are made from it (`build_parser`)."""
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+@dataclass(frozen=True)
+class DeepSpeedJSON:
+    """--ds-config as `TrainConfig.resolve()` read it: the JSON as written and the settings the run takes from it."""
+    path: str
+    settings: dict                     # the file's object; build_ds_config adds batch sizes and precision to a copy
+    zero_stage: int
+    gradient_accumulation_steps: int
+    gradient_clipping: float           # --grad-clip when given, else the JSON's; 0: off (DeepSpeed's default)
+
+
 @dataclass
 class TrainConfig:
-    # model
-    preset: str = "tiny"
-    pretrained_hf: str | None = None
-    grad_checkpointing: bool = False
-    init_tau: float = 0.07
-    tau_min: float = 0.01
-    tau_max: float = 1.0
-    tau_param: str = "log"
-    zero_init: str = "auto"
-    # loss
-    loss: str = "neuclip"
-    eps: float = 1e-14
-    rho: float = 6.5
-    fastclip_gamma_min: float = 0.2
-    fastclip_gamma_decay_epochs: int = 10
-    # NPN (E4, E5, E7)
-    npn_prototypes: int = 4096
-    npn_inner_steps: int = 10
-    npn_restart_every: int = 500
-    npn_lr: float = 0.05
-    npn_variant: str = "tailored"
-    npn_update: str = "alternating"
-    npn_parallel: str = "sharded"
-    npn_restart_resets_adagrad: bool = False
-    # data
-    dataset_dir: str | None = None
-    train_data: str | None = None
-    train_num_samples: int | None = None
-    val_data: str | None = None
-    tokenizer: str | None = None
-    dataset_size: int | None = None
-    workers: int = 0
-    data_resampled: bool = False
-    max_bad_fraction: float = 0.05
-    text_padding: str = "longest"
-    # optimization
-    global_batch_size: int = 64
-    steps: int | None = None
-    epochs: int | None = None
-    lr: float = 5e-4
-    lr_tau: float | None = None
-    lr_tau_schedule: str = "cosine"
-    wd: float = 0.1
-    warmup: int = 10
-    beta1: float = 0.9
-    beta2: float = 0.98
-    adam_eps: float = 1e-6
-    grad_clip: float | None = None
-    max_skipped_in_a_row: int = 5
-    # system
-    ds_config: str = "ds_configs/zero2.json"
-    precision: str = "fp32"
-    seed: int = 0
-    output_dir: str = "runs/neuclip"
-    resume: str | None = None
-    overwrite: bool = False
-    save_every: int = 0
-    keep_last: int = 2
-    eval_every: int = 0
-    norm_err_every: int = 0
-    norm_err_anchors: int = 256
-    report_to: str = "jsonl"
-    wandb_project: str = "neuclip_ds"
-    wandb_offline: bool = False
-    debug: bool = False
-    # synthetic data (tests, benchmarks): sample count of a deterministic random set used when train_data is unset
-    synthetic_samples: int = 0
+    """The options of a run, one `opt` field each, in their --help order; `ds` once resolved."""
+    preset: str = opt("tiny", "model preset: " + ", ".join(PRESETS), MODEL)
+    pretrained_hf: str | None = opt(None, "local transformers CLIPModel directory to fine-tune (no download)", MODEL)
+    grad_checkpointing: bool = opt(False, "activation checkpointing in both towers", MODEL)
+    zero_init: Literal["auto", "on", "off"] = opt(
+        "auto", "build the model under deepspeed.zero.Init (auto: ZeRO-3 with ViT-L/H presets)", MODEL)
+
+    init_tau: float = opt(0.07, "initial temperature tau", TEMPERATURE)
+    tau_min: float = opt(0.01, "lower bound of tau (kept on the parameter after every step)", TEMPERATURE)
+    tau_max: float = opt(1.0, "upper bound of tau", TEMPERATURE)
+    tau_param: Literal["log", "raw"] = opt(
+        "log", "how tau is stored: log (logit_scale = log 1/tau, as OpenCLIP/FastCLIP: steps change tau by a "
+        "fraction of itself) or raw (tau itself: steps move it by about the learning rate)", TEMPERATURE)
+    lr_tau: float | None = opt(
+        None, "learning rate of the temperature (default: --lr); its own AdamW group without weight decay",
+        TEMPERATURE)
+    lr_tau_schedule: Literal["cosine", "step_thresh"] = opt(
+        "cosine", "cosine (the encoders' schedule) or step_thresh (FastCLIP-v3: warmup, then constant, divided by 3 "
+        "while tau <= 0.03)", TEMPERATURE)
+
+    loss: Literal["neuclip", "fastclip", "mbcl", "siglip"] = opt(
+        "neuclip", "neuclip (E6 + NPN), fastclip (E9 u tables), mbcl (InfoNCE), siglip", LOSS)
+    eps: float = opt(1e-14, "epsilon of E1", LOSS)
+    rho: float = opt(6.5, "rho of E1 (2 rho tau term)", LOSS)
+    fastclip_gamma_min: float = opt(0.2, "FastCLIP's final gamma of the u-table moving average (E9)", LOSS)
+    fastclip_gamma_decay_epochs: int = opt(10, "epochs over which FastCLIP's gamma decays from 1 to its minimum",
+                                           LOSS)
+
+    npn_prototypes: int = opt(4096, "m, prototypes per side (E4)", NPN)
+    npn_inner_steps: int = opt(10, "T_u, NPN AdaGrad steps per step (E7.2)", NPN)
+    npn_restart_every: int = opt(500, "T_r, restart the NPN from the batch every T_r steps (E7.4)", NPN)
+    npn_lr: float = opt(0.05, "NPN AdaGrad learning rate", NPN)
+    npn_variant: Literal["tailored", "mlp"] = opt("tailored", "tailored (E4) or mlp (ablation)", NPN)
+    npn_update: Literal["alternating", "simultaneous"] = opt(
+        "alternating", "alternating (E7) or simultaneous (ablation: alpha predicted before the NPN step)", NPN)
+    npn_parallel: Literal["sharded", "replicated"] = opt(
+        "sharded", "E8: sharded (each rank's inner steps on its own anchors, NPN gradients all-reduced: NPN cost per "
+        "rank O(b_local)) or replicated (every rank runs the whole global batch: O(B), no communication)", NPN)
+    npn_restart_resets_adagrad: bool = opt(False, "also reset AdaGrad's accumulators at a restart (E7.4)", NPN)
+
+    dataset_dir: str | None = opt(None, "a data set built by neuclip_ds (sets train/val data, tokenizer, sizes)",
+                                  DATA)
+    train_data: str | None = opt(None, "webdataset shards, brace-expanded, '::'-joined lists", DATA)
+    train_num_samples: int | None = opt(None, "samples per epoch", DATA)
+    val_data: str | None = opt(None, "held-out webdataset shards", DATA)
+    tokenizer: str | None = opt(None, "local HF tokenizer directory", DATA)
+    dataset_size: int | None = opt(
+        None, "number of samples in the data set (FastCLIP u tables); a sample whose index is outside [0, SIZE) is "
+        "skipped and counted as bad_index", DATA)
+    workers: int = opt(0, "data loader worker processes per rank", DATA)
+    data_resampled: bool = opt(False, "draw shards with replacement (no epochs over the shards, no shard count "
+                                      "check)", DATA)
+    max_bad_fraction: float = opt(0.05, "stop when the fraction of skipped bad samples passes this", DATA)
+    text_padding: Literal["longest", "max_length"] = opt(
+        "longest", "longest: the text tower runs only up to the batch's longest caption (exact: causal attention, EOS "
+        "pooling); max_length: always the full context length (static shapes)", DATA)
+    synthetic_samples: int = opt(0, "train on a deterministic synthetic set of N samples (tests, benchmarks)", DATA)
+
+    global_batch_size: int = opt(64, "pairs per optimizer step over all ranks and micro-batches", OPTIMIZATION)
+    steps: int | None = opt(None, "optimizer steps of the run (or --epochs)", OPTIMIZATION)
+    epochs: int | None = opt(None, "epochs of the run (or --steps)", OPTIMIZATION)
+    lr: float = opt(5e-4, "peak learning rate of the encoders (warmup, then cosine)", OPTIMIZATION)
+    wd: float = opt(0.1, "AdamW weight decay of the weight matrices", OPTIMIZATION)
+    warmup: int = opt(10, "warmup steps", OPTIMIZATION)
+    beta1: float = opt(0.9, "AdamW beta1", OPTIMIZATION)
+    beta2: float = opt(0.98, "AdamW beta2", OPTIMIZATION)
+    adam_eps: float = opt(1e-6, "AdamW epsilon", OPTIMIZATION)
+    # the one owner of clipping at run time is `DeepSpeedJSON.gradient_clipping` (resolve())
+    grad_clip: float | None = opt(None, "gradient clipping norm, in place of the DeepSpeed JSON's gradient_clipping "
+                                        "(default: the JSON's; 0: off)", OPTIMIZATION)
+    max_skipped_in_a_row: int = opt(5, "abort after this many non-finite steps in a row", OPTIMIZATION)
+
+    ds_config: str = opt("ds_configs/zero2.json", "DeepSpeed JSON (ZeRO stage, accumulation, clipping unless "
+                                                  "--grad-clip)", SYSTEM)
+    precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "fp32, bf16 or fp16", SYSTEM)
+    seed: int = opt(0, "random seed (weights, data order, augmentation)", SYSTEM)
+    output_dir: str = opt("runs/neuclip", "run directory: config, metrics, checkpoints, evaluation", SYSTEM)
+    resume: str | None = opt(None, "auto (latest in output dir) or a checkpoint directory", SYSTEM)
+    overwrite: bool = opt(
+        False, "start over in an --output-dir that holds a run: remove that run's files (config.yaml, metrics.jsonl, "
+        "summary.json, eval_results.json, plots/training.png, checkpoints/) and nothing else; without it (or "
+        "--resume) such a directory is refused", SYSTEM)
+    save_every: int = opt(0, "checkpoint every N steps (0: only at the end)", SYSTEM)
+    keep_last: int = opt(2, "checkpoints kept in the output dir", SYSTEM)
+    eval_every: int = opt(0, "evaluate every N steps (0: end)", SYSTEM)
+    report_to: Literal["none", "jsonl", "wandb"] = opt("jsonl", "none, jsonl (metrics.jsonl) or wandb (+ jsonl)",
+                                                       SYSTEM)
+    wandb_project: str = opt("neuclip_ds", "wandb project (--report-to wandb)", SYSTEM)
+    wandb_offline: bool = opt(False, "wandb in offline mode (sync later)", SYSTEM)
+    norm_err_every: int = opt(
+        0, "every N steps: exact log-normalizer of fixed anchors over the whole training set vs the estimates "
+        "(norm_err in metrics.jsonl; 0: off)", SYSTEM)
+    norm_err_anchors: int = opt(256, "number of fixed anchors of the normalizer-error diagnostic", SYSTEM)
+    debug: bool = opt(False, "an error prints its full traceback from every rank (otherwise one line, from the "
+                             "first rank)", SYSTEM)
+
+    # not an option: what `resolve()` read from --ds-config (None before)
+    ds: DeepSpeedJSON | None = field(default=None, repr=False, compare=False)
 
     # ---------------------------------------------------------------------------------------------------------
-    def ds_config_dict(self) -> dict:
-        with open(self.ds_config) as f:
-            return json.load(f)
-
     def tau_lr(self) -> float:
         """--lr-tau, or the encoders' --lr when unset."""
         return self.lr if self.lr_tau is None else self.lr_tau
 
-    def gradient_accumulation_steps(self) -> int:
-        return int(self.ds_config_dict().get("gradient_accumulation_steps", 1))
+    def to_dict(self) -> dict:
+        """The options (what config.yaml holds, and --config reads back)."""
+        return {f.name: getattr(self, f.name) for f in _OPTIONS}
 
-    def validate(self, world_size: int | None = None) -> "TrainConfig":
-        """Raise ConfigError on the first problem found. world_size: from the launcher's env if not given."""
+    def resolve(self) -> TrainConfig:
+        """A copy with what the options point to read once: the data options a --dataset-dir fills (those left
+        unset) and the DeepSpeed JSON (`ds`). Pure: this config is left as given. ConfigError when either cannot
+        be read."""
+        return dataclasses.replace(self, **self._dataset_dir_values(), ds=read_ds_config(self.ds_config,
+                                                                                            self.grad_clip))
+
+    def validate(self, world_size: int | None = None) -> TrainConfig:
+        """The resolved config (`resolve()`) once every check passed; ConfigError on the first problem found.
+        world_size: from the launcher's env if not given."""
         if world_size is None:
             world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self._check_values()
+        cfg = self.resolve()
+        cfg._check_data(world_size)
+        cfg._check_deepspeed(world_size)
+        from .rundir import check_writable   # rundir imports this module
+
+        check_writable(cfg.output_dir)
+        cfg._check_memory(world_size)
+        return cfg
+
+    def _check_values(self) -> None:
+        """The options on their own and against each other (nothing read from disk but --pretrained-hf)."""
         if self.preset not in PRESETS and self.pretrained_hf is None:
             raise ConfigError(f"--preset: unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
         if self.pretrained_hf is not None and not (Path(self.pretrained_hf) / "config.json").is_file():
             raise ConfigError(f"--pretrained-hf: {self.pretrained_hf} is not a transformers CLIPModel directory")
-        if self.loss not in LOSS_CHOICES:
-            raise ConfigError(f"--loss: unknown loss {self.loss!r} (choose from {', '.join(LOSS_CHOICES)})")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.report_to not in REPORT_TO:
-            raise ConfigError(f"--report-to: must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
-        if self.zero_init not in ("auto", "on", "off"):
-            raise ConfigError(f"--zero-init: must be auto, on or off, got {self.zero_init!r}")
-        if self.npn_variant not in ("tailored", "mlp"):
-            raise ConfigError(f"--npn-variant: must be tailored or mlp, got {self.npn_variant!r}")
-        if self.npn_update not in ("alternating", "simultaneous"):
-            raise ConfigError(f"--npn-update: must be alternating or simultaneous, got {self.npn_update!r}")
-        if self.text_padding not in ("longest", "max_length"):
-            raise ConfigError(f"--text-padding: must be longest or max_length, got {self.text_padding!r}")
-        if self.tau_param not in ("log", "raw"):
-            raise ConfigError(f"--tau-param: must be log or raw, got {self.tau_param!r}")
-        if self.lr_tau_schedule not in ("cosine", "step_thresh"):
-            raise ConfigError(f"--lr-tau-schedule: must be cosine or step_thresh, got {self.lr_tau_schedule!r}")
-        for f in dataclasses.fields(self):   # inf/nan in any float option is a typo, never a setting
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"--{f.name.replace('_', '-')}: must be a finite number, got {value}")
-        if self.npn_parallel not in ("sharded", "replicated"):
-            raise ConfigError(f"--npn-parallel: must be sharded or replicated, got {self.npn_parallel!r}")
+        for f in _OPTIONS:
+            value, choices = getattr(self, f.name), _KINDS[f.name].choices
+            if choices and value not in choices:
+                raise ConfigError(f"{_flag(f.name)}: must be {_one_of(choices)}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):   # inf/nan is a typo, never a setting
+                raise ConfigError(f"{_flag(f.name)}: must be a finite number, got {value}")
         for name in ("npn_prototypes", "npn_restart_every", "global_batch_size", "keep_last",
                      "max_skipped_in_a_row"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"{_flag(name)}: must be > 0, got {getattr(self, name)}")
         if self.norm_err_anchors < 2:
             raise ConfigError(f"--norm-err-anchors: must be >= 2, got {self.norm_err_anchors}")
         for name in ("npn_inner_steps", "warmup", "save_every", "eval_every", "synthetic_samples", "workers",
-                     "norm_err_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
+                     "norm_err_every", "grad_clip"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"{_flag(name)}: must be >= 0, got {getattr(self, name)}")
         for name in ("npn_lr", "lr", "lr_tau", "init_tau", "tau_min", "tau_max"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"{_flag(name)}: must be > 0, got {getattr(self, name)}")
         if not self.tau_min < self.tau_max:
             raise ConfigError(f"--tau-min: must be below --tau-max, got {self.tau_min} >= {self.tau_max}")
         if not self.tau_min <= self.init_tau <= self.tau_max:
@@ -170,9 +225,8 @@ class TrainConfig:
             raise ConfigError("--steps/--epochs: give exactly one of them")
         if (self.steps is not None and self.steps <= 0) or (self.epochs is not None and self.epochs <= 0):
             raise ConfigError("--steps/--epochs: must be > 0")
-        # data
-        if self.dataset_dir is not None:
-            self._fill_from_dataset_dir()
+
+    def _check_data(self, world_size: int) -> None:
         if self.train_data is None and self.synthetic_samples == 0:
             raise ConfigError("--train-data: no training data given (or use --synthetic-samples N)")
         if self.train_data is not None:
@@ -191,34 +245,15 @@ class TrainConfig:
             raise ConfigError(f"--tokenizer: {self.tokenizer} is not a directory")
         if self.train_data is not None and self.tokenizer is None:
             raise ConfigError("--tokenizer: required with --train-data (a local HF tokenizer directory)")
-        # DeepSpeed config
-        if not Path(self.ds_config).is_file():
-            raise ConfigError(f"--ds-config: file not found: {self.ds_config}")
-        try:
-            ds = self.ds_config_dict()
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--ds-config: {self.ds_config} is not valid JSON ({e})") from None
-        zero = ds.get("zero_optimization", {}) if isinstance(ds, dict) else None
-        if not isinstance(zero, dict):
-            raise ConfigError(f"--ds-config: {self.ds_config} must hold a JSON object with an object "
-                              f"zero_optimization")
-        _check_zero_keys(zero, self.ds_config)
-        stage = zero.get("stage", 0)
-        if stage not in ZERO_STAGES:
-            raise ConfigError(f"--ds-config: unknown ZeRO stage {stage!r} in {self.ds_config} (use 0, 1, 2 or 3)")
-        accum = ds.get("gradient_accumulation_steps", 1)
-        if not isinstance(accum, int) or accum <= 0:
-            raise ConfigError(f"--ds-config: gradient_accumulation_steps must be a positive integer, got {accum!r}")
+
+    def _check_deepspeed(self, world_size: int) -> None:
+        _check_zero_keys(self.ds.settings.get("zero_optimization", {}), self.ds.path)
+        accum = self.ds.gradient_accumulation_steps
         if self.global_batch_size % (world_size * accum):
             raise ConfigError(f"--global-batch-size: {self.global_batch_size} is not divisible by ranks x "
                               f"accumulation = {world_size} x {accum}")
         if self.global_batch_size // world_size < 2 and world_size == 1:
             raise ConfigError("--global-batch-size: need at least 2 pairs for negatives")
-        from .rundir import check_writable   # rundir imports this module
-
-        check_writable(self.output_dir)
-        self._check_memory(world_size)
-        return self
 
     def _embed_dim(self) -> int:
         if self.pretrained_hf is None:
@@ -237,25 +272,45 @@ class TrainConfig:
             need = fastclip_table_bytes(samples, world_size)
             _check_fits("--dataset-size", f"FastCLIP's u tables for {samples} samples", need, on_gpu=False)
 
-    def _fill_from_dataset_dir(self) -> None:
+    def _dataset_dir_values(self) -> dict:
         """--dataset-dir: a data set built by neuclip_ds (the embedded one) fills the unset data options."""
+        if self.dataset_dir is None:
+            return {}
         from .data.embedded import dataset_paths
 
         try:
             paths = dataset_paths(self.dataset_dir)
         except FileNotFoundError as e:
             raise ConfigError(f"--dataset-dir: {e}") from None
-        self.train_data = self.train_data or paths["train"]
-        self.val_data = self.val_data or paths["val"]
-        self.tokenizer = self.tokenizer or paths["tokenizer"]
-        self.train_num_samples = self.train_num_samples or paths["num_train"]
-        self.dataset_size = self.dataset_size or paths["num_train"]
+        return {"train_data": self.train_data or paths["train"], "val_data": self.val_data or paths["val"],
+                "tokenizer": self.tokenizer or paths["tokenizer"],
+                "train_num_samples": self.train_num_samples or paths["num_train"],
+                "dataset_size": self.dataset_size or paths["num_train"]}
 
-    def zero_stage(self) -> int:
-        return int(self.ds_config_dict().get("zero_optimization", {}).get("stage", 0))
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+def read_ds_config(path: str, grad_clip: float | None) -> DeepSpeedJSON:
+    """The DeepSpeed JSON at path with --grad-clip applied; ConfigError when it is missing or malformed."""
+    if not Path(path).is_file():
+        raise ConfigError(f"--ds-config: file not found: {path}")
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--ds-config: {path} is not valid JSON ({e})") from None
+    zero = ds.get("zero_optimization", {}) if isinstance(ds, dict) else None
+    if not isinstance(zero, dict):
+        raise ConfigError(f"--ds-config: {path} must hold a JSON object with an object zero_optimization")
+    stage = zero.get("stage", 0)
+    if stage not in ZERO_STAGES:
+        raise ConfigError(f"--ds-config: unknown ZeRO stage {stage!r} in {path} (use 0, 1, 2 or 3)")
+    accum = ds.get("gradient_accumulation_steps", 1)
+    if not isinstance(accum, int) or accum <= 0:
+        raise ConfigError(f"--ds-config: gradient_accumulation_steps must be a positive integer, got {accum!r}")
+    clipping = ds.get("gradient_clipping", 0.0) if grad_clip is None else grad_clip
+    if isinstance(clipping, bool) or not isinstance(clipping, (int, float)) or not 0 <= clipping < math.inf:
+        raise ConfigError(f"--ds-config: gradient_clipping must be a number >= 0, got {clipping!r}")
+    return DeepSpeedJSON(path=path, settings=ds, zero_stage=int(stage), gradient_accumulation_steps=accum,
+                         gradient_clipping=float(clipping))
 
 
 def _check_shards(flag: str, pattern: str) -> list[str]:
@@ -354,91 +409,64 @@ def _gib(n: int) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------------
-# command line
+# options: flags, types, choices (all from the TrainConfig fields)
 # -------------------------------------------------------------------------------------------------------------
-_GROUPS = {
-    "model": ["preset", "pretrained_hf", "grad_checkpointing", "zero_init"],
-    "temperature": ["init_tau", "tau_min", "tau_max", "tau_param", "lr_tau", "lr_tau_schedule"],
-    "loss": ["loss", "eps", "rho", "fastclip_gamma_min", "fastclip_gamma_decay_epochs"],
-    "NPN (NeuCLIP)": ["npn_prototypes", "npn_inner_steps", "npn_restart_every", "npn_lr", "npn_variant",
-                      "npn_update", "npn_parallel", "npn_restart_resets_adagrad"],
-    "data": ["dataset_dir", "train_data", "train_num_samples", "val_data", "tokenizer", "dataset_size", "workers",
-             "data_resampled", "max_bad_fraction", "text_padding", "synthetic_samples"],
-    "optimization": ["global_batch_size", "steps", "epochs", "lr", "wd", "warmup", "beta1", "beta2", "adam_eps",
-                     "grad_clip", "max_skipped_in_a_row"],
-    "system": ["ds_config", "precision", "seed", "output_dir", "resume", "overwrite", "save_every", "keep_last",
-               "eval_every", "report_to", "wandb_project", "wandb_offline", "norm_err_every", "norm_err_anchors",
-               "debug"],
-}
-_HELP = {
-    "preset": "model preset: " + ", ".join(PRESETS),
-    "pretrained_hf": "local transformers CLIPModel directory to fine-tune (no download)",
-    "grad_checkpointing": "activation checkpointing in both towers",
-    "zero_init": "build the model under deepspeed.zero.Init (auto: ZeRO-3 with ViT-L/H presets)",
-    "init_tau": "initial temperature tau", "tau_min": "lower bound of tau (kept on the parameter after every step)",
-    "tau_max": "upper bound of tau",
-    "tau_param": "how tau is stored: log (logit_scale = log 1/tau, as OpenCLIP/FastCLIP: steps change tau by a "
-                 "fraction of itself) or raw (tau itself: steps move it by about the learning rate)",
-    "lr_tau": "learning rate of the temperature (default: --lr); its own AdamW group without weight decay",
-    "lr_tau_schedule": "cosine (the encoders' schedule) or step_thresh (FastCLIP-v3: warmup, then constant, "
-                       "divided by 3 while tau <= 0.03)",
-    "loss": "neuclip (E6 + NPN), fastclip (E9 u tables), mbcl (InfoNCE), siglip",
-    "eps": "epsilon of E1", "rho": "rho of E1 (2 rho tau term)",
-    "npn_prototypes": "m, prototypes per side (E4)", "npn_inner_steps": "T_u, NPN AdaGrad steps per step (E7.2)",
-    "npn_restart_every": "T_r, restart the NPN from the batch every T_r steps (E7.4)",
-    "npn_lr": "NPN AdaGrad learning rate",
-    "npn_restart_resets_adagrad": "also reset AdaGrad's accumulators at a restart (E7.4)", "npn_variant": "tailored (E4) or mlp (ablation)",
-    "npn_update": "alternating (E7) or simultaneous (ablation: alpha predicted before the NPN step)",
-    "npn_parallel": "E8: sharded (each rank's inner steps on its own anchors, NPN gradients all-reduced: NPN cost "
-                    "per rank O(b_local)) or replicated (every rank runs the whole global batch: O(B), no "
-                    "communication)",
-    "dataset_dir": "a data set built by neuclip_ds (sets train/val data, tokenizer, sizes)",
-    "train_data": "webdataset shards, brace-expanded, '::'-joined lists", "train_num_samples": "samples per epoch",
-    "val_data": "held-out webdataset shards", "tokenizer": "local HF tokenizer directory",
-    "dataset_size": "number of samples in the data set (FastCLIP u tables); a sample whose index is outside "
-                    "[0, SIZE) is skipped and counted as bad_index",
-    "max_bad_fraction": "stop when the fraction of skipped bad samples passes this",
-    "text_padding": "longest: the text tower runs only up to the batch's longest caption (exact: causal "
-                    "attention, EOS pooling); max_length: always the full context length (static shapes)",
-    "synthetic_samples": "train on a deterministic synthetic set of N samples (tests, benchmarks)",
-    "global_batch_size": "pairs per optimizer step over all ranks and micro-batches", "warmup": "warmup steps",
-    "max_skipped_in_a_row": "abort after this many non-finite steps in a row",
-    "ds_config": "DeepSpeed JSON (ZeRO stage, accumulation, clipping)", "precision": "fp32, bf16 or fp16",
-    "resume": "auto (latest in output dir) or a checkpoint directory",
-    "overwrite": "start over in an --output-dir that holds a run: remove that run's files (config.yaml, "
-                 "metrics.jsonl, summary.json, eval_results.json, plots/training.png, checkpoints/) and nothing "
-                 "else; without it (or --resume) such a directory is refused",
-    "save_every": "checkpoint every N steps (0: only at the end)", "eval_every": "evaluate every N steps (0: end)",
-    "norm_err_every": "every N steps: exact log-normalizer of fixed anchors over the whole training set vs "
-                      "the estimates (norm_err in metrics.jsonl; 0: off)",
-    "norm_err_anchors": "number of fixed anchors of the normalizer-error diagnostic",
-    "report_to": "none, jsonl (metrics.jsonl) or wandb (+ jsonl)",
-    "debug": "an error prints its full traceback from every rank (otherwise one line, from the first rank)",
-}
+_OPTIONS = tuple(f for f in dataclasses.fields(TrainConfig) if "help" in f.metadata)
 
-_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}   # "int", "float | None", ... (annotations)
-_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+@dataclass(frozen=True)
+class _Kind:
+    """What an option's annotation says about its values."""
+    type: type                        # what a YAML or command-line value is converted to: int, float, bool or str
+    optional: bool = False            # None (YAML null or ~) is a value
+    choices: tuple = ()               # a Literal's values
+
+
+def _kind(hint: Any) -> _Kind:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Literal:
+        return _Kind(type(args[0]), choices=args)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        (inner,) = (a for a in args if a is not type(None))
+        return dataclasses.replace(_kind(inner), optional=True)
+    return _Kind(hint)
+
+
+# get_type_hints: `from __future__ import annotations` leaves the fields' own types as strings
+_HINTS = typing.get_type_hints(TrainConfig)
+_KINDS = {f.name: _kind(_HINTS[f.name]) for f in _OPTIONS}
+_EXPECTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _one_of(choices: tuple) -> str:
+    return " or ".join(choices) if len(choices) == 2 else "one of " + ", ".join(choices)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="neuclip-train", description="Train CLIP with NeuCLIP (or FastCLIP/MBCL/SigLIP) under DeepSpeed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="neuclip-train", description="Train CLIP with NeuCLIP (or FastCLIP/MBCL/SigLIP) under DeepSpeed.")
     parser.add_argument("--config", help="YAML file of options (keys as the long flags, with _ or -); "
                         "command-line flags override it")
-    defaults = TrainConfig()
-    for group_name, names in _GROUPS.items():
-        group = parser.add_argument_group(group_name)
-        for name in names:
-            flag = "--" + name.replace("_", "-")
-            default = getattr(defaults, name)
-            if _TYPES[name] == "bool":
-                group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                   help=_HELP.get(name, "") + f" (default {default})")
-                continue
-            # values stay strings here and are converted with the YAML values (`_coerce`): one rule, one-line errors
-            group.add_argument(flag, dest=name, default=None, metavar=name.split("_")[-1].upper(),
-                               help=_HELP.get(name, "") + f" (default {default})")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in _OPTIONS:
+        name = f.metadata["group"]
+        if name not in groups:
+            groups[name] = parser.add_argument_group(name)
+        group = groups[name]
+        kind, text = _KINDS[f.name], f"{f.metadata['help']} (default {f.default})"
+        # default None everywhere: only what was given overrides the YAML file
+        if kind.type is bool:
+            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=text)
+            continue
+        # values stay strings here and are converted with the YAML values (`_coerce`), choices checked by
+        # validate(): one rule, one-line errors (argparse's own are a usage block)
+        metavar = "{" + ",".join(kind.choices) + "}" if kind.choices else f.name.split("_")[-1].upper()
+        group.add_argument(_flag(f.name), dest=f.name, default=None, metavar=metavar, help=text)
     # DeepSpeed's launcher passes --local_rank unless --no_local_rank is given
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
@@ -458,7 +486,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             raise ConfigError(f"--config: {config_file} must hold a mapping of options")
         for key, value in loaded.items():
             key = str(key).replace("-", "_")
-            if key not in _TYPES:
+            if key not in _KINDS:
                 raise ConfigError(f"--config: unknown option {key!r} in {config_file}")
             values[key] = value
     values.update({k: v for k, v in args.items() if v is not None})
@@ -468,28 +496,28 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**{name: _coerce(name, value) for name, value in values.items()})
 
 
-def _coerce(name: str, value):
+def _coerce(name: str, value: Any) -> Any:
     """A YAML or command-line value as the option's type; ConfigError naming the option and the type otherwise.
     Numbers may come as strings: YAML reads 1e-3 (no dot) as one, and the command line gives nothing else."""
-    kind = _TYPES[name].removesuffix(" | None")
-    if value is None and _TYPES[name].endswith(" | None"):
+    kind = _KINDS[name]
+    if value is None and kind.optional:
         return None
     try:
-        return _CONVERT[kind](value)
+        return _CONVERT[kind.type](value)
     except (TypeError, ValueError):
-        hint = " (YAML reads on/off/yes/no as true/false: quote it)" if kind == "str" and isinstance(value, bool) \
+        hint = " (YAML reads on/off/yes/no as true/false: quote it)" if kind.type is str and isinstance(value, bool) \
             else ""
-        raise ConfigError(f"--{name.replace('_', '-')}: expected {_EXPECTED[kind]}, got {value!r}{hint}") from None
+        raise ConfigError(f"{_flag(name)}: expected {_EXPECTED[kind.type]}, got {value!r}{hint}") from None
 
 
-def _scalar(value) -> int | float | str:
+def _scalar(value: Any) -> int | float | str:
     """value itself if it is a number or a string; bool (an int to Python) and lists, mappings, null are not."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise TypeError(value)
     return value
 
 
-def _to_int(value) -> int:
+def _to_int(value: Any) -> int:
     value = _scalar(value)
     if isinstance(value, int):
         return value
@@ -501,11 +529,11 @@ def _to_int(value) -> int:
     return int(number)
 
 
-def _to_bool(value) -> bool:
+def _to_bool(value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(value)
     return value
 
 
-_CONVERT = {"int": _to_int, "float": lambda v: float(_scalar(v)), "bool": _to_bool,
-            "str": lambda v: str(_scalar(v))}   # a number where a name goes (output_dir: 2024) is that name
+_CONVERT = {int: _to_int, float: lambda v: float(_scalar(v)), bool: _to_bool,
+            str: lambda v: str(_scalar(v))}   # a number where a name goes (output_dir: 2024) is that name

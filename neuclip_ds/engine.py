@@ -79,17 +79,16 @@ def init_distributed() -> DistInfo:
 
 
 def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The user's JSON with the batch sizes and precision this run decides."""
-    ds = cfg.ds_config_dict()
-    accum = int(ds.get("gradient_accumulation_steps", 1))
+    """The user's JSON (`cfg.resolve()`d) with the batch sizes, precision and clipping this run decides."""
+    ds = copy.deepcopy(cfg.ds.settings)   # DeepSpeed and callers edit what they get; cfg.ds stays as read
+    accum = cfg.ds.gradient_accumulation_steps
     ds["train_batch_size"] = cfg.global_batch_size
     ds["train_micro_batch_size_per_gpu"] = cfg.global_batch_size // (world_size * accum)
     ds["gradient_accumulation_steps"] = accum
     ds["bf16"] = {"enabled": cfg.precision == "bf16"}
     ds["fp16"] = {"enabled": cfg.precision == "fp16", **({"initial_scale_power": 12} if cfg.precision == "fp16"
                                                          else {})}
-    if cfg.grad_clip is not None:
-        ds["gradient_clipping"] = cfg.grad_clip
+    ds["gradient_clipping"] = cfg.ds.gradient_clipping   # resolved: --grad-clip over the JSON's
     ds.setdefault("steps_per_print", 10**9)
     return ds
 

@@ -63,7 +63,7 @@ def build_model_for(cfg: TrainConfig, ds_config: dict, vocab: dict):
 
     from .model import build_model, reinitialize_partitioned
 
-    zero_init = cfg.zero_init == "on" or (cfg.zero_init == "auto" and cfg.zero_stage() == 3
+    zero_init = cfg.zero_init == "on" or (cfg.zero_init == "auto" and cfg.ds.zero_stage == 3
                                           and cfg.preset in ("ViT-L-14", "ViT-H-14"))
     # deepspeed.zero.Init partitions each parameter as it is created, for presets that do not fit one rank
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_init):
@@ -90,7 +90,7 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
         start_output_dir(cfg, out_dir)
     run_id = checkpoint.run_id_for(resume_dir)
     seed_everything(cfg.seed)  # the same on every rank: identical initial weights
-    accumulation = cfg.gradient_accumulation_steps()
+    accumulation = cfg.ds.gradient_accumulation_steps
     tokenizer, vocab = build_tokenizer_vocab(cfg)
     stream, dataset_size, steps_per_epoch = build_data(cfg, info, accumulation, vocab, tokenizer)
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
@@ -101,7 +101,7 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
     eng = NeuCLIPEngine(cfg, model, info, total_steps=total_steps, dataset_size=cfg.dataset_size or dataset_size,
                         load_universal=resized)
 
-    state = checkpoint.TrainState(eng, stream, config=dict(cfg.to_dict(), zero_stage=cfg.zero_stage()),
+    state = checkpoint.TrainState(eng, stream, config=dict(cfg.to_dict(), zero_stage=cfg.ds.zero_stage),
                                   seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     start_step = 0
     if saved is None:
@@ -261,7 +261,7 @@ def _evaluate_now(eng, cfg: TrainConfig, tokenizer, info, *, progress: bool) -> 
     from .evaluate import evaluate
 
     results = None
-    if cfg.zero_stage() == 3 or info.rank == 0:
+    if cfg.ds.zero_stage == 3 or info.rank == 0:
         results = evaluate(eng.engine.module, val_data=cfg.val_data, tokenizer=tokenizer,
                            dataset_dir=cfg.dataset_dir, device=info.device, batch_size=256,
                            progress=progress and info.rank == 0)
@@ -302,12 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     from .rundir import check_output_dir
 
     try:
-        cfg = parse_config(argv)
-        cfg.validate()
+        cfg = parse_config(argv).validate()
         # the checkpoint to resume from and the output directory are checked before anything starts or is written
         resume_dir = resolve_resume(cfg.resume, cfg.output_dir)
         if resume_dir is not None:
-            check_compatible(read_shared(resume_dir)["config"], cfg.to_dict(), cfg.zero_stage())
+            check_compatible(read_shared(resume_dir)["config"], cfg.to_dict(), cfg.ds.zero_stage)
         check_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     except (ConfigError, CheckpointError) as e:
         print(f"neuclip-train: error: {e}", file=sys.stderr)

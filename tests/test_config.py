@@ -30,7 +30,7 @@ def run_main(capsys, args, world_size=None, monkeypatch=None):
     (["--npn-prototypes", "0"], "--npn-prototypes: must be > 0"),
     (["--npn-prototypes", "-5"], "--npn-prototypes: must be > 0"),
     (["--train-data", "/nonexistent/{00000..00003}.tar", "--train-num-samples", "10"], "--train-data: no shard"),
-    (["--loss", "infonce"], "--loss: unknown loss 'infonce'"),
+    (["--loss", "infonce"], "--loss: must be one of neuclip, fastclip, mbcl, siglip, got 'infonce'"),
     (["--ds-config", "/nonexistent.json"], "--ds-config: file not found"),
     (["--tau-min", "0.5", "--init-tau", "0.07"], "--init-tau: must lie in"),
     (["--precision", "fp8"], "--precision: must be one of"),
@@ -284,3 +284,69 @@ def test_bad_input_is_one_line_and_exit_2_from_the_command_line(tmp_path, args, 
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"neuclip-train: error: {needle}"), proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ choices
+CHOICE_OPTIONS = sorted(name for name, kind in config._KINDS.items() if kind.choices)
+
+
+@pytest.mark.parametrize("name", CHOICE_OPTIONS)
+def test_every_choice_option_is_checked_from_its_literal(name):
+    choices = config._KINDS[name].choices
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(ConfigError) as err:
+        parse_config([*OK, flag, "bogus"]).validate()
+    assert str(err.value).startswith(f"{flag}: must be ") and str(err.value).endswith(", got 'bogus'")
+    assert all(choice in str(err.value) for choice in choices)
+    assert "{" + ",".join(choices) + "}" in config.build_parser().format_help()   # the metavar shows them
+
+
+# ------------------------------------------------------------------------------------------------ resolution
+def test_validate_leaves_the_config_as_given_and_returns_it_resolved(tmp_path):
+    given = parse_config(["--dataset-dir", "data/digits", "--steps", "2", "--output-dir", str(tmp_path / "run")])
+    before = given.to_dict()
+    resolved = given.validate(world_size=1)
+    assert given.to_dict() == before and given.ds is None and given.train_data is None
+    assert resolved.train_data.endswith(".tar") and resolved.tokenizer and resolved.train_num_samples > 0
+    assert (resolved.ds.zero_stage, resolved.ds.gradient_accumulation_steps) == (2, 1)
+    assert resolved.dataset_size == resolved.train_num_samples   # a --dataset-dir fills the size in as well
+
+
+def test_grad_clip_overrides_the_json_and_the_resolved_value_is_what_deepspeed_gets(tmp_path):
+    from neuclip_ds.engine import build_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"gradient_clipping": 2.0, "zero_optimization": {"stage": 1}}))
+    for extra, clipping in (([], 2.0), (["--grad-clip", "0.5"], 0.5), (["--grad-clip", "0"], 0.0)):
+        cfg = parse_config([*OK, "--ds-config", str(path), *extra]).validate()
+        assert cfg.ds.gradient_clipping == clipping
+        assert build_ds_config(cfg, 1)["gradient_clipping"] == clipping
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    assert parse_config([*OK, "--ds-config", str(path)]).resolve().ds.gradient_clipping == 0.0   # DeepSpeed's: off
+
+
+@pytest.mark.parametrize("args,json_clipping,message", [
+    (["--grad-clip", "-1"], 1.0, "--grad-clip: must be >= 0, got -1.0"),
+    ([], "1.0", "--ds-config: gradient_clipping must be a number >= 0, got '1.0'"),
+    ([], -2, "--ds-config: gradient_clipping must be a number >= 0, got -2"),
+])
+def test_bad_clipping_is_refused(tmp_path, args, json_clipping, message):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"gradient_clipping": json_clipping, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError) as err:
+        parse_config([*OK, "--ds-config", str(path), *args]).validate()
+    assert str(err.value) == message
+
+
+def test_build_ds_config_leaves_the_resolved_json_untouched():
+    from neuclip_ds.engine import build_ds_config
+
+    cfg = parse_config(OK).validate()
+    before = json.dumps(cfg.ds.settings)
+    build_ds_config(cfg, 1)["zero_optimization"]["stage"] = 3   # as benchmarks/memory.py edits its copy
+    assert json.dumps(cfg.ds.settings) == before
+
+
+def test_config_yaml_holds_the_options_only():
+    cfg = parse_config(OK).validate()
+    assert "ds" not in cfg.to_dict() and set(cfg.to_dict()) == set(config._KINDS)

@@ -78,4 +78,4 @@ def test_h100_ds_configs_are_valid(preset, path, stage):
     cfg = parse_config(["--preset", preset, "--ds-config", str(ROOT / path), "--synthetic-samples", "64",
                         "--steps", "1", "--global-batch-size", "2048", "--precision", "bf16",
                         "--grad-checkpointing"]).validate(world_size=8)
-    assert cfg.zero_stage() == stage and cfg.gradient_accumulation_steps() == 1
+    assert cfg.ds.zero_stage == stage and cfg.ds.gradient_accumulation_steps == 1
