@@ -3,11 +3,12 @@
 One optimizer step, as `NeuCLIPEngine.train_step` reads:
   1. encode this rank's A micro-batches (A = gradient_accumulation_steps). With A = 1 the forward keeps its graph;
      with A > 1 it runs without graph and the features are cached (open_clip's accum_freq idea, E8);
-  2. gather the features of the global batch (detached copy) and log g_hat of every anchor against it;
-  3. the alpha estimator on the global batch: NeuCLIP fits the NPN for T_u AdaGrad steps then predicts alpha
-     (E7.2, E5; restart every T_r steps, E7.4); FastCLIP updates its u tables (E9); MBCL/SigLIP have none;
-  4. per micro-batch: (A > 1: re-encode it with graph and splice it into the cached global batch) the loss of the
-     local anchors against the global batch with alpha detached (E6), `engine.backward`, `engine.step`.
+  2. gather the features of the global batch and log g_hat of every anchor against it (`StepBatch`, detached);
+  3. the alpha estimator on the global batch (`Estimator.prepare`): NeuCLIP fits the NPN for T_u AdaGrad steps then
+     predicts alpha (E7.2, E5; restart every T_r steps, E7.4); FastCLIP updates its u tables (E9); MBCL/SigLIP have
+     none. It returns the loss's arguments for this rank's anchors (alpha, detached in the loss: E6);
+  4. per micro-batch: its features with graph (A > 1: re-encoded and spliced into the cached global batch), the loss
+     of the local anchors against the global batch, `engine.backward`, `engine.step`.
 The gradients of the A micro-batches are summed (`scale_wrt_gas=False`: each chunk's loss is already the loss of
 the whole step), and tau / the SigLIP bias take their gradient from chunk 0 only, so 2 x b accumulation gives the
 gradients of 1 x 2b. A non-finite step is skipped on every rank with no parameter, NPN or u-table update.
@@ -22,6 +23,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import deepspeed
 import torch
@@ -31,8 +33,8 @@ import torch.distributed.nn.functional as dist_fn
 from .config import TrainConfig, uses_cuda
 from .data.tokenizer import trim_text_padding
 from .extensions import prepare_cpu_ops, release_shm_buffers
-from .losses import (LOSSES, FastCLIPLoss, Features, NeuCLIPLoss, all_gather_no_grad, batch_log_normalizers,
-                     gather_features, log_eps_plus)
+from .losses import (LOSSES, ContrastiveLoss, FastCLIPLoss, Features, NeuCLIPLoss, all_gather_no_grad,
+                     batch_log_normalizers, gather_features, log_eps_plus)
 from .model import temperature_from_parameter
 from .npn import NPN
 
@@ -240,18 +242,63 @@ class PhaseTimer:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# alpha estimators (step 3): NPN, FastCLIP tables, none
+# the global batch of a step and the alpha estimators that run on it (E7.2, E9)
 # ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class StepBatch:
+    """The gathered global batch of one optimizer step (E8), detached: what an estimator sees.
+
+    B = world size x A x b rows, rank r's A micro-batches at rows [r A b, (r+1) A b) (`rows` for this rank)."""
+
+    img: torch.Tensor              # [B, d] normalized image features
+    txt: torch.Tensor              # [B, d] normalized text features
+    tau: torch.Tensor              # [1]
+    log_g_img: torch.Tensor        # [B] log g_hat of each image anchor against the global batch (E1)
+    log_g_txt: torch.Tensor        # [B] the same for the text anchors
+    log_target_img: torch.Tensor   # [B] log(eps + g_hat): the minimizer of E5 (the NPN's target, E9's reference)
+    log_target_txt: torch.Tensor
+    index: torch.Tensor            # [B] dataset indices (FastCLIP's table rows, E9)
+    rows: slice                    # this rank's anchors
+    step: int
+    epoch: int
+
+
+class Estimator(Protocol):
+    """The auxiliary variable alpha of a loss, updated once per optimizer step on the global batch.
+
+    `prepare(batch)` returns the keyword arguments of the loss for this rank's anchors (the same for each of its
+    micro-batches: every micro-batch's loss covers all of this rank's anchors, E8) and its metrics (floats).
+    `snapshot`/`restore` undo a `prepare` whose step is skipped; `state_dict`/`load_state_dict` checkpoint it."""
+
+    def prepare(self, batch: StepBatch) -> tuple[dict[str, torch.Tensor], dict[str, float]]: ...
+
+    def snapshot(self) -> Any: ...
+
+    def restore(self, snap: Any) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def alpha_arguments(alpha_img: torch.Tensor, alpha_txt: torch.Tensor,
+                    batch: StepBatch) -> tuple[dict[str, torch.Tensor], float]:
+    """E6's loss arguments from alpha over the global batch (this rank's rows), and alpha's mean distance to
+    log(eps + g_hat) of the batch (the estimator's batch error metric)."""
+    err = ((alpha_img - batch.log_target_img).abs().mean() + (alpha_txt - batch.log_target_txt).abs().mean()) / 2
+    return {"alpha_img": alpha_img[batch.rows], "alpha_txt": alpha_txt[batch.rows]}, float(err)
+
+
 class NoEstimator:
     """MBCL and SigLIP: no auxiliary variable."""
 
-    def prepare(self, **_) -> dict:
-        return {}
+    def prepare(self, batch: StepBatch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        return {}, {}
 
-    def snapshot(self):
+    def snapshot(self) -> None:
         return None
 
-    def restore(self, snap) -> None:
+    def restore(self, snap: None) -> None:
         pass
 
     def state_dict(self) -> dict:
@@ -261,40 +308,41 @@ class NoEstimator:
         pass
 
 
-class NPNEstimator(NoEstimator):
+class NPNEstimator:
     """NeuCLIP: T_u NPN steps on the global batch, then alpha = NPN(e1, e2, tau) detached (E7.2-3).
 
     --npn-parallel sharded (E8 option (b)): the inner steps and the prediction run on this rank's rows of the
-    global batch (`local_rows`, its own anchors), NPN gradients are all-reduced and the B alphas all-gathered, so the
-    NPN's work per rank is O(b_local) instead of O(B) and the replicas stay identical (checksummed at the end)."""
+    global batch (its own anchors), NPN gradients are all-reduced and the B alphas all-gathered, so the NPN's work
+    per rank is O(b_local) instead of O(B) and the replicas stay identical (checksummed at the end)."""
 
     def __init__(self, npn: NPN, cfg: TrainConfig):
         self.npn, self.cfg = npn, cfg
 
-    def _predict(self, img_all, txt_all, tau, rows):
+    def _predict(self, batch: StepBatch, rows: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
         if rows is None:
-            return self.npn.predict(img_all, txt_all, tau)
-        return tuple(all_gather_no_grad(a) for a in self.npn.predict(img_all[rows], txt_all[rows], tau))
+            return self.npn.predict(batch.img, batch.txt, batch.tau)
+        return tuple(all_gather_no_grad(a) for a in self.npn.predict(batch.img[rows], batch.txt[rows], batch.tau))
 
-    def prepare(self, *, step, img_all, txt_all, log_target_img, log_target_txt, tau, local_rows, **_) -> dict:
-        sharded = self.cfg.npn_parallel == "sharded" and dist.is_initialized() and dist.get_world_size() > 1
-        rows = local_rows if sharded else None
-        if step % self.cfg.npn_restart_every == 0:  # E7.4 (step 0 included: start from the data, not at random)
-            self.npn.restart(img_all, txt_all, seed=self.cfg.seed * 1_000_003 + step,
-                             reset_optimizer=self.cfg.npn_restart_resets_adagrad)
-        if self.cfg.npn_update == "simultaneous":   # ablation: alpha from the NPN before this step's update
-            alpha = self._predict(img_all, txt_all, tau, rows)
-        npn_loss = self.npn.fit(img_all, txt_all, log_target_img, log_target_txt, tau, self.cfg.npn_inner_steps,
-                                rows=rows)
-        if self.cfg.npn_update == "alternating":
-            alpha = self._predict(img_all, txt_all, tau, rows)
-        err = ((alpha[0] - log_target_img).abs().mean() + (alpha[1] - log_target_txt).abs().mean()) / 2
-        return {"alpha_img": alpha[0], "alpha_txt": alpha[1], "npn_loss": npn_loss, "npn_batch_err": float(err)}
+    def prepare(self, batch: StepBatch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        cfg = self.cfg
+        sharded = cfg.npn_parallel == "sharded" and dist.is_initialized() and dist.get_world_size() > 1
+        rows = batch.rows if sharded else None
+        if batch.step % cfg.npn_restart_every == 0:  # E7.4 (step 0 included: start from the data, not at random)
+            self.npn.restart(batch.img, batch.txt, seed=cfg.seed * 1_000_003 + batch.step,
+                             reset_optimizer=cfg.npn_restart_resets_adagrad)
+        if cfg.npn_update == "simultaneous":   # ablation: alpha from the NPN before this step's update
+            alpha = self._predict(batch, rows)
+        npn_loss = self.npn.fit(batch.img, batch.txt, batch.log_target_img, batch.log_target_txt, batch.tau,
+                                cfg.npn_inner_steps, rows=rows)
+        if cfg.npn_update == "alternating":
+            alpha = self._predict(batch, rows)
+        loss_args, err = alpha_arguments(*alpha, batch)
+        return loss_args, {"npn_loss": npn_loss, "npn_batch_err": err}
 
-    def snapshot(self):
+    def snapshot(self) -> dict:
         return copy.deepcopy(self.npn.state_dict())  # the NPN is small: a copy per step is cheap
 
-    def restore(self, snap) -> None:
+    def restore(self, snap: dict) -> None:
         self.npn.load_state_dict(snap)
 
     def state_dict(self) -> dict:
@@ -304,22 +352,21 @@ class NPNEstimator(NoEstimator):
         self.npn.load_state_dict(state["npn"])
 
 
-class TableEstimator(NoEstimator):
+class TableEstimator:
     """FastCLIP: u <- (1-gamma)u + gamma g_hat on the global batch, alpha = log(eps + u) (E9)."""
 
     def __init__(self, loss_fn: FastCLIPLoss):
         self.loss_fn = loss_fn
 
-    def prepare(self, *, epoch, index_all, log_g_img, log_g_txt, log_target_img, log_target_txt, **_) -> dict:
-        alpha_img, alpha_txt = self.loss_fn.update_alpha(index_all, log_g_img, log_g_txt, epoch)
-        err = ((alpha_img - log_target_img).abs().mean() + (alpha_txt - log_target_txt).abs().mean()) / 2
-        return {"alpha_img": alpha_img, "alpha_txt": alpha_txt, "fastclip_gamma": self.loss_fn.gamma(epoch),
-                "u_batch_err": float(err)}
+    def prepare(self, batch: StepBatch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        alpha = self.loss_fn.update_alpha(batch.index, batch.log_g_img, batch.log_g_txt, batch.epoch)
+        loss_args, err = alpha_arguments(*alpha, batch)
+        return loss_args, {"fastclip_gamma": self.loss_fn.gamma(batch.epoch), "u_batch_err": err}
 
-    def snapshot(self):
+    def snapshot(self) -> list[torch.Tensor]:
         return [t.log_u.clone() for t in (self.loss_fn.u_img, self.loss_fn.u_txt)]
 
-    def restore(self, snap) -> None:
+    def restore(self, snap: list[torch.Tensor]) -> None:
         for t, saved in zip((self.loss_fn.u_img, self.loss_fn.u_txt), snap):
             t.log_u.copy_(saved)
 
@@ -358,24 +405,28 @@ class NeuCLIPEngine:
         self.skipped_steps = 0
         self.skipped_in_a_row = 0
         self.last_global_batch = None
-        self.loss_fn, self.estimator = self._build_loss(model, dataset_size)
-        # FastCLIP's alpha comes from the estimator (tables updated once per step), so call its E6 part directly
-        self.loss_call = self.loss_fn.loss_with_alpha if cfg.loss == "fastclip" else self.loss_fn
+        self.loss_fn, self.loss_call, self.estimator = self._build_loss(model, dataset_size)
 
-    def _build_loss(self, model, dataset_size):
+    def _build_loss(self, model: torch.nn.Module,
+                    dataset_size: int | None) -> tuple[ContrastiveLoss, Callable[..., torch.Tensor], Estimator]:
+        """The loss, what each micro-batch's backward calls (`loss_call(feats, tau, **model outputs, **estimator
+        arguments)`), and the estimator of its alpha."""
         cfg = self.cfg
         if cfg.loss == "neuclip":
             dim = model.visual.config.projection_dim
             npn = NPN(dim, num_prototypes=cfg.npn_prototypes, eps=cfg.eps, lr=cfg.npn_lr, variant=cfg.npn_variant,
                       seed=cfg.seed, device=self.info.device)
-            return NeuCLIPLoss(eps=cfg.eps, rho=cfg.rho), NPNEstimator(npn, cfg)
+            loss_fn = NeuCLIPLoss(eps=cfg.eps, rho=cfg.rho)
+            return loss_fn, loss_fn, NPNEstimator(npn, cfg)
         if cfg.loss == "fastclip":
             if not dataset_size:
                 raise ValueError("dataset_size: FastCLIP needs the number of samples in the data set")
             loss_fn = FastCLIPLoss(dataset_size, eps=cfg.eps, rho=cfg.rho, gamma_min=cfg.fastclip_gamma_min,
                                    gamma_decay_epochs=cfg.fastclip_gamma_decay_epochs)
-            return loss_fn, TableEstimator(loss_fn)
-        return LOSSES[cfg.loss](), NoEstimator()
+            # the estimator updates the tables once per step (E9), so each micro-batch calls the E6 part alone
+            return loss_fn, loss_fn.loss_with_alpha, TableEstimator(loss_fn)
+        loss_fn = LOSSES[cfg.loss]()
+        return loss_fn, loss_fn, NoEstimator()
 
     # -----------------------------------------------------------------------------------------------------------
     def _to_device(self, mb: dict) -> dict:
@@ -429,94 +480,92 @@ class NeuCLIPEngine:
             dist.all_reduce(found, op=dist.ReduceOp.MAX)
         return bool(found.item() > 0)
 
-    def _splice(self, a: int, fresh: dict, cache_img: torch.Tensor, cache_txt: torch.Tensor,
-                glob_img: torch.Tensor, glob_txt: torch.Tensor) -> Features:
-        """Local anchors and global batch for micro-batch a: cached features, with the re-encoded chunk (with
-        graph) in place of chunk a on every rank (gathered with gradient, E8)."""
-        b, A, W, rank = self.micro_batch, self.accumulation, self.info.world_size, self.info.rank
+    # -----------------------------------------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[dict], *, step: int, epoch: int) -> dict:
+        """One optimizer step (E7) over this rank's A micro-batches. Returns metrics (rank-local floats)."""
+        if len(micro_batches) != self.accumulation:
+            raise ValueError(f"micro_batches: expected {self.accumulation} micro-batches, got {len(micro_batches)}")
+        t = self.timer
+        # E7.1; A > 1 without graph, each micro-batch is re-encoded with graph for its backward (E8)
+        with t("forward"), torch.set_grad_enabled(self.accumulation == 1):
+            outputs = [self._encode(mb) for mb in micro_batches]
+        with t("gather"):       # the global batch and log g_hat of every anchor (E1, E8)
+            cache, batch = self._gather(outputs, micro_batches, step=step, epoch=epoch)
+        if not self._all_finite(batch.img, batch.txt, batch.tau, batch.log_g_img, batch.log_g_txt):
+            return self._skip("non-finite features")
+        self.last_global_batch = (batch.img, batch.txt, batch.index)  # the normalizer-error diagnostic's MBCL estimate
+        with t("npn"):
+            snapshot = self.estimator.snapshot()
+            loss_args, metrics = self.estimator.prepare(batch)   # E7.2: alpha with the encoders frozen (E9: u)
+        for a, micro_batch in enumerate(micro_batches):
+            with t("backward"):
+                feats, model_args = self._with_graph(a, micro_batch, cache, outputs)
+                loss = self.loss_call(feats, **model_args, **loss_args)  # E7.3: the encoders' step, alpha frozen
+                if a == 0:
+                    if not self._all_finite(loss.detach()):
+                        self.estimator.restore(snapshot)
+                        return self._skip("non-finite loss")
+                    loss_value = loss.detach()
+                self.engine.backward(loss, scale_wrt_gas=False)   # each chunk's loss is the whole step's
+            with t("optimizer"):
+                self.engine.step()                                # updates after the A-th micro-batch only
+        with t("optimizer"):
+            # the parameter back inside [tau_min, tau_max]; the tau-LR factor of the next step sees the new tau
+            self.temperature_lr.tau = self.temperature.after_step(step)
+        self.skipped_in_a_row = 0
+        metrics.update(loss=self._mean_over_ranks(loss_value), tau=float(batch.tau), lr_tau=self.tau_lr(),
+                       skipped=False)
+        return metrics
+
+    def _gather(self, outputs: list[dict], micro_batches: list[dict], *, step: int,
+                epoch: int) -> tuple[Features, StepBatch]:
+        """This rank's features against the global batch, gathered with gradient (E8; with A = 1 they carry the
+        graph and are the loss's input as they are), and the detached global batch the estimator runs on."""
+        img, txt = (torch.cat([out[side] for out in outputs]) for side in ("img", "txt"))
+        cache = gather_features(img, txt)
+        with torch.no_grad():
+            tau = outputs[0]["tau"].detach()
+            img_all, txt_all = cache.img_all.detach(), cache.txt_all.detach()
+            local = Features(img.detach(), txt.detach(), img_all, txt_all, cache.offset)
+            log_g_img, log_g_txt = (all_gather_no_grad(x) for x in batch_log_normalizers(local, tau))
+        index = all_gather_no_grad(torch.cat([mb["index"] for mb in micro_batches]).to(self.info.device))
+        return cache, StepBatch(img_all, txt_all, tau, log_g_img, log_g_txt, log_eps_plus(log_g_img, self.cfg.eps),
+                                log_eps_plus(log_g_txt, self.cfg.eps), index,
+                                slice(cache.offset, cache.offset + cache.local_size), step, epoch)
+
+    def _with_graph(self, a: int, micro_batch: dict, cache: Features,
+                    outputs: list[dict]) -> tuple[Features, dict[str, torch.Tensor]]:
+        """The loss inputs of micro-batch a with graph: the features (A = 1: as gathered; A > 1: the micro-batch
+        re-encoded and spliced into the cache) and the model's other outputs, tau and SigLIP's bias. Those appear
+        in every micro-batch's loss: they take their gradient from micro-batch 0 only."""
+        if self.accumulation == 1:
+            feats, fresh = cache, outputs[0]
+        else:
+            fresh = self._encode(micro_batch)
+            feats = self._splice(a, fresh, cache)
+        return feats, {k: v if a == 0 else v.detach() for k, v in fresh.items() if k not in ("img", "txt")}
+
+    def _splice(self, a: int, fresh: dict, cache: Features) -> Features:
+        """Local anchors and global batch for micro-batch a: the cached features, with the re-encoded micro-batch
+        (with graph) in place of micro-batch a on every rank (gathered with gradient, E8)."""
+        b, A, W = self.micro_batch, self.accumulation, self.info.world_size
         sides = []
-        for cache, glob, x in ((cache_img, glob_img, fresh["img"]), (cache_txt, glob_txt, fresh["txt"])):
-            local = torch.cat([cache[:a * b], x, cache[(a + 1) * b:]])
+        for cached, glob, x in ((cache.img, cache.img_all, fresh["img"]), (cache.txt, cache.txt_all, fresh["txt"])):
+            local = torch.cat([cached[:a * b], x, cached[(a + 1) * b:]])
             parts = dist_fn.all_gather(x) if W > 1 else [x]
             blocks = []
             for r in range(W):
                 block = glob[r * A * b:(r + 1) * A * b]
                 blocks += [block[:a * b], parts[r], block[(a + 1) * b:]]
             sides.append((local, torch.cat(blocks)))
-        return Features(sides[0][0], sides[1][0], sides[0][1], sides[1][1], rank * A * b)
+        return Features(sides[0][0], sides[1][0], sides[0][1], sides[1][1], cache.offset)
 
-    # -----------------------------------------------------------------------------------------------------------
-    def train_step(self, micro_batches: list[dict], *, step: int, epoch: int) -> dict:
-        """One optimizer step (E7) over this rank's A micro-batches. Returns metrics (rank-local floats)."""
-        A, t, cfg = len(micro_batches), self.timer, self.cfg
-        if A != self.accumulation:
-            raise ValueError(f"micro_batches: expected {self.accumulation} micro-batches, got {A}")
-
-        # 1. encode (A == 1: with graph; A > 1: cache without graph, recompute per chunk below)
-        with t("forward"):
-            if A == 1:
-                out = self._encode(micro_batches[0])
-                img_loc, txt_loc = out["img"], out["txt"]
-            else:
-                with torch.no_grad():
-                    outs = [self._encode(mb) for mb in micro_batches]
-                out = outs[0]
-                img_loc, txt_loc = torch.cat([o["img"] for o in outs]), torch.cat([o["txt"] for o in outs])
-            tau = out["tau"]
-        # 2. the global batch (detached) and log g_hat of each anchor (E1)
-        with t("gather"):
-            feats = gather_features(img_loc, txt_loc) if A == 1 else None
-            img_all = feats.img_all.detach() if A == 1 else all_gather_no_grad(img_loc)
-            txt_all = feats.txt_all.detach() if A == 1 else all_gather_no_grad(txt_loc)
-            offset = self.info.rank * img_loc.shape[0]
-            with torch.no_grad():
-                local = Features(img_loc.detach(), txt_loc.detach(), img_all, txt_all, offset)
-                lg_img, lg_txt = (all_gather_no_grad(x) for x in batch_log_normalizers(local, tau.detach()))
-            index_all = all_gather_no_grad(torch.cat([mb["index"] for mb in micro_batches]).to(self.info.device))
-        if not self._all_finite(img_all, txt_all, tau, lg_img, lg_txt):
-            return self._skip("non-finite features")
-        self.last_global_batch = (img_all, txt_all, index_all)  # the normalizer-error diagnostic's MBCL estimate
-        # 3. alpha on the global batch: NPN inner steps / u-table update (E7.2, E9)
-        with t("npn"):
-            snapshot = self.estimator.snapshot()
-            aux = self.estimator.prepare(
-                step=step, epoch=epoch, img_all=img_all, txt_all=txt_all, tau=tau.detach(), index_all=index_all,
-                local_rows=slice(offset, offset + img_loc.shape[0]),
-                log_g_img=lg_img, log_g_txt=lg_txt, log_target_img=log_eps_plus(lg_img, cfg.eps),
-                log_target_txt=log_eps_plus(lg_txt, cfg.eps))
-        metrics = {k: v for k, v in aux.items() if not isinstance(v, torch.Tensor)}
-        # 4. the encoder / tau step through DeepSpeed (E6), one backward per micro-batch
-        loss_value = None
-        for a in range(A):
-            with t("backward"):
-                if A == 1:
-                    chunk_tau, chunk_bias = tau, out.get("bias")
-                else:
-                    fresh = self._encode(micro_batches[a])
-                    feats = self._splice(a, fresh, img_loc, txt_loc, img_all, txt_all)
-                    # tau and the bias appear in every chunk's loss: give them their gradient once (chunk 0)
-                    chunk_tau, chunk_bias = fresh["tau"], fresh.get("bias")
-                    if a > 0:
-                        chunk_tau = chunk_tau.detach()
-                        chunk_bias = None if chunk_bias is None else chunk_bias.detach()
-                loss = self.loss_call(feats, chunk_tau, **self._loss_aux(feats, aux, chunk_bias))
-                if a == 0:
-                    if not self._all_finite(loss.detach()):
-                        self.estimator.restore(snapshot)
-                        return self._skip("non-finite loss")
-                    loss_value = loss.detach()
-                self.engine.backward(loss, scale_wrt_gas=False)
-            with t("optimizer"):
-                self.engine.step()
-        with t("optimizer"):
-            # the parameter back inside [tau_min, tau_max]; the tau-LR factor of the next step sees the new tau
-            self.temperature_lr.tau = self.temperature.after_step(step)
-        self.skipped_in_a_row = 0
-        if self.info.world_size > 1:  # report the mean over ranks (= the full-batch loss, E8)
-            dist.all_reduce(loss_value)
-            loss_value /= self.info.world_size
-        metrics.update(loss=float(loss_value), tau=float(tau.detach()), lr_tau=self.tau_lr(), skipped=False)
-        return metrics
+    def _mean_over_ranks(self, loss: torch.Tensor) -> float:
+        """The loss averaged over ranks: the full-batch loss (E8)."""
+        if self.info.world_size > 1:
+            dist.all_reduce(loss)
+            loss /= self.info.world_size
+        return float(loss)
 
     def tau_lr(self) -> float:
         return next(g["lr"] for g in self.optimizer.param_groups if g.get("is_temperature"))
@@ -528,15 +577,6 @@ class NeuCLIPEngine:
         """After a checkpoint load: the stored tau as loaded (the scheduler restored its own copy of tau)."""
         self.temperature.value = self.temperature._read()
         self.temperature.steps_at_bound = int(state.get("steps_at_bound", 0))
-
-    def _loss_aux(self, feats: Features, aux: dict, bias) -> dict:
-        name = self.loss_fn.name
-        sl = slice(feats.offset, feats.offset + feats.local_size)
-        if name in ("neuclip", "fastclip"):
-            return {"alpha_img": aux["alpha_img"][sl], "alpha_txt": aux["alpha_txt"][sl]}
-        if name == "siglip":
-            return {"bias": bias}
-        return {}
 
     def _skip(self, why: str) -> dict:
         """No parameter, NPN or u update happened; count it and abort after K in a row."""
