@@ -530,24 +530,25 @@ def check_compatible(saved_config: dict, config: dict, zero_stage: int | None = 
 
 def to_universal(tag_dir: Path) -> Path:
     """Convert a ZeRO checkpoint to DeepSpeed's universal format (rank 0 runs ds_to_universal reading every file
-    as data, `neuclip_ds.ds_to_universal`; others wait).
+    as data, `neuclip_ds.ds_to_universal`; the others get its outcome, so a failure names its cause on every rank).
 
     Used when the world size changed; the engine then loads it with `checkpoint.load_universal`."""
     out = tag_dir.parent / (tag_dir.name + "_universal")
-    if _rank() == 0 and not (out / COMPLETE).is_file():
+
+    def convert() -> None:
+        if (out / COMPLETE).is_file():
+            return
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-m", "neuclip_ds.ds_to_universal", "--input_folder", str(tag_dir),
                "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
                "--inject_missing_state"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            _barrier()
             raise CheckpointError(f"--resume: ds_to_universal failed on {tag_dir}: "
                                   f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
         (out / COMPLETE).write_text("universal\n")
-    _barrier()
-    if not (out / COMPLETE).is_file():
-        raise CheckpointError(f"--resume: universal conversion of {tag_dir} failed")
+
+    _from_rank0(convert)
     return out
 
 
