@@ -8,3 +8,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from neuclip_ds.extensions import extensions_dir  # noqa: E402
 
 extensions_dir()
+
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def default_digits():
+    """The embedded data set where `make train` and configs/tiny-neuclip.yaml expect it (data/digits, ignored by
+    git): built here if `make data` has not run (a clean clone's `make test`), reused otherwise."""
+    from neuclip_ds.data.embedded import build_embedded_dataset
+
+    out = pathlib.Path(__file__).resolve().parents[1] / "data" / "digits"
+    build_embedded_dataset(out)
+    return out

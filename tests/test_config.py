@@ -199,7 +199,7 @@ def with_data(spec: str, *extra: str) -> TrainConfig:
                          "--steps", "2", "--global-batch-size", "16", *extra])
 
 
-def test_shard_glob_is_accepted_and_an_empty_one_refused(shard_dir):
+def test_shard_glob_is_accepted_and_an_empty_one_refused(shard_dir, default_digits):
     with_data(f"{shard_dir}/*.tar").validate(world_size=2)
     with pytest.raises(ConfigError, match=r"--train-data: no shard matches '.*/\*\.zip'"):
         with_data(f"{shard_dir}/*.zip").validate()
@@ -213,7 +213,7 @@ def test_shards_that_are_not_readable_files_are_refused(tmp_path):
         with_data(f"{tmp_path}/{{00000..00002}}.tar").validate()
 
 
-def test_fewer_shards_than_ranks_times_workers(shard_dir):
+def test_fewer_shards_than_ranks_times_workers(shard_dir, default_digits):
     spec = f"{shard_dir}/{{00000..00003}}.tar"
     with pytest.raises(ConfigError) as err:
         with_data(spec, "--workers", "3").validate(world_size=2)
@@ -302,7 +302,7 @@ def test_every_choice_option_is_checked_from_its_literal(name):
 
 
 # ------------------------------------------------------------------------------------------------ resolution
-def test_validate_leaves_the_config_as_given_and_returns_it_resolved(tmp_path):
+def test_validate_leaves_the_config_as_given_and_returns_it_resolved(tmp_path, default_digits):
     given = parse_config(["--dataset-dir", "data/digits", "--steps", "2", "--output-dir", str(tmp_path / "run")])
     before = given.to_dict()
     resolved = given.validate(world_size=1)

@@ -58,7 +58,7 @@ def test_help_is_frozen():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_resolved_config_is_frozen(path):
+def test_resolved_config_is_frozen(path, default_digits):
     check_frozen(f"{path.stem}.json", resolved_config(path))
 
 
