@@ -24,3 +24,13 @@ def default_digits():
     out = pathlib.Path(__file__).resolve().parents[1] / "data" / "digits"
     build_embedded_dataset(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_digits(tmp_path_factory):
+    """A small embedded data set (192 training pairs in 6 shards of 32) for runs on real webdataset shards."""
+    from neuclip_ds.data.embedded import build_embedded_dataset
+
+    root = tmp_path_factory.mktemp("digits_small")
+    build_embedded_dataset(root, seed=0, n_train=192, n_val=32, samples_per_shard=32)
+    return root

@@ -9,7 +9,6 @@ import torch
 
 from _launch import ROOT, launch, launch_ranks, metrics
 from neuclip_ds import checkpoint
-from neuclip_ds.data.embedded import build_embedded_dataset
 
 BASE = ["--synthetic-samples", "64", "--global-batch-size", "16", "--npn-prototypes", "32", "--npn-inner-steps", "2",
         "--warmup", "1", "--save-every", "2", "--keep-last", "10", "--ds-config", "ds_configs/zero2.json"]
@@ -144,23 +143,16 @@ def test_a_save_that_fails_on_one_rank_stops_every_rank_and_keeps_latest(tmp_pat
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]   # stopped at the failed save
 
 
-@pytest.fixture(scope="module")
-def two_shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits_two_shards")
-    build_embedded_dataset(root, seed=0, n_train=64, n_val=16, samples_per_shard=32)
-    return root
-
-
-def test_an_error_on_one_rank_ends_every_rank_promptly_with_one_line(two_shards, tmp_path):
+def test_an_error_on_one_rank_ends_every_rank_promptly_with_one_line(small_digits, tmp_path):
     """One of two shards is unreadable, so one rank's first step finds no batch and raises while the other rank
     waits for it in a collective. Both ranks leave within seconds of each other (not at the collective timeout),
     exit 1, and the cause is printed once. Ranks are started without a launcher: none kills the survivor."""
     data = tmp_path / "data"
     data.mkdir()
-    (data / "00000.tar").write_bytes((two_shards / "train" / "00000.tar").read_bytes())
+    (data / "00000.tar").write_bytes((small_digits / "train" / "00000.tar").read_bytes())
     (data / "00001.tar").write_bytes(b"not a tar file" * 100)
     ranks = launch_ranks([*BASE, "--steps", "4", "--train-data", f"{data}/{{00000..00001}}.tar",
-                          "--train-num-samples", "64", "--tokenizer", str(two_shards / "tokenizer"),
+                          "--train-num-samples", "64", "--tokenizer", str(small_digits / "tokenizer"),
                           "--output-dir", str(tmp_path / "run")], nproc=2, timeout=240)
     assert [r.returncode for r in ranks] == [1, 1], [r.stderr[-2000:] for r in ranks]
     line = the_one_error_line(ranks)
