@@ -126,7 +126,8 @@ class StopSignals:
 
     def __init__(self):
         self.received: int | None = None
-        self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
         if signum == signal.SIGINT and self.received is not None:
@@ -139,7 +140,3 @@ class StopSignals:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return signal.Signals(int(flag)).name if int(flag) else None
-
-    def restore(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
