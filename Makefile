@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test train data clean openclip-venv
+.PHONY: install lint test train data clean openclip-venv
 
 $(STAMP): pyproject.toml requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ data: install
 train: data
 	launchers/single_node.sh $(NPROC) --config configs/tiny-neuclip.yaml --dataset-dir $(DATA_DIR) \
 		--output-dir $(RUN_DIR) --resume auto $(TRAIN_ARGS)
+
+# ruff's lint and format rules live in pyproject.toml; `ruff format .` fixes what the format check finds.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # pytest exits 5 when nothing was collected; that is not a failure.
 test: install

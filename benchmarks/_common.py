@@ -10,12 +10,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("data", "forward", "gather", "npn", "backward", "optimizer")   # the engine's timers (metrics.jsonl)
+PHASES = ("data", "forward", "gather", "npn", "backward", "optimizer")  # the engine's timers (metrics.jsonl)
 
 
 def cpu_env(threads: int) -> dict:
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-                CUDA_VISIBLE_DEVICES="")
+    return dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        CUDA_VISIBLE_DEVICES="",
+    )
 
 
 def train(args: list[str], out: Path, *, threads: int) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Compare NeuCLIP, FastCLIP, MBCL and SigLIP on the embedded data set in the small-batch regime, plus NeuCLIP ablations.
+"""Compare NeuCLIP, FastCLIP, MBCL and SigLIP on the embedded data set in the small-batch regime, and NeuCLIP ablations.
 
     python benchmarks/compare_losses.py            # 4 losses x 5 seeds + 5 NeuCLIP ablations x 1 seed (~2 h)
     python benchmarks/compare_losses.py --quick    # 4 losses x 1 seed, 1 epoch, no ablations (a few minutes)
@@ -37,8 +37,12 @@ ABLATIONS = {
     "neuclip-m16": ["--npn-prototypes", "16"],
     "neuclip-mlp": ["--npn-variant", "mlp"],
 }
-METRICS = {"zero-shot mean top-1": "zeroshot/mean/top1", "zero-shot digit top-1": "zeroshot/digit/top1",
-           "image->text R@1": "retrieval/image_to_text_R@1", "text->image R@1": "retrieval/text_to_image_R@1"}
+METRICS = {
+    "zero-shot mean top-1": "zeroshot/mean/top1",
+    "zero-shot digit top-1": "zeroshot/digit/top1",
+    "image->text R@1": "retrieval/image_to_text_R@1",
+    "text->image R@1": "retrieval/text_to_image_R@1",
+}
 
 
 def run(name: str, seed: int, extra: list[str], out: Path, *, epochs: int, every: int) -> Path:
@@ -46,12 +50,34 @@ def run(name: str, seed: int, extra: list[str], out: Path, *, epochs: int, every
     if (run_dir / "summary.json").is_file():
         return run_dir
     loss = name.split("-")[0]
-    cmd = [str(ROOT / "launchers" / "single_node.sh"), "2", "--config", str(ROOT / "configs" / "tiny-neuclip.yaml"),
-           "--dataset-dir", str(ROOT / "data" / "digits"), "--global-batch-size", str(GLOBAL_BATCH),
-           "--npn-prototypes", str(PROTOTYPES), "--loss", loss, "--seed", str(seed),
-           "--epochs", str(epochs), "--output-dir", str(run_dir), "--norm-err-every", str(every),
-           "--norm-err-anchors", "256", "--eval-every", str(every), *extra]
-    if run_dir.exists():   # a run of this benchmark that did not finish: start it over
+    cmd = [
+        str(ROOT / "launchers" / "single_node.sh"),
+        "2",
+        "--config",
+        str(ROOT / "configs" / "tiny-neuclip.yaml"),
+        "--dataset-dir",
+        str(ROOT / "data" / "digits"),
+        "--global-batch-size",
+        str(GLOBAL_BATCH),
+        "--npn-prototypes",
+        str(PROTOTYPES),
+        "--loss",
+        loss,
+        "--seed",
+        str(seed),
+        "--epochs",
+        str(epochs),
+        "--output-dir",
+        str(run_dir),
+        "--norm-err-every",
+        str(every),
+        "--norm-err-anchors",
+        "256",
+        "--eval-every",
+        str(every),
+        *extra,
+    ]
+    if run_dir.exists():  # a run of this benchmark that did not finish: start it over
         cmd.append("--overwrite")
     print(f"[compare] {name} seed {seed}", flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -91,17 +117,28 @@ def mean_std(values: list[float], digits: int = 2) -> str:
 def table(groups: dict[str, list[Path]]) -> str:
     # each run measures its own model, whose normalizers may be sharper or flatter than another run's: the ratio
     # to the batch estimate of the same model is the comparable figure
-    head = ["run", "seeds", "final loss", "final τ", "norm_err, own estimate (2nd half)", "norm_err, batch estimate (2nd half)",
-            "own ÷ batch", *METRICS]
+    head = [
+        "run",
+        "seeds",
+        "final loss",
+        "final τ",
+        "norm_err, own estimate (2nd half)",
+        "norm_err, batch estimate (2nd half)",
+        "own ÷ batch",
+        *METRICS,
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, dirs in groups.items():
         finals = [load(d) for d in dirs]
-        cells = [name, str(len(dirs)),
-                 mean_std([s["final"]["loss"] for _, s in finals]),
-                 mean_std([s["final"]["tau"] for _, s in finals], digits=3),
-                 mean_std([v for r, _ in finals if (v := late_norm_err(r)) is not None]),
-                 mean_std([v for r, _ in finals if (v := late_norm_err(r, "norm_err_mbcl")) is not None]),
-                 mean_std([v for r, _ in finals if (v := norm_err_ratio(r)) is not None])]
+        cells = [
+            name,
+            str(len(dirs)),
+            mean_std([s["final"]["loss"] for _, s in finals]),
+            mean_std([s["final"]["tau"] for _, s in finals], digits=3),
+            mean_std([v for r, _ in finals if (v := late_norm_err(r)) is not None]),
+            mean_std([v for r, _ in finals if (v := late_norm_err(r, "norm_err_mbcl")) is not None]),
+            mean_std([v for r, _ in finals if (v := norm_err_ratio(r)) is not None]),
+        ]
         cells += [mean_std([100 * s["eval"][key] for _, s in finals]) for key in METRICS.values()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -121,7 +158,7 @@ def paired_table(groups: dict[str, list[Path]], seeds: list[int]) -> str:
     for name in LOSSES[1:]:
         theirs = {s: load(d) for s, d in zip(seeds, groups[name])}
         cells = [name]
-        for label, key in keys.items():
+        for _label, key in keys.items():
             if key is None:
                 if any(norm_err_ratio(theirs[s][0]) is None for s in seeds):
                     cells.append("n/a")
@@ -167,16 +204,19 @@ def plots(groups: dict[str, list[Path]], out: Path, filename: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("loss", "training loss of the 4 losses (each its own scale)"), ("norm_err", "normalizer error (nats)"),
-              ("eval/zeroshot/mean/top1", "zero-shot mean top-1"),
-              ("eval/retrieval/image_to_text_R@1", "image->text R@1")]
+    panels = [
+        ("loss", "training loss of the 4 losses (each its own scale)"),
+        ("norm_err", "normalizer error (nats)"),
+        ("eval/zeroshot/mean/top1", "zero-shot mean top-1"),
+        ("eval/retrieval/image_to_text_R@1", "image->text R@1"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
     colors = plt.get_cmap("tab20").colors
     for ax, (key, title) in zip(axes, panels):
         if key == "norm_err":
             ax.set_yscale("log")  # FastCLIP's unvisited rows (first epoch) and a diverged NPN dwarf the rest
         for color, (name, dirs) in zip(colors, groups.items()):
-            if key == "loss" and name not in LOSSES:   # ablations' losses spike to ~1e4 (m = 16, MLP): see the table
+            if key == "loss" and name not in LOSSES:  # ablations' losses spike to ~1e4 (m = 16, MLP): see the table
                 continue
             series: dict[int, list[float]] = {}
             for d in dirs:
@@ -189,8 +229,14 @@ def plots(groups: dict[str, list[Path]], out: Path, filename: str) -> Path:
                         series.setdefault(r["step"], []).append(value)
             if series:
                 steps = sorted(series)
-                ax.plot(steps, [statistics.mean(series[s]) for s in steps], label=name, color=color,
-                        marker="o" if key != "loss" else None, markersize=3)
+                ax.plot(
+                    steps,
+                    [statistics.mean(series[s]) for s in steps],
+                    label=name,
+                    color=color,
+                    marker="o" if key != "loss" else None,
+                    markersize=3,
+                )
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -214,8 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     out, runs = Path(args.out), Path(args.runs) / ("quick" if args.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    subprocess.run([sys.executable, "-m", "neuclip_ds.data.embedded", "--out", str(ROOT / "data" / "digits")],
-                   cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "neuclip_ds.data.embedded", "--out", str(ROOT / "data" / "digits")],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     every = STEPS_PER_EPOCH  # normalizer error and evaluation once per epoch
     groups: dict[str, list[Path]] = {}
     for name in LOSSES:
@@ -223,15 +273,17 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     if not args.quick:
         for name, extra in ABLATIONS.items():
-            try:   # an ablation may diverge (e.g. the generic-MLP NPN): report it, keep the comparison
+            try:  # an ablation may diverge (e.g. the generic-MLP NPN): report it, keep the comparison
                 groups[name] = [run(name, seeds[0], extra, runs, epochs=epochs, every=every)]
             except SystemExit as e:
                 last = [ln for ln in str(e).splitlines() if "aborted" in ln or "error" in ln][-1:]
                 failed.append(f"- {name} (seed {seeds[0]}) did not finish: {last[0] if last else 'see its log'}")
-    header = (f"command: python benchmarks/compare_losses.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
-              + f"\nconfigs/tiny-neuclip.yaml with global batch {GLOBAL_BATCH} (n/B = {8000 // GLOBAL_BATCH}), m = "
-              f"{PROTOTYPES}, {epochs} epoch(s) x {STEPS_PER_EPOCH} steps, seeds {', '.join(map(str, seeds))}; "
-              "metrics in % of the 2,000 val samples, normalizer error in nats (256 training anchors)\n\n")
+    header = (
+        f"command: python benchmarks/compare_losses.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+        + f"\nconfigs/tiny-neuclip.yaml with global batch {GLOBAL_BATCH} (n/B = {8000 // GLOBAL_BATCH}), m = "
+        f"{PROTOTYPES}, {epochs} epoch(s) x {STEPS_PER_EPOCH} steps, seeds {', '.join(map(str, seeds))}; "
+        "metrics in % of the 2,000 val samples, normalizer error in nats (256 training anchors)\n\n"
+    )
     md = header + table(groups) + ("\n\nAblations that did not finish:\n" + "\n".join(failed) if failed else "")
     md += "\n\nPaired over seeds " + ", ".join(map(str, seeds)) + ":\n\n" + paired_table(groups, seeds)
     if any(name.startswith("neuclip-") for name in groups):

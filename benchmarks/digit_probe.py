@@ -14,7 +14,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from _common import ROOT
 
 
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args.preset, vocab_size=tok.vocab_size)
     head = torch.nn.Linear(preset.embed_dim, classes)
     opt = torch.optim.AdamW([*model.visual.parameters(), *head.parameters()], lr=2e-3, weight_decay=0.1)
-    scale = 10.0   # the features are L2-normalized: logits of a usable size from the start
+    scale = 10.0  # the features are L2-normalized: logits of a usable size from the start
     start = time.perf_counter()
     print(f"{args.preset}, {args.label} ({classes} classes), chance {100 / classes:.1f} %")
     for step in range(1, args.steps + 1):
@@ -65,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         if step % 100 == 0 or step == args.steps:
             with torch.no_grad():
                 acc = (head(model.encode_image(x_val)).argmax(1) == y_val).float().mean()
-            print(f"step {step:5d}  train loss {float(loss.detach()):.3f}  val top-1 {100 * float(acc):.1f} %  "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+            print(
+                f"step {step:5d}  train loss {float(loss.detach()):.3f}  val top-1 {100 * float(acc):.1f} %  "
+                f"({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
     return 0
 
 

@@ -52,8 +52,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20
-TARGET = 0.55          # issue 8.3: ZeRO-3 model states per rank, 2 ranks / 1 rank
-EMBED_DIM = 512        # ViT-B-32's embedding width, for the loss benchmark
+TARGET = 0.55  # issue 8.3: ZeRO-3 model states per rank, 2 ranks / 1 rank
+EMBED_DIM = 512  # ViT-B-32's embedding width, for the loss benchmark
 CATEGORIES = ("params", "master", "grads", "optim")
 
 
@@ -75,7 +75,7 @@ class PeakRSS:
         self.start, self._samples, self._stop = proc_status("VmRSS"), [], threading.Event()
         try:
             with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")                              # 5: reset VmHWM to the current RSS (Linux >= 4.0)
+                f.write("5")  # 5: reset VmHWM to the current RSS (Linux >= 4.0)
             self._thread = None
         except OSError:
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -140,17 +140,24 @@ class StorageCounter:
 
 def model_state_bytes(model, zero_opt, stage: int) -> dict:
     params = list(model.parameters())
-    if stage == 3:   # the rank's partition, plus the full data of persistent params (a no-op for gathered-out ones)
+    if stage == 3:  # the rank's partition, plus the full data of persistent params (a no-op for gathered-out ones)
         param_tensors = [p.ds_tensor for p in params] + [p.data for p in params]
         master = zero_opt.fp32_partitioned_groups_flat
     else:
         param_tensors, master = [p.data for p in params], zero_opt.single_partition_of_fp32_groups
     zero_attrs = {k: v for k, v in vars(zero_opt).items() if k != "optimizer"}
-    grads = ([p.grad for p in params] + [m.grad for m in master]
-             + list(tensors_in({k: v for k, v in zero_attrs.items() if "grad" in k.lower()})))
+    grads = (
+        [p.grad for p in params]
+        + [m.grad for m in master]
+        + list(tensors_in({k: v for k, v in zero_attrs.items() if "grad" in k.lower()}))
+    )
     count = StorageCounter()
-    out = {"params": count.add(param_tensors), "master": count.add(master), "grads": count.add(grads),
-           "optim": count.add(tensors_in(zero_opt.optimizer.state))}
+    out = {
+        "params": count.add(param_tensors),
+        "master": count.add(master),
+        "grads": count.add(grads),
+        "optim": count.add(tensors_in(zero_opt.optimizer.state)),
+    }
     out["model_states"] = sum(out[c] for c in CATEGORIES)
     out["buffers"] = count.add(tensors_in(zero_attrs))
     return out
@@ -165,7 +172,7 @@ def live_tensor_bytes() -> int:
         try:
             if isinstance(o, torch.Tensor) and o.device.type == "cpu":
                 tensors.append(o)
-        except Exception:   # some objects raise on isinstance / attribute access
+        except Exception:  # some objects raise on isinstance / attribute access
             pass
     return StorageCounter().add(tensors)
 
@@ -185,8 +192,13 @@ def zero_worker(args) -> dict:
 
     info = init_distributed()
     baseline = proc_status("VmRSS")
-    cfg = TrainConfig(preset=args.preset, ds_config=str(ROOT / "ds_configs" / f"zero{args.stage}.json"),
-                      global_batch_size=args.batch * info.world_size, precision="fp32", steps=1).resolve()
+    cfg = TrainConfig(
+        preset=args.preset,
+        ds_config=str(ROOT / "ds_configs" / f"zero{args.stage}.json"),
+        global_batch_size=args.batch * info.world_size,
+        precision="fp32",
+        steps=1,
+    ).resolve()
     ds = build_ds_config(cfg, info.world_size)
     if args.persistence_threshold is not None:
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = args.persistence_threshold
@@ -197,19 +209,27 @@ def zero_worker(args) -> dict:
     engine, zero_opt, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds)
 
     preset, loss_fn, g = get_preset(args.preset), ClipLoss(), torch.Generator().manual_seed(info.rank)
-    batch = {"pixel_values": torch.randn(args.batch, 3, preset.image_size, preset.image_size, generator=g),
-             "input_ids": torch.randint(1, preset.vocab_size - 1, (args.batch, preset.context_length), generator=g)}
+    batch = {
+        "pixel_values": torch.randn(args.batch, 3, preset.image_size, preset.image_size, generator=g),
+        "input_ids": torch.randint(1, preset.vocab_size - 1, (args.batch, preset.context_length), generator=g),
+    }
 
     def forward_backward():
         out = engine(**batch)
         engine.backward(loss_fn(gather_features(out["img"], out["txt"]), out["tau"]))
 
     forward_backward()
-    engine.step()          # Adam's exp_avg / exp_avg_sq exist from here on
-    forward_backward()     # gradients of step 2 are held: the moment all model states are alive
-    result = {**model_state_bytes(model, zero_opt, args.stage), "live_tensors": live_tensor_bytes(),
-              "rss_delta": proc_status("VmRSS") - baseline, "rss_peak": proc_status("VmHWM"),
-              "rss_baseline": baseline, "total_params": total_params, "largest_layer_params": largest_layer}
+    engine.step()  # Adam's exp_avg / exp_avg_sq exist from here on
+    forward_backward()  # gradients of step 2 are held: the moment all model states are alive
+    result = {
+        **model_state_bytes(model, zero_opt, args.stage),
+        "live_tensors": live_tensor_bytes(),
+        "rss_delta": proc_status("VmRSS") - baseline,
+        "rss_peak": proc_status("VmHWM"),
+        "rss_baseline": baseline,
+        "total_params": total_params,
+        "largest_layer_params": largest_layer,
+    }
     engine.step()
     return result
 
@@ -231,11 +251,12 @@ def loss_worker(args) -> dict:
         txt = F.normalize(torch.randn(b, EMBED_DIM, generator=g), dim=-1).requires_grad_()
         tau = torch.full([1], 0.07, requires_grad=True)
         torch.distributed.barrier()
-        with PeakRSS() as peak:   # the engine's loss path (NeuCLIPEngine.train_step, A = 1), encoders left out
+        with PeakRSS() as peak:  # the engine's loss path (NeuCLIPEngine.train_step, A = 1), encoders left out
             feats = gather_features(img, txt)
             with torch.no_grad():
-                detached = Features(img.detach(), txt.detach(), feats.img_all.detach(), feats.txt_all.detach(),
-                                    feats.offset)
+                detached = Features(
+                    img.detach(), txt.detach(), feats.img_all.detach(), feats.txt_all.detach(), feats.offset
+                )
                 alpha = [log_eps_plus(lg, loss_fn.eps) for lg in batch_log_normalizers(detached, tau)]
             loss_fn(feats, tau, *alpha).backward()
             del feats, detached, alpha
@@ -258,11 +279,27 @@ def launch(worker_args: list[str], nproc: int, timeout: int = 1200) -> list[dict
     return each rank's JSON."""
     with tempfile.TemporaryDirectory() as tmp:
         args = [__file__, *worker_args, "--json-dir", tmp]
-        cmd = ([sys.executable, *args] if nproc == 1 else
-               [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--no_local_rank",
-                "--master_port", str(free_port()), *args])
-        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-                   MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
+        cmd = (
+            [sys.executable, *args]
+            if nproc == 1
+            else [
+                str(Path(sys.executable).parent / "deepspeed"),
+                "--num_gpus",
+                str(nproc),
+                "--no_local_rank",
+                "--master_port",
+                str(free_port()),
+                *args,
+            ]
+        )
+        env = dict(
+            os.environ,
+            DS_ACCELERATOR="cpu",
+            OMP_NUM_THREADS="1",
+            TOKENIZERS_PARALLELISM="false",
+            MALLOC_MMAP_THRESHOLD_="65536",
+            PYTHONPATH=str(ROOT),
+        )
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             env.pop(var, None)
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -273,8 +310,7 @@ def launch(worker_args: list[str], nproc: int, timeout: int = 1200) -> list[dict
 
 def measure_zero(stage: int, nproc: int, *, preset: str, batch: int, persistence_threshold: int | None = None):
     extra = [] if persistence_threshold is None else ["--persistence-threshold", str(persistence_threshold)]
-    return launch(["--worker", "zero", "--stage", str(stage), "--preset", preset, "--batch", str(batch), *extra],
-                  nproc)
+    return launch(["--worker", "zero", "--stage", str(stage), "--preset", preset, "--batch", str(batch), *extra], nproc)
 
 
 def measure_loss(sizes: list[int], nproc: int = 2) -> list[dict]:
@@ -287,8 +323,9 @@ def estimates(stage: int, world: int, P: int, largest: int) -> tuple[float | Non
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     if stage == 3:
-        ds = estimate_zero3_model_states_mem_needs(P, largest, num_gpus_per_node=world, cpu_offload=False,
-                                                   cpu_offload_params=False)[1]
+        ds = estimate_zero3_model_states_mem_needs(
+            P, largest, num_gpus_per_node=world, cpu_offload=False, cpu_offload_params=False
+        )[1]
         return ds, 20 * P / world
     ds = estimate_zero2_model_states_mem_needs(P, num_gpus_per_node=world, cpu_offload=False)[1] if stage == 2 else None
     return ds, 4 * P + 16 * P / world
@@ -301,37 +338,71 @@ def mib(x) -> str:
 def zero_table(results: dict) -> list[str]:
     """results[(stage, world)] = list of per-rank dicts -> markdown lines (rank 0's numbers; ranks agree to a few
     bytes of padding)."""
-    cols = ["stage", "ranks", "params", "master", "grads", "optim", "**model states**", "buffers", "live tensors",
-            "RSS - baseline", "RSS peak (abs)", "DS estimate (mixed)", "fp32 formula"]
+    cols = [
+        "stage",
+        "ranks",
+        "params",
+        "master",
+        "grads",
+        "optim",
+        "**model states**",
+        "buffers",
+        "live tensors",
+        "RSS - baseline",
+        "RSS peak (abs)",
+        "DS estimate (mixed)",
+        "fp32 formula",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for (stage, world), ranks in sorted(results.items()):
         r = ranks[0]
         ds, fp32 = estimates(stage, world, r["total_params"], r["largest_layer_params"])
-        row = [stage, world, *(mib(r[c]) for c in CATEGORIES), f"**{mib(r['model_states'])}**", mib(r["buffers"]),
-               mib(r["live_tensors"]), mib(r["rss_delta"]), mib(r["rss_peak"]), mib(ds), mib(fp32)]
+        row = [
+            stage,
+            world,
+            *(mib(r[c]) for c in CATEGORIES),
+            f"**{mib(r['model_states'])}**",
+            mib(r["buffers"]),
+            mib(r["live_tensors"]),
+            mib(r["rss_delta"]),
+            mib(r["rss_peak"]),
+            mib(ds),
+            mib(fp32),
+        ]
         lines.append("| " + " | ".join(map(str, row)) + " |")
-    lines += ["", "| stage | **model states 2-rank / 1-rank** | fp32 formula | with buffers (allocated) | "
-              "(RSS - baseline) ratio | target |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| stage | **model states 2-rank / 1-rank** | fp32 formula | with buffers (allocated) | "
+        "(RSS - baseline) ratio | target |",
+        "|---|---|---|---|---|---|",
+    ]
     for stage in sorted({s for s, _ in results}):
         one, two = results[(stage, 1)][0], results[(stage, 2)][0]
         ratio = two["model_states"] / one["model_states"]
         f1, f2 = (estimates(stage, w, one["total_params"], 0)[1] for w in (1, 2))
         buffered = (two["model_states"] + two["buffers"]) / (one["model_states"] + one["buffers"])
-        verdict = (f"{'PASS' if ratio <= TARGET else 'FAIL'} (<= {TARGET})" if stage == 3 else "-")
-        lines.append(f"| {stage} | **{ratio:.3f}** | {f2 / f1:.3f} | {buffered:.3f} | "
-                     f"{two['rss_delta'] / one['rss_delta']:.3f} | {verdict} |")
+        verdict = f"{'PASS' if ratio <= TARGET else 'FAIL'} (<= {TARGET})" if stage == 3 else "-"
+        lines.append(
+            f"| {stage} | **{ratio:.3f}** | {f2 / f1:.3f} | {buffered:.3f} | "
+            f"{two['rss_delta'] / one['rss_delta']:.3f} | {verdict} |"
+        )
     return lines
 
 
 def loss_table(results: dict) -> list[str]:
     """results[world] = list of per-rank dicts -> markdown lines (the worse rank's peak)."""
-    lines = ["| ranks | B global | b local | peak / rank (MiB) | peak / (b x B x 4 B) | one [B,B] fp32 (MiB) | "
-             "peak / [B,B] fp32 | method |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| ranks | B global | b local | peak / rank (MiB) | peak / (b x B x 4 B) | one [B,B] fp32 (MiB) | "
+        "peak / [B,B] fp32 | method |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for world, ranks in sorted(results.items(), reverse=True):
         for B in sorted(ranks[0], key=int):
             peak, b, Bi = max(r[B]["peak"] for r in ranks), ranks[0][B]["b_local"], int(B)
-            lines.append(f"| {world} | {Bi} | {b} | {mib(peak)} | {peak / (b * Bi * 4):.2f} | {mib(Bi * Bi * 4)} | "
-                         f"{peak / (Bi * Bi * 4):.2f} | {ranks[0][B]['method']} |")
+            lines.append(
+                f"| {world} | {Bi} | {b} | {mib(peak)} | {peak / (b * Bi * 4):.2f} | {mib(Bi * Bi * 4)} | "
+                f"{peak / (Bi * Bi * 4):.2f} | {ranks[0][B]['method']} |"
+            )
     return lines
 
 
@@ -359,8 +430,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny preset, loss at B = 1k..4k: a few minutes")
     p.add_argument("--preset", default=None, help="default ViT-B-32 (--quick: tiny)")
     p.add_argument("--batch", type=int, default=2, help="micro-batch per rank of the model-state runs")
-    p.add_argument("--sizes", type=int, nargs="+", default=None,
-                   help="global batch sizes of the loss benchmark (default 4096 8192 16384; --quick 1024 2048 4096)")
+    p.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="global batch sizes of the loss benchmark (default 4096 8192 16384; --quick 1024 2048 4096)",
+    )
     p.add_argument("--md", type=Path, default=None, help="also write the results to this markdown file")
     # worker mode (this file run by `launch`)
     p.add_argument("--worker", choices=("zero", "loss"), help=argparse.SUPPRESS)
@@ -374,7 +450,7 @@ def main(argv=None):
         Path(args.json_dir, f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(out))
         return
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")   # the estimators import deepspeed here too
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the estimators import deepspeed here too
     start = time.time()
     preset = args.preset or ("tiny" if args.quick else "ViT-B-32")
     sizes = args.sizes or ([1024, 2048, 4096] if args.quick else [4096, 8192, 16384])
@@ -385,21 +461,32 @@ def main(argv=None):
     for stage in (1, 2, 3):
         for world in (1, 2):
             print(f"[memory] ZeRO-{stage}, {world} rank(s), {preset}", flush=True)
-            zero[(stage, world)] = measure_zero(stage, world, preset=preset, batch=args.batch,
-                                                persistence_threshold=threshold)
+            zero[(stage, world)] = measure_zero(
+                stage, world, preset=preset, batch=args.batch, persistence_threshold=threshold
+            )
     print(f"[memory] loss at B = {sizes} on 2 ranks, {sizes[:-1]} on 1 rank", flush=True)
     # 1 rank holds the whole [B, B] problem (b = B): the same constant, 2x the bytes; the largest B is left out
     # there (about 9 GiB at B = 16384)
     loss = {2: measure_loss(sizes, 2), **({1: measure_loss(sizes[:-1], 1)} if len(sizes) > 1 else {})}
 
     P = zero[(1, 1)][0]["total_params"]
-    report = [f"## Per-rank model states: {preset}, fp32, AdamW, micro-batch {args.batch} per rank "
-              f"(P = {P / 1e6:.2f} M parameters; MiB per rank)",
-              *(["(tiny: stage3_param_persistence_threshold = 0, see the script's comment)"] if threshold == 0
-                else []), "", *zero_table(zero), "",
-              *NOTES_ZERO, "",
-              f"## Loss peak memory per rank: NeuCLIPLoss through gather_features, d = {EMBED_DIM}, fp32",
-              "", *loss_table(loss), "", *NOTES_LOSS, "", f"wall time {time.time() - start:.0f} s"]
+    report = [
+        f"## Per-rank model states: {preset}, fp32, AdamW, micro-batch {args.batch} per rank "
+        f"(P = {P / 1e6:.2f} M parameters; MiB per rank)",
+        *(["(tiny: stage3_param_persistence_threshold = 0, see the script's comment)"] if threshold == 0 else []),
+        "",
+        *zero_table(zero),
+        "",
+        *NOTES_ZERO,
+        "",
+        f"## Loss peak memory per rank: NeuCLIPLoss through gather_features, d = {EMBED_DIM}, fp32",
+        "",
+        *loss_table(loss),
+        "",
+        *NOTES_LOSS,
+        "",
+        f"wall time {time.time() - start:.0f} s",
+    ]
     text = "\n".join(report)
     print(text)
     if args.md:

@@ -35,8 +35,12 @@ from neuclip_ds.npn import NPN
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS = 1e-14
-LABELS = {"neuclip": "NeuCLIP (NPN)", "neuclip_no_restart": "NeuCLIP (NPN, no restart)",
-          "fastclip": "FastCLIP (u table)", "mbcl": "MBCL (batch)"}
+LABELS = {
+    "neuclip": "NeuCLIP (NPN)",
+    "neuclip_no_restart": "NeuCLIP (NPN, no restart)",
+    "fastclip": "FastCLIP (u table)",
+    "mbcl": "MBCL (batch)",
+}
 
 
 @dataclass
@@ -48,10 +52,10 @@ class Setting:
     npn_lr: float = 0.05
     restart_every: int = 100
     classes: int = 16
-    offset_scale: float = 0.6     # a
-    noise_start: float = 0.8      # b_0
-    noise_end: float = 0.3        # b_T
-    centre_walk: float = 0.01     # random-walk step of the centres per optimizer step
+    offset_scale: float = 0.6  # a
+    noise_start: float = 0.8  # b_0
+    noise_end: float = 0.3  # b_T
+    centre_walk: float = 0.01  # random-walk step of the centres per optimizer step
     anchors: int = 256
 
 
@@ -82,7 +86,7 @@ def run(n: int, batch: int, steps: int, measure_every: int, s: Setting, seed: in
     npn = NPN(s.dim, num_prototypes=s.prototypes, eps=EPS, lr=s.npn_lr, seed=seed)
     npn_once = NPN(s.dim, num_prototypes=s.prototypes, eps=EPS, lr=s.npn_lr, seed=seed)  # restarted at step 0 only
     fastclip = FastCLIPLoss(n, eps=EPS)
-    anchors = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:s.anchors]
+    anchors = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[: s.anchors]
     everything = torch.arange(n)
     non_anchors = everything[~torch.isin(everything, anchors)]
     draw = torch.Generator().manual_seed(seed + 2)
@@ -93,29 +97,31 @@ def run(n: int, batch: int, steps: int, measure_every: int, s: Setting, seed: in
         epoch, pos = divmod(step, steps_per_epoch)
         if pos == 0:
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        index = perm[pos * batch:(pos + 1) * batch]
+        index = perm[pos * batch : (pos + 1) * batch]
         img, txt = data.pairs(index)
-        log_g = batch_log_normalizers(Features(img, txt, img, txt, 0), tau)          # E1 on the batch
+        log_g = batch_log_normalizers(Features(img, txt, img, txt, 0), tau)  # E1 on the batch
         targets = [log_eps_plus(x, EPS) for x in log_g]
-        if step % s.restart_every == 0:                                               # E7.4
+        if step % s.restart_every == 0:  # E7.4
             npn.restart(img, txt, seed=seed * 1_000_003 + step)
         if step == 0:
             npn_once.restart(img, txt, seed=seed * 1_000_003)
         for net in (npn, npn_once):
-            net.fit(img, txt, *targets, tau, s.inner_steps)                            # E7.2, E5
-        fastclip.update_alpha(index, *log_g, epoch)                                    # E9
+            net.fit(img, txt, *targets, tau, s.inner_steps)  # E7.2, E5
+        fastclip.update_alpha(index, *log_g, epoch)  # E9
         data.step(step / steps)
         if step >= steps // 2 and step % measure_every == 0:
             a_img, a_txt = data.pairs(anchors)
             all_img, all_txt = data.pairs(everything)
             exact = exact_log_normalizers(a_img, a_txt, anchors, [(all_img, all_txt, everything)], tau, EPS)
             # MBCL: the anchors' log(eps + g_hat) against a training-size batch of other samples
-            others = non_anchors[torch.randperm(len(non_anchors), generator=draw)[:batch - 1]]
+            others = non_anchors[torch.randperm(len(non_anchors), generator=draw)[: batch - 1]]
             o_img, o_txt = data.pairs(others)
-            estimates = {"neuclip": npn.predict(a_img, a_txt, tau),
-                         "neuclip_no_restart": npn_once.predict(a_img, a_txt, tau),
-                         "fastclip": fastclip_estimate(fastclip.u_img, fastclip.u_txt, anchors, EPS),
-                         "mbcl": mbcl_estimate(a_img, a_txt, o_img, o_txt, tau, EPS)}
+            estimates = {
+                "neuclip": npn.predict(a_img, a_txt, tau),
+                "neuclip_no_restart": npn_once.predict(a_img, a_txt, tau),
+                "fastclip": fastclip_estimate(fastclip.u_img, fastclip.u_txt, anchors, EPS),
+                "mbcl": mbcl_estimate(a_img, a_txt, o_img, o_txt, tau, EPS),
+            }
             for name, err in normalizer_errors(*exact, estimates).items():
                 errors[name].append(err)
     return {name: statistics.mean(v) for name, v in errors.items()}
@@ -141,15 +147,19 @@ def main(argv: list[str] | None = None) -> int:
         mean = {k: statistics.mean(r[k] for r in per_seed) for k in per_seed[0]}
         std = {k: statistics.stdev(r[k] for r in per_seed) if len(per_seed) > 1 else 0.0 for k in per_seed[0]}
         rows.append((n, batch, mean, std))
-        print(f"[norm_err_scaling] n={n} B={batch} " + " ".join(f"{k}={v:.3f}" for k, v in mean.items()),
-              flush=True)
-    lines = [f"command: python benchmarks/norm_err_scaling.py {' '.join(argv if argv is not None else sys.argv[1:])}"
-             .rstrip(),
-             f"drifting embeddings, d={s.dim}, tau={s.tau}, m={s.prototypes}, T_u={s.inner_steps}, NPN lr "
-             f"{s.npn_lr}, T_r={s.restart_every}, {steps} steps, error averaged over the second half, "
-             f"{len(seeds)} seed(s) (mean ± std), S={s.anchors} anchors", "",
-             f"| n | B | n/B | NeuCLIP (NPN, restart every {s.restart_every}) | NeuCLIP (no restart) | "
-             "FastCLIP (u table) | MBCL (batch) |", "|---|---|---|---|---|---|---|"]
+        print(f"[norm_err_scaling] n={n} B={batch} " + " ".join(f"{k}={v:.3f}" for k, v in mean.items()), flush=True)
+    lines = [
+        (
+            "command: python benchmarks/norm_err_scaling.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        ).rstrip(),
+        f"drifting embeddings, d={s.dim}, tau={s.tau}, m={s.prototypes}, T_u={s.inner_steps}, NPN lr "
+        f"{s.npn_lr}, T_r={s.restart_every}, {steps} steps, error averaged over the second half, "
+        f"{len(seeds)} seed(s) (mean ± std), S={s.anchors} anchors",
+        "",
+        f"| n | B | n/B | NeuCLIP (NPN, restart every {s.restart_every}) | NeuCLIP (no restart) | "
+        "FastCLIP (u table) | MBCL (batch) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for n, batch, mean, std in rows:
         cells = " | ".join(f"{mean[k]:.3f} ± {std[k]:.3f}" for k in LABELS)
         lines.append(f"| {n} | {batch} | {n // batch} | {cells} |")
@@ -173,8 +183,9 @@ def plot(rows, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     for name, label in LABELS.items():
         pts = sorted((n / b, m[name], sd[name]) for n, b, m, sd in rows if b == rows[0][1])
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=label,
-                    capsize=3)
+        ax.errorbar(
+            [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", label=label, capsize=3
+        )
     ax.set_xlabel(f"n / B (B = {rows[0][1]})")
     ax.set_ylabel("mean |alpha - log(eps+g)| (nats)")
     ax.grid(alpha=0.3)

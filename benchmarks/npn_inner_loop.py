@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shapes, repeats = ([(32, 512)], 4) if args.quick else ([(32, 512), (256, 64), (256, 512)], 8)
     impls = {"autograd through normalize": alpha_through_normalize, "CosineScores": TailoredNPN.alpha}
-    print(f"m = {args.prototypes}, T_u = {args.inner_steps}, {torch.get_num_threads()} threads, median of "
-          f"{repeats - 1} interleaved repeats (first dropped)\n")
+    print(
+        f"m = {args.prototypes}, T_u = {args.inner_steps}, {torch.get_num_threads()} threads, median of "
+        f"{repeats - 1} interleaved repeats (first dropped)\n"
+    )
     print("| B | d | " + " | ".join(f"{k} (ms)" for k in impls) + " | speed-up |\n|---|---|---|---|---|")
     try:
         for B, d in shapes:

@@ -29,13 +29,37 @@ from pathlib import Path
 from _common import PHASES, ROOT, report, step_time, train
 
 
-def run(preset: str, loss: str, *, batch: int, steps: int, prototypes: int, inner_steps: int, threads: int,
-        out: Path) -> list[dict]:
-    return train(["--preset", preset, "--loss", loss, "--synthetic-samples", str(batch * steps),
-                  "--global-batch-size", str(batch), "--steps", str(steps), "--npn-prototypes", str(prototypes),
-                  "--npn-inner-steps", str(inner_steps), "--precision", "fp32",
-                  "--ds-config", str(ROOT / "ds_configs" / "zero1.json"), "--lr", "1e-4", "--warmup", "1"],
-                 out, threads=threads)
+def run(
+    preset: str, loss: str, *, batch: int, steps: int, prototypes: int, inner_steps: int, threads: int, out: Path
+) -> list[dict]:
+    return train(
+        [
+            "--preset",
+            preset,
+            "--loss",
+            loss,
+            "--synthetic-samples",
+            str(batch * steps),
+            "--global-batch-size",
+            str(batch),
+            "--steps",
+            str(steps),
+            "--npn-prototypes",
+            str(prototypes),
+            "--npn-inner-steps",
+            str(inner_steps),
+            "--precision",
+            "fp32",
+            "--ds-config",
+            str(ROOT / "ds_configs" / "zero1.json"),
+            "--lr",
+            "1e-4",
+            "--warmup",
+            "1",
+        ],
+        out,
+        threads=threads,
+    )
 
 
 def npn_flops_share(preset: str, per_gpu_batch: int, world_size: int, prototypes: int, inner_steps: int) -> float:
@@ -63,13 +87,20 @@ def npn_flops_share(preset: str, per_gpu_batch: int, world_size: int, prototypes
 def flops_table(presets: list[str], prototypes: int, inner_steps: int, per_gpu_batch: int = 256) -> list[str]:
     """NPN FLOPs ÷ encoder FLOPs per rank: replicated (E8 (a)) runs the inner loop on the global batch on every
     rank; sharded (E8 (b), the default) on the rank's own b_local rows, whatever the world size."""
-    lines = ["", f"FLOP share of the NPN inner loop ÷ encoders fwd+bwd per rank, per-GPU batch {per_gpu_batch}, "
-             f"T_u = {inner_steps}, m = {prototypes}:", "",
-             "| preset | --npn-parallel | 1 GPU | 8 GPUs | 64 GPUs |", "|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"FLOP share of the NPN inner loop ÷ encoders fwd+bwd per rank, per-GPU batch {per_gpu_batch}, "
+        f"T_u = {inner_steps}, m = {prototypes}:",
+        "",
+        "| preset | --npn-parallel | 1 GPU | 8 GPUs | 64 GPUs |",
+        "|---|---|---|---|---|",
+    ]
     for preset in (p for p in presets if p != "tiny"):
         for mode in ("replicated", "sharded"):
-            shares = [npn_flops_share(preset, per_gpu_batch, w if mode == "replicated" else 1, prototypes,
-                                      inner_steps) for w in (1, 8, 64)]
+            shares = [
+                npn_flops_share(preset, per_gpu_batch, w if mode == "replicated" else 1, prototypes, inner_steps)
+                for w in (1, 8, 64)
+            ]
             cells = [f"{100 * x:.1f} %" for x in shares]
             lines.append(f"| {preset} | {mode} | " + " | ".join(cells) + " |")
     return lines
@@ -89,12 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.batch) != len(args.presets):
         parser.error("--batch: give one global batch per preset")
 
-    lines = [f"command: python benchmarks/npn_overhead.py {' '.join(argv or sys.argv[1:])}".rstrip(),
-             f"1 rank, fp32, ZeRO-1, T_u = {args.inner_steps}, m = {args.prototypes}, {steps} steps per run "
-             f"(first {warm} dropped), {repeats} interleaved repeat(s) per loss, {args.threads} threads", "",
-             "| preset | global batch | MBCL step (s) | NeuCLIP step (s) | NeuCLIP ÷ MBCL | per repeat "
-             "| in-run: step ÷ (step − NPN phase) | NPN phase share | NeuCLIP split data/fwd/gather/npn/bwd/opt (%) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"command: python benchmarks/npn_overhead.py {' '.join(argv or sys.argv[1:])}".rstrip(),
+        f"1 rank, fp32, ZeRO-1, T_u = {args.inner_steps}, m = {args.prototypes}, {steps} steps per run "
+        f"(first {warm} dropped), {repeats} interleaved repeat(s) per loss, {args.threads} threads",
+        "",
+        "| preset | global batch | MBCL step (s) | NeuCLIP step (s) | NeuCLIP ÷ MBCL | per repeat "
+        "| in-run: step ÷ (step − NPN phase) | NPN phase share | NeuCLIP split data/fwd/gather/npn/bwd/opt (%) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         for preset, batch in zip(args.presets, args.batch):
             times: dict[str, list[float]] = {"mbcl": [], "neuclip": []}
@@ -104,9 +138,16 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(repeats):
                 for loss in ("neuclip", "mbcl"):
                     print(f"[npn_overhead] {preset} {loss} repeat {r}", flush=True)
-                    rows = run(preset, loss, batch=batch, steps=steps, prototypes=args.prototypes,
-                               inner_steps=args.inner_steps, threads=args.threads,
-                               out=Path(tmp) / f"{preset}_{loss}_{r}")[warm:]
+                    rows = run(
+                        preset,
+                        loss,
+                        batch=batch,
+                        steps=steps,
+                        prototypes=args.prototypes,
+                        inner_steps=args.inner_steps,
+                        threads=args.threads,
+                        out=Path(tmp) / f"{preset}_{loss}_{r}",
+                    )[warm:]
                     times[loss] += [step_time(row) for row in rows]
                     per_repeat[loss].append(statistics.median(step_time(row) for row in rows))
                     if loss == "neuclip":
@@ -117,9 +158,11 @@ def main(argv: list[str] | None = None) -> int:
             total = sum(statistics.median(v) for v in split.values())
             shares = "/".join(f"{100 * statistics.median(split[p]) / total:.1f}" for p in PHASES)
             ratios = ", ".join(f"{n / m:.3f}" for n, m in zip(per_repeat["neuclip"], per_repeat["mbcl"]))
-            lines.append(f"| {preset} | {batch} | {mb:.3f} | {nc:.3f} | **{nc / mb:.3f}** | {ratios} | "
-                         f"{statistics.median(in_run):.3f} | {100 * statistics.median(split['npn']) / total:.1f} % "
-                         f"| {shares} |")
+            lines.append(
+                f"| {preset} | {batch} | {mb:.3f} | {nc:.3f} | **{nc / mb:.3f}** | {ratios} | "
+                f"{statistics.median(in_run):.3f} | {100 * statistics.median(split['npn']) / total:.1f} % "
+                f"| {shares} |"
+            )
     lines += flops_table(args.presets, args.prototypes, args.inner_steps)
     report("\n".join(lines), args.out, write=not args.quick)
     return 0

@@ -31,13 +31,38 @@ from _common import ROOT, cpu_env, report, step_time, train
 OPENCLIP_LINE = re.compile(r"Data \(t\): ([0-9.]+) Batch \(t\): ([0-9.]+),")
 
 
-def ours(model: str, batch: int, steps: int, threads: int, out: Path, *,
-         text_padding: str = "longest") -> list[tuple[float, float]]:
+def ours(
+    model: str, batch: int, steps: int, threads: int, out: Path, *, text_padding: str = "longest"
+) -> list[tuple[float, float]]:
     """(step seconds, data seconds) of each neuclip_ds step."""
-    rows = train(["--preset", model, "--loss", "mbcl", "--synthetic-samples", str(batch * steps),
-                  "--global-batch-size", str(batch), "--steps", str(steps), "--precision", "fp32",
-                  "--ds-config", str(ROOT / "ds_configs" / "zero1.json"), "--lr", "1e-4", "--warmup", "1",
-                  "--wd", "0.2", "--text-padding", text_padding], out, threads=threads)
+    rows = train(
+        [
+            "--preset",
+            model,
+            "--loss",
+            "mbcl",
+            "--synthetic-samples",
+            str(batch * steps),
+            "--global-batch-size",
+            str(batch),
+            "--steps",
+            str(steps),
+            "--precision",
+            "fp32",
+            "--ds-config",
+            str(ROOT / "ds_configs" / "zero1.json"),
+            "--lr",
+            "1e-4",
+            "--warmup",
+            "1",
+            "--wd",
+            "0.2",
+            "--text-padding",
+            text_padding,
+        ],
+        out,
+        threads=threads,
+    )
     return [(step_time(r), r["time_data"]) for r in rows]
 
 
@@ -48,11 +73,47 @@ def ours_full_length(model: str, batch: int, steps: int, threads: int, out: Path
 
 def theirs(model: str, batch: int, steps: int, threads: int, out: Path) -> list[tuple[float, float]]:
     """(step seconds, data seconds) of each open_clip step, from its log."""
-    cmd = [sys.executable, "-m", "open_clip_train.main", "--model", model, "--dataset-type", "synthetic",
-           "--train-num-samples", str(batch * steps), "--batch-size", str(batch), "--epochs", "1",
-           "--precision", "fp32", "--workers", "1", "--lr", "1e-4", "--warmup", "1", "--wd", "0.2",
-           "--grad-clip-norm", "1.0", "--log-every-n-steps", "1", "--logs", str(out), "--name", "run",
-           "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--seed", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "open_clip_train.main",
+        "--model",
+        model,
+        "--dataset-type",
+        "synthetic",
+        "--train-num-samples",
+        str(batch * steps),
+        "--batch-size",
+        str(batch),
+        "--epochs",
+        "1",
+        "--precision",
+        "fp32",
+        "--workers",
+        "1",
+        "--lr",
+        "1e-4",
+        "--warmup",
+        "1",
+        "--wd",
+        "0.2",
+        "--grad-clip-norm",
+        "1.0",
+        "--log-every-n-steps",
+        "1",
+        "--logs",
+        str(out),
+        "--name",
+        "run",
+        "--save-frequency",
+        "0",
+        "--zeroshot-frequency",
+        "0",
+        "--val-frequency",
+        "0",
+        "--seed",
+        "0",
+    ]
     proc = subprocess.run(cmd, cwd=out, env=cpu_env(threads), capture_output=True, text=True)
     log = out / "run" / "out.log"
     text = log.read_text() if log.is_file() else proc.stdout + proc.stderr
@@ -71,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         import open_clip_train  # noqa: F401
-    except ImportError:
-        raise SystemExit("vs_openclip: open_clip_train is not installed in this interpreter; run `make "
-                         "openclip-venv` and use .venv-openclip/bin/python")
+    except ImportError as e:
+        raise SystemExit(
+            "vs_openclip: open_clip_train is not installed in this interpreter; run `make "
+            "openclip-venv` and use .venv-openclip/bin/python"
+        ) from e
     import torch
 
     batch, steps, repeats, warm = (16, 6, 1, 2) if args.quick else (args.batch, 10, 2, 3)
@@ -93,23 +156,30 @@ def main(argv: list[str] | None = None) -> int:
     def rate(rows, compute_only):
         return batch / statistics.median([s - d if compute_only else s for s, d in rows])
 
-    lines = [f"command: {Path(sys.executable).parent.parent.name}/bin/python benchmarks/vs_openclip.py "
-             f"{' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
-             f"{args.model}, batch {batch}, fp32, 1 process, {args.threads} threads, torch {torch.__version__}, "
-             f"{steps} steps per run (first {warm} dropped), {repeats} interleaved repeat(s)", "",
-             "| trainer | samples/s end to end | samples/s compute only | median data wait (s) |",
-             "|---|---|---|---|"]
+    lines = [
+        f"command: {Path(sys.executable).parent.parent.name}/bin/python benchmarks/vs_openclip.py "
+        f"{' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
+        f"{args.model}, batch {batch}, fp32, 1 process, {args.threads} threads, torch {torch.__version__}, "
+        f"{steps} steps per run (first {warm} dropped), {repeats} interleaved repeat(s)",
+        "",
+        "| trainer | samples/s end to end | samples/s compute only | median data wait (s) |",
+        "|---|---|---|---|",
+    ]
     for name, rows in times.items():
-        lines.append(f"| {name} | {rate(rows, False):.2f} | {rate(rows, True):.2f} | "
-                     f"{statistics.median(d for _, d in rows):.3f} |")
+        lines.append(
+            f"| {name} | {rate(rows, False):.2f} | {rate(rows, True):.2f} | "
+            f"{statistics.median(d for _, d in rows):.3f} |"
+        )
     lines += ["", "| ratio ÷ open_clip | end to end | compute only | target ≥ 1.10 (end to end) |", "|---|---|---|---|"]
     for name in (n for n in trainers if n != "open_clip"):
         e2e, compute = (rate(times[name], c) / rate(times["open_clip"], c) for c in (False, True))
         lines.append(f"| {name} | **{e2e:.3f}** | {compute:.3f} | {'met' if e2e >= 1.10 else 'not met'} |")
-    lines.append("\nCaptions: neuclip_ds's synthetic set has 10 tokens (bos + 8 + eos), open_clip's synthetic set "
-                 "\"Dummy caption\" 4; both are padded to 77 in the data. The default --text-padding longest runs "
-                 "the text tower on the batch's longest caption only (exact); max_length runs all 77 positions, as "
-                 "open_clip does, and is what captions of about 77 tokens get.")
+    lines.append(
+        "\nCaptions: neuclip_ds's synthetic set has 10 tokens (bos + 8 + eos), open_clip's synthetic set "
+        '"Dummy caption" 4; both are padded to 77 in the data. The default --text-padding longest runs '
+        "the text tower on the batch's longest caption only (exact); max_length runs all 77 positions, as "
+        "open_clip does, and is what captions of about 77 tokens get."
+    )
     report("\n".join(lines), args.out, write=not args.quick)
     return 0
 

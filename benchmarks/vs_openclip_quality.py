@@ -122,22 +122,34 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from _common import ROOT, cpu_env, markdown_table, mean_std, report, train
 
-RUN_OPENCLIP = "--_run-openclip"     # internal: this script as open_clip's launcher
+RUN_OPENCLIP = "--_run-openclip"  # internal: this script as open_clip's launcher
 OPENCLIP_NAME = "run"
 LOSSES = ("mbcl", "neuclip", "fastclip")
 # settings of the non-MBCL losses, taken from `make train`'s config (else neuclip_ds's defaults)
-LOSS_KEYS = {"mbcl": (), "neuclip": ("rho", "eps", "npn_prototypes", "npn_inner_steps", "npn_restart_every",
-                                     "npn_lr", "npn_variant", "npn_update"),
-             "fastclip": ("rho", "eps", "fastclip_gamma_min", "fastclip_gamma_decay_epochs")}
+LOSS_KEYS = {
+    "mbcl": (),
+    "neuclip": (
+        "rho",
+        "eps",
+        "npn_prototypes",
+        "npn_inner_steps",
+        "npn_restart_every",
+        "npn_lr",
+        "npn_variant",
+        "npn_update",
+    ),
+    "fastclip": ("rho", "eps", "fastclip_gamma_min", "fastclip_gamma_decay_epochs"),
+}
 ADAM = {"beta1": 0.9, "beta2": 0.98, "eps": 1e-6}
 TAU = {"init": 0.07, "min": 0.01, "max": 1.0}
 GRAD_CLIP = 1.0
-LAST_STEPS = 10   # training loss: mean of the last steps
-OPENCLIP_LINE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+) \(\s*\d+%\)\].*?LR: ([0-9.eE+-]+) "
-                           r"Logit Scale: ([0-9.eE+-]+) (?:\w+_loss|Loss): ([0-9.eE+naif-]+)")
+LAST_STEPS = 10  # training loss: mean of the last steps
+OPENCLIP_LINE = re.compile(
+    r"Train Epoch: (\d+) \[\s*(\d+)/(\d+) \(\s*\d+%\)\].*?LR: ([0-9.eE+-]+) "
+    r"Logit Scale: ([0-9.eE+-]+) (?:\w+_loss|Loss): ([0-9.eE+naif-]+)"
+)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -146,21 +158,33 @@ OPENCLIP_LINE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+) \(\s*\d+%\)\].*
 def openclip_model_config(preset, *, vocab_size: int, tokenizer_dir: str, pad_id: int) -> dict:
     """open_clip model config (the JSON of `add_model_config`) of a neuclip_ds preset (presets.Preset)."""
     if preset.vision_width % preset.vision_heads:
-        raise ValueError(f"{preset.name}: vision width {preset.vision_width} not divisible by "
-                         f"{preset.vision_heads} heads")
+        raise ValueError(
+            f"{preset.name}: vision width {preset.vision_width} not divisible by {preset.vision_heads} heads"
+        )
     if preset.hidden_act != "gelu":
         raise ValueError(f"{preset.name}: hidden_act {preset.hidden_act!r} has no open_clip equivalent here")
     return {
         "embed_dim": preset.embed_dim,
         "quick_gelu": False,
-        "vision_cfg": {"image_size": preset.image_size, "patch_size": preset.patch_size,
-                       "width": preset.vision_width, "layers": preset.vision_layers,
-                       "head_width": preset.vision_width // preset.vision_heads,
-                       "mlp_ratio": preset.vision_mlp_ratio},
-        "text_cfg": {"context_length": preset.context_length, "vocab_size": int(vocab_size),
-                     "width": preset.text_width, "heads": preset.text_heads, "layers": preset.text_layers,
-                     "mlp_ratio": 4.0, "hf_tokenizer_name": str(tokenizer_dir), "pad_id": int(pad_id),
-                     "pool_type": "argmax"},
+        "vision_cfg": {
+            "image_size": preset.image_size,
+            "patch_size": preset.patch_size,
+            "width": preset.vision_width,
+            "layers": preset.vision_layers,
+            "head_width": preset.vision_width // preset.vision_heads,
+            "mlp_ratio": preset.vision_mlp_ratio,
+        },
+        "text_cfg": {
+            "context_length": preset.context_length,
+            "vocab_size": int(vocab_size),
+            "width": preset.text_width,
+            "heads": preset.text_heads,
+            "layers": preset.text_layers,
+            "mlp_ratio": 4.0,
+            "hf_tokenizer_name": str(tokenizer_dir),
+            "pad_id": int(pad_id),
+            "pool_type": "argmax",
+        },
     }
 
 
@@ -198,25 +222,86 @@ def temperature_args(lr: float) -> list[str]:
     return out
 
 
-def neuclip_args(*, preset: str, dataset_dir: str, loss: str, yaml_config: dict, ds_config: str, batch: int,
-                 epochs: int, lr: float, wd: float, warmup: int, seed: int, extra: str = "") -> list[str]:
+def neuclip_args(
+    *,
+    preset: str,
+    dataset_dir: str,
+    loss: str,
+    yaml_config: dict,
+    ds_config: str,
+    batch: int,
+    epochs: int,
+    lr: float,
+    wd: float,
+    warmup: int,
+    seed: int,
+    extra: str = "",
+) -> list[str]:
     """The neuclip-train command line (without --output-dir/--report-to) of one run."""
-    return ["--preset", preset, "--dataset-dir", dataset_dir, *loss_args(loss, yaml_config),
-            "--ds-config", ds_config, "--precision", "fp32", "--global-batch-size", str(batch),
-            "--epochs", str(epochs), "--lr", str(lr), "--wd", str(wd), "--warmup", str(warmup),
-            "--beta1", str(ADAM["beta1"]), "--beta2", str(ADAM["beta2"]), "--adam-eps", str(ADAM["eps"]),
-            "--grad-clip", str(GRAD_CLIP), *temperature_args(lr), "--seed", str(seed), "--workers", "0",
-            "--text-padding", "max_length", "--save-every", "0", *shlex.split(extra)]
+    return [
+        "--preset",
+        preset,
+        "--dataset-dir",
+        dataset_dir,
+        *loss_args(loss, yaml_config),
+        "--ds-config",
+        ds_config,
+        "--precision",
+        "fp32",
+        "--global-batch-size",
+        str(batch),
+        "--epochs",
+        str(epochs),
+        "--lr",
+        str(lr),
+        "--wd",
+        str(wd),
+        "--warmup",
+        str(warmup),
+        "--beta1",
+        str(ADAM["beta1"]),
+        "--beta2",
+        str(ADAM["beta2"]),
+        "--adam-eps",
+        str(ADAM["eps"]),
+        "--grad-clip",
+        str(GRAD_CLIP),
+        *temperature_args(lr),
+        "--seed",
+        str(seed),
+        "--workers",
+        "0",
+        "--text-padding",
+        "max_length",
+        "--save-every",
+        "0",
+        *shlex.split(extra),
+    ]
 
 
-def differences_from_openclip(cfg, *, batch: int, epochs: int, lr: float, wd: float, warmup: int,
-                              seed: int) -> list[str]:
+def differences_from_openclip(
+    cfg, *, batch: int, epochs: int, lr: float, wd: float, warmup: int, seed: int
+) -> list[str]:
     """What a parsed neuclip_ds TrainConfig sets differently from the open_clip run of the same benchmark
     (e.g. through --extra-neuclip-args, or a neuclip_ds without the log temperature); [] when all match."""
-    expected = {"global_batch_size": batch, "epochs": epochs, "lr": lr, "wd": wd, "warmup": warmup, "seed": seed,
-                "beta1": ADAM["beta1"], "beta2": ADAM["beta2"], "adam_eps": ADAM["eps"], "grad_clip": GRAD_CLIP,
-                "precision": "fp32", "init_tau": TAU["init"], "tau_min": TAU["min"], "tau_max": TAU["max"],
-                "tau_param": "log", "lr_tau_schedule": "cosine"}
+    expected = {
+        "global_batch_size": batch,
+        "epochs": epochs,
+        "lr": lr,
+        "wd": wd,
+        "warmup": warmup,
+        "seed": seed,
+        "beta1": ADAM["beta1"],
+        "beta2": ADAM["beta2"],
+        "adam_eps": ADAM["eps"],
+        "grad_clip": GRAD_CLIP,
+        "precision": "fp32",
+        "init_tau": TAU["init"],
+        "tau_min": TAU["min"],
+        "tau_max": TAU["max"],
+        "tau_param": "log",
+        "lr_tau_schedule": "cosine",
+    }
     out = []
     for key, want in expected.items():
         flag = "--" + key.replace("_", "-")
@@ -234,16 +319,72 @@ def differences_from_openclip(cfg, *, batch: int, epochs: int, lr: float, wd: fl
     return out
 
 
-def openclip_args(*, model: str, train_data: str, num_samples: int, batch: int, epochs: int, lr: float,
-                  wd: float, warmup: int, seed: int, logs: str) -> list[str]:
+def openclip_args(
+    *,
+    model: str,
+    train_data: str,
+    num_samples: int,
+    batch: int,
+    epochs: int,
+    lr: float,
+    wd: float,
+    warmup: int,
+    seed: int,
+    logs: str,
+) -> list[str]:
     """The open_clip_train.main command line of one run."""
-    return ["--model", model, "--train-data", train_data, "--dataset-type", "webdataset",
-            "--train-num-samples", str(num_samples), "--batch-size", str(batch), "--epochs", str(epochs),
-            "--lr", str(lr), "--wd", str(wd), "--warmup", str(warmup), "--lr-scheduler", "cosine",
-            "--beta1", str(ADAM["beta1"]), "--beta2", str(ADAM["beta2"]), "--eps", str(ADAM["eps"]),
-            "--grad-clip-norm", str(GRAD_CLIP), "--precision", "fp32", "--seed", str(seed), "--workers", "1",
-            "--accum-freq", "1", "--logs", logs, "--name", OPENCLIP_NAME, "--save-frequency", "0",
-            "--zeroshot-frequency", "0", "--val-frequency", "0", "--log-every-n-steps", "1", "--report-to", ""]
+    return [
+        "--model",
+        model,
+        "--train-data",
+        train_data,
+        "--dataset-type",
+        "webdataset",
+        "--train-num-samples",
+        str(num_samples),
+        "--batch-size",
+        str(batch),
+        "--epochs",
+        str(epochs),
+        "--lr",
+        str(lr),
+        "--wd",
+        str(wd),
+        "--warmup",
+        str(warmup),
+        "--lr-scheduler",
+        "cosine",
+        "--beta1",
+        str(ADAM["beta1"]),
+        "--beta2",
+        str(ADAM["beta2"]),
+        "--eps",
+        str(ADAM["eps"]),
+        "--grad-clip-norm",
+        str(GRAD_CLIP),
+        "--precision",
+        "fp32",
+        "--seed",
+        str(seed),
+        "--workers",
+        "1",
+        "--accum-freq",
+        "1",
+        "--logs",
+        logs,
+        "--name",
+        OPENCLIP_NAME,
+        "--save-frequency",
+        "0",
+        "--zeroshot-frequency",
+        "0",
+        "--val-frequency",
+        "0",
+        "--log-every-n-steps",
+        "1",
+        "--report-to",
+        "",
+    ]
 
 
 def parse_openclip_log(text: str) -> list[dict]:
@@ -251,8 +392,16 @@ def parse_openclip_log(text: str) -> list[dict]:
     samples_per_epoch, lr, logit_scale (exp'd, as logged: 1/tau used in that step), loss."""
     rows = []
     for ep, seen, total, lr, scale, loss in OPENCLIP_LINE.findall(text):
-        rows.append({"epoch": int(ep), "samples": int(seen), "samples_per_epoch": int(total), "lr": float(lr),
-                     "logit_scale": float(scale), "loss": float(loss)})
+        rows.append(
+            {
+                "epoch": int(ep),
+                "samples": int(seen),
+                "samples_per_epoch": int(total),
+                "lr": float(lr),
+                "logit_scale": float(scale),
+                "loss": float(loss),
+            }
+        )
     return rows
 
 
@@ -263,12 +412,17 @@ def lr_mismatch(openclip_lrs: list[float], neuclip_lrs_after: list[float], base_
     n = min(len(openclip_lrs), len(neuclip_lrs_after) + 1)
     if n < 2:
         return float("nan")
-    ours = neuclip_lrs_after[:n - 1]
+    ours = neuclip_lrs_after[: n - 1]
     return max(abs(a - b) for a, b in zip(openclip_lrs[1:n], ours)) / base_lr
 
 
-_BLOCK_RENAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-                  "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_BLOCK_RENAMES = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
 
 
 def openclip_to_hf_state(state: dict) -> dict:
@@ -282,7 +436,7 @@ def openclip_to_hf_state(state: dict) -> dict:
         return state[key]
 
     def blocks(src: str, dst: str):
-        layers = sorted({int(k[len(src):].split(".")[0]) for k in state if k.startswith(src)})
+        layers = sorted({int(k[len(src) :].split(".")[0]) for k in state if k.startswith(src)})
         for i in layers:
             a, b = f"{src}{i}.", f"{dst}{i}."
             for name, tensor in (("weight", take(a + "attn.in_proj_weight")), ("bias", take(a + "attn.in_proj_bias"))):
@@ -316,8 +470,13 @@ def neuclip_model(preset, text_tok):
     """The preset as neuclip_ds builds it for the data set's tokenizer (vocabulary and special-token ids)."""
     from neuclip_ds.model import build_model
 
-    return build_model(preset.name, vocab_size=text_tok.vocab_size, eos_token_id=text_tok.eos_token_id,
-                       bos_token_id=text_tok.bos_token_id, pad_token_id=text_tok.pad_token_id)
+    return build_model(
+        preset.name,
+        vocab_size=text_tok.vocab_size,
+        eos_token_id=text_tok.eos_token_id,
+        bos_token_id=text_tok.bos_token_id,
+        pad_token_id=text_tok.pad_token_id,
+    )
 
 
 def write_shared_init(model_name: str, preset, text_tok, seed: int, out_dir: Path) -> tuple[Path, Path, float]:
@@ -350,8 +509,10 @@ def write_shared_init(model_name: str, preset, text_tok, seed: int, out_dir: Pat
     pixels = torch.randn(8, 3, preset.image_size, preset.image_size, generator=g)
     ids = text_tok([f"a photo number {i}" for i in range(8)])["input_ids"]
     with torch.no_grad():
-        diff = max(float((loaded.encode_image(pixels) - F.normalize(oc_model.encode_image(pixels), dim=-1)).abs().max()),
-                   float((loaded.encode_text(ids) - F.normalize(oc_model.encode_text(ids), dim=-1)).abs().max()))
+        diff = max(
+            float((loaded.encode_image(pixels) - F.normalize(oc_model.encode_image(pixels), dim=-1)).abs().max()),
+            float((loaded.encode_text(ids) - F.normalize(oc_model.encode_text(ids), dim=-1)).abs().max()),
+        )
     if diff > 1e-4:
         raise SystemExit(f"shared init: CLIPModel features differ from open_clip's by {diff:.3g}")
     return ckpt, hf_dir, diff
@@ -395,8 +556,11 @@ class OpenCLIPAdapter(torch.nn.Module):
 
 def metric_columns(attributes: list[str]) -> list[tuple[str, str, float]]:
     """(column title, results key, scale) of the tables: tau, R@1 both ways, zero-shot top-1 per attribute + mean."""
-    cols = [("final τ", "tau", 1.0), ("I→T R@1", "retrieval/image_to_text_R@1", 100.0),
-            ("T→I R@1", "retrieval/text_to_image_R@1", 100.0)]
+    cols = [
+        ("final τ", "tau", 1.0),
+        ("I→T R@1", "retrieval/image_to_text_R@1", 100.0),
+        ("T→I R@1", "retrieval/text_to_image_R@1", 100.0),
+    ]
     cols += [(f"zs {a}", f"zeroshot/{a}/top1", 100.0) for a in attributes]
     cols.append(("zs mean", "zeroshot/mean/top1", 100.0))
     return cols
@@ -424,18 +588,33 @@ def tables(runs: list[dict], attributes: list[str]) -> list[str]:
     groups: dict[str, list[dict]] = {}
     for r in runs:
         groups.setdefault(label(r), []).append(r)
-    lines = ["Per run (metrics in %, τ as is; train loss = each trainer's own objective, mean of the last "
-             f"{LAST_STEPS} steps; train s = wall time of the trainer's process, neuclip_ds's includes its own final "
-             "evaluation):", ""]
+    lines = [
+        "Per run (metrics in %, τ as is; train loss = each trainer's own objective, mean of the last "
+        f"{LAST_STEPS} steps; train s = wall time of the trainer's process, neuclip_ds's includes its own final "
+        "evaluation):",
+        "",
+    ]
     lines += markdown_table(
         ["trainer", "seed", *[c[0] for c in cols], "train loss", "train s"],
-        [[label(r), r["seed"], *[_fmt(_value(r, k, s), digits.get(k, 2)) for _, k, s in cols],
-          _fmt(r.get("train_loss"), 4), _fmt(r.get("wall_s"), 0)] for r in runs])
+        [
+            [
+                label(r),
+                r["seed"],
+                *[_fmt(_value(r, k, s), digits.get(k, 2)) for _, k, s in cols],
+                _fmt(r.get("train_loss"), 4),
+                _fmt(r.get("wall_s"), 0),
+            ]
+            for r in runs
+        ],
+    )
     lines += ["", "Mean ± std over seeds:", ""]
     lines += markdown_table(
         ["trainer", "seeds", *[c[0] for c in cols]],
-        [[name, len(rs), *[mean_std([_value(r, k, s) for r in rs], digits=digits.get(k, 2)) for _, k, s in cols]]
-         for name, rs in groups.items()])
+        [
+            [name, len(rs), *[mean_std([_value(r, k, s) for r in rs], digits=digits.get(k, 2)) for _, k, s in cols]]
+            for name, rs in groups.items()
+        ],
+    )
     base = {r["seed"]: r for r in groups.get("open_clip", [])}
     for name, rs in groups.items():
         if name == "open_clip":
@@ -482,8 +661,9 @@ def openclip_compat() -> list[str]:
     import open_clip_train.data as oc_data
 
     expander = oc_data.tar_file_expander
-    if "eof_value" in inspect.signature(expander).parameters and \
-            "filesample == {}" not in inspect.getsource(oc_data.group_by_keys_nothrow):
+    if "eof_value" in inspect.signature(expander).parameters and "filesample == {}" not in inspect.getsource(
+        oc_data.group_by_keys_nothrow
+    ):
         oc_data.tar_file_expander = functools.partial(expander, eof_value=None)
         patched.append("open_clip_train.data: tar_file_expander(eof_value=None)")
     return patched
@@ -506,8 +686,9 @@ def write_openclip_model(tmp: Path, preset, text_tok, tokenizer_src: str) -> tup
 
     tok_dir = tmp / "tokenizer"
     _export_tokenizer(tokenizer_src, tok_dir, context_length=preset.context_length)
-    cfg = openclip_model_config(preset, vocab_size=text_tok.vocab_size, tokenizer_dir=str(tok_dir),
-                                pad_id=text_tok.pad_token_id)
+    cfg = openclip_model_config(
+        preset, vocab_size=text_tok.vocab_size, tokenizer_dir=str(tok_dir), pad_id=text_tok.pad_token_id
+    )
     name = f"neuclip-{preset.name}-parity"
     path = tmp / f"{name}.json"
     path.write_text(json.dumps(cfg, indent=2))
@@ -532,9 +713,9 @@ def read_captions(shards: str) -> list[str]:
 def check_setup(model_name: str, text_tok, preset, paths: dict, dataset_dir: str) -> list[str]:
     """The run-time checks of the docstring (tokens, pooling position, transforms, parameter count); raises
     SystemExit on a mismatch, returns one line per check."""
+    import open_clip
     from torchvision import transforms as T
 
-    import open_clip
     from neuclip_ds.data.embedded import load_classnames, load_templates
     from neuclip_ds.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 
@@ -545,42 +726,58 @@ def check_setup(model_name: str, text_tok, preset, paths: dict, dataset_dir: str
     classnames, templates = load_classnames(dataset_dir), load_templates(dataset_dir)
     texts += [t.format(c) for a, names in classnames.items() for c in names for t in templates.get(a, [])]
     if text_tok.eos_token_id != text_tok.vocab_size - 1 or text_tok.pad_token_id >= text_tok.eos_token_id:
-        raise SystemExit(f"tokenizer: eos id {text_tok.eos_token_id} is not the largest id "
-                         f"({text_tok.vocab_size - 1}): open_clip's argmax pooling would miss it")
+        raise SystemExit(
+            f"tokenizer: eos id {text_tok.eos_token_id} is not the largest id "
+            f"({text_tok.vocab_size - 1}): open_clip's argmax pooling would miss it"
+        )
     for a in range(0, len(texts), 1024):
-        chunk = texts[a:a + 1024]
+        chunk = texts[a : a + 1024]
         ours = text_tok(chunk)["input_ids"]
         theirs = oc_tok(chunk)
         if not torch.equal(ours, theirs):
             bad = int((ours != theirs).any(dim=1).nonzero()[0])
-            raise SystemExit(f"tokenizer: open_clip's ids differ from TextTokenizer's for {chunk[bad]!r}:\n"
-                             f"{theirs[bad].tolist()}\n{ours[bad].tolist()}")
+            raise SystemExit(
+                f"tokenizer: open_clip's ids differ from TextTokenizer's for {chunk[bad]!r}:\n"
+                f"{theirs[bad].tolist()}\n{ours[bad].tolist()}"
+            )
         eos_pos = (ours == text_tok.eos_token_id).int().argmax(dim=1)
         if not torch.equal(theirs.argmax(dim=1), eos_pos):
             raise SystemExit("tokenizer: open_clip's argmax pooling position is not the eos position")
-    notes.append(f"token ids: open_clip's HFTokenizer = neuclip_ds's TextTokenizer on all {len(texts)} train/val "
-                 f"captions and zero-shot prompts; argmax pooling position = eos position (eos id "
-                 f"{text_tok.eos_token_id} = largest id)")
+    notes.append(
+        f"token ids: open_clip's HFTokenizer = neuclip_ds's TextTokenizer on all {len(texts)} train/val "
+        f"captions and zero-shot prompts; argmax pooling position = eos position (eos id "
+        f"{text_tok.eos_token_id} = largest id)"
+    )
     # transforms
     model, preprocess_train, _ = open_clip.create_model_and_transforms(model_name, precision="fp32", device="cpu")
     steps = list(getattr(preprocess_train, "transforms", []))
     crops = [t for t in steps if isinstance(t, T.RandomResizedCrop)]
     norms = [t for t in steps if isinstance(t, T.Normalize)]
     ours_t = ImageTransform(preset.image_size, train=True)
-    other = [type(t).__name__ for t in steps if not isinstance(t, (T.RandomResizedCrop, T.Normalize, T.ToTensor))
-             and getattr(t, "__name__", "") != "_convert_to_rgb"]
+    other = [
+        type(t).__name__
+        for t in steps
+        if not isinstance(t, (T.RandomResizedCrop, T.Normalize, T.ToTensor))
+        and getattr(t, "__name__", "") != "_convert_to_rgb"
+    ]
     if len(crops) != 1 or len(norms) != 1 or other:
         raise SystemExit(f"open_clip train transform is not crop + to-tensor + normalize: {preprocess_train}")
     crop, norm = crops[0], norms[0]
-    same = (tuple(crop.size) == (preset.image_size,) * 2 and tuple(crop.scale) == tuple(ours_t.scale)
-            and all(math.isclose(a, b) for a, b in zip(crop.ratio, ours_t.ratio))
-            and crop.interpolation == T.InterpolationMode.BICUBIC
-            and tuple(norm.mean) == tuple(CLIP_MEAN) and tuple(norm.std) == tuple(CLIP_STD))
+    same = (
+        tuple(crop.size) == (preset.image_size,) * 2
+        and tuple(crop.scale) == tuple(ours_t.scale)
+        and all(math.isclose(a, b) for a, b in zip(crop.ratio, ours_t.ratio))
+        and crop.interpolation == T.InterpolationMode.BICUBIC
+        and tuple(norm.mean) == tuple(CLIP_MEAN)
+        and tuple(norm.std) == tuple(CLIP_STD)
+    )
     if not same:
         raise SystemExit(f"open_clip train transform differs from neuclip_ds's: {preprocess_train}")
-    notes.append(f"train transform: open_clip RandomResizedCrop({preset.image_size}, scale={tuple(crop.scale)}, "
-                 f"ratio=({crop.ratio[0]:.3f}, {crop.ratio[1]:.3f}), bicubic) + Normalize(CLIP mean/std) = "
-                 f"neuclip_ds's")
+    notes.append(
+        f"train transform: open_clip RandomResizedCrop({preset.image_size}, scale={tuple(crop.scale)}, "
+        f"ratio=({crop.ratio[0]:.3f}, {crop.ratio[1]:.3f}), bicubic) + Normalize(CLIP mean/std) = "
+        f"neuclip_ds's"
+    )
     # parameter count
     ours_m = neuclip_model(preset, text_tok)
     n_theirs = sum(p.numel() for p in model.parameters())
@@ -592,7 +789,7 @@ def check_setup(model_name: str, text_tok, preset, paths: dict, dataset_dir: str
     from neuclip_ds.config import TrainConfig
     from neuclip_ds.engine import build_optimizer
 
-    def excluded(n, p):   # open_clip_train/main.py: no weight decay for these
+    def excluded(n, p):  # open_clip_train/main.py: no weight decay for these
         return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
 
     # (element counts: open_clip fuses q/k/v into one in_proj tensor and stores projections transposed)
@@ -601,8 +798,10 @@ def check_setup(model_name: str, text_tok, preset, paths: dict, dataset_dir: str
     decayed_ours = sum(p.numel() for g in groups if g["weight_decay"] > 0 for p in g["params"])
     if decayed_ours != decayed_theirs:
         raise SystemExit(f"weight decay: open_clip decays {decayed_theirs} elements, neuclip_ds {decayed_ours}")
-    notes.append(f"weight decay on the same {decayed_ours:,} elements (the >= 2-dim weights; none on gains, biases,"
-                 f" class embedding, temperature) on both sides")
+    notes.append(
+        f"weight decay on the same {decayed_ours:,} elements (the >= 2-dim weights; none on gains, biases,"
+        f" class embedding, temperature) on both sides"
+    )
     return notes
 
 
@@ -619,8 +818,7 @@ def train_openclip(config_path: Path, argv: list[str], logs: Path, threads: int)
     (logs / "subprocess.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise SystemExit(f"open_clip failed (rc {proc.returncode}):\n{(text or proc.stdout + proc.stderr)[-3000:]}")
-    ckpts = sorted((logs / OPENCLIP_NAME / "checkpoints").glob("epoch_*.pt"),
-                   key=lambda p: int(p.stem.split("_")[1]))
+    ckpts = sorted((logs / OPENCLIP_NAME / "checkpoints").glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
     if not ckpts:
         raise SystemExit(f"open_clip wrote no checkpoint under {logs / OPENCLIP_NAME}")
     return parse_openclip_log(text), ckpts[-1], wall
@@ -629,6 +827,7 @@ def train_openclip(config_path: Path, argv: list[str], logs: Path, threads: int)
 def evaluate_openclip(model_name: str, ckpt: Path, preset, text_tok, paths: dict, dataset_dir: str) -> tuple:
     """(evaluate's results, tau) of an open_clip checkpoint."""
     import open_clip
+
     from neuclip_ds.evaluate import evaluate
 
     model = open_clip.create_model(model_name, precision="fp32", device="cpu")
@@ -638,10 +837,18 @@ def evaluate_openclip(model_name: str, ckpt: Path, preset, text_tok, paths: dict
     state = {k.removeprefix("module."): v for k, v in blob["state_dict"].items()}
     model.load_state_dict(state, strict=True)
     tau = float(torch.exp(-state["logit_scale"].float()))
-    adapter = OpenCLIPAdapter(model.eval(), image_size=preset.image_size, context_length=preset.context_length,
-                               pad_id=text_tok.pad_token_id)
-    results = evaluate(adapter, val_data=paths["val"], tokenizer=text_tok, dataset_dir=dataset_dir, batch_size=256,
-                       device="cpu", progress=False)
+    adapter = OpenCLIPAdapter(
+        model.eval(), image_size=preset.image_size, context_length=preset.context_length, pad_id=text_tok.pad_token_id
+    )
+    results = evaluate(
+        adapter,
+        val_data=paths["val"],
+        tokenizer=text_tok,
+        dataset_dir=dataset_dir,
+        batch_size=256,
+        device="cpu",
+        progress=False,
+    )
     return results, tau
 
 
@@ -656,8 +863,15 @@ def evaluate_neuclip(run_dir: Path, text_tok, paths: dict, dataset_dir: str) -> 
 
     model, _, _ = load_checkpoint_model(run_dir, tokenizer=text_tok)
     tau = float(model.temperature().detach())
-    results = evaluate(model, val_data=paths["val"], tokenizer=text_tok, dataset_dir=dataset_dir, batch_size=256,
-                       device="cpu", progress=False)
+    results = evaluate(
+        model,
+        val_data=paths["val"],
+        tokenizer=text_tok,
+        dataset_dir=dataset_dir,
+        batch_size=256,
+        device="cpu",
+        progress=False,
+    )
     own = json.loads((run_dir / "eval_results.json").read_text())
     diff = max((abs(float(results[k]) - float(v)) for k, v in own.items() if k in results), default=float("nan"))
     return results, tau, diff
@@ -670,9 +884,11 @@ def main(argv: list[str] | None = None) -> int:
         if len(argv) < 3 or argv[2] != "--":
             raise SystemExit(f"usage: {RUN_OPENCLIP} CONFIG.json -- OPEN_CLIP_ARGS...")
         return run_openclip_main(argv[1], argv[3:])
-    parser = argparse.ArgumentParser(description="Quality parity: open_clip_train.main vs neuclip_ds on the same "
-                                     "shards, model size and settings, one evaluation (see the module docstring)",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description="Quality parity: open_clip_train.main vs neuclip_ds on the same "
+        "shards, model size and settings, one evaluation (see the module docstring)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--preset", default="tiny", help="neuclip_ds preset (open_clip gets the same sizes)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of both trainers")
     parser.add_argument("--batch", type=int, default=128, help="global batch = open_clip's batch (1 process)")
@@ -683,15 +899,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--losses", default="mbcl", help=f"neuclip_ds losses, comma-separated ({', '.join(LOSSES)})")
     parser.add_argument("--dataset-dir", default="data/digits", help="the embedded data set (shards, tokenizer)")
     parser.add_argument("--ds-config", default="ds_configs/zero2.json", help="neuclip_ds's DeepSpeed JSON")
-    parser.add_argument("--extra-neuclip-args", default="", help="appended to every neuclip-train command line "
-                        "(later flags win; differences to open_clip are listed in the output)")
+    parser.add_argument(
+        "--extra-neuclip-args",
+        default="",
+        help="appended to every neuclip-train command line "
+        "(later flags win; differences to open_clip are listed in the output)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each trainer and the evaluation")
-    parser.add_argument("--same-init", action="store_true", help="start both trainers from one initialization per "
-                        "seed (open_clip's, converted for neuclip_ds: write_shared_init) to separate init from the rest")
+    parser.add_argument(
+        "--same-init",
+        action="store_true",
+        help="start both trainers from one initialization per "
+        "seed (open_clip's, converted for neuclip_ds: write_shared_init) to separate init from the rest",
+    )
     parser.add_argument("--quick", action="store_true", help="first seed only, 1 epoch; prints, writes no --out")
     parser.add_argument("--runs", default="runs/vs_openclip_quality", help="run directories and results.json")
-    parser.add_argument("--out", default=None, help="markdown result (not with --quick; default benchmarks/results/"
-                        "vs_openclip_quality.md, with --same-init vs_openclip_quality_same_init.md)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="markdown result (not with --quick; default benchmarks/results/"
+        "vs_openclip_quality.md, with --same-init vs_openclip_quality_same_init.md)",
+    )
     args = parser.parse_args(argv)
     if args.out is None:
         name = "vs_openclip_quality_same_init.md" if args.same_init else "vs_openclip_quality.md"
@@ -700,10 +928,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import open_clip
         import open_clip_train  # noqa: F401
-    except ImportError:
-        raise SystemExit("vs_openclip_quality: open_clip_train is not installed in this interpreter; run `make "
-                         "openclip-venv` and use .venv-openclip/bin/python")
-    os.environ.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")   # before deepspeed is imported
+    except ImportError as e:
+        raise SystemExit(
+            "vs_openclip_quality: open_clip_train is not installed in this interpreter; run `make "
+            "openclip-venv` and use .venv-openclip/bin/python"
+        ) from e
+    os.environ.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")  # before deepspeed is imported
     import deepspeed
     import yaml
 
@@ -746,14 +976,28 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             init_oc, init_nc = [], ""
             if args.same_init:
-                ckpt, hf_dir, diff = write_shared_init(model_name, preset, text_tok, seed, runs_dir / f"init_seed{seed}")
+                ckpt, hf_dir, diff = write_shared_init(
+                    model_name, preset, text_tok, seed, runs_dir / f"init_seed{seed}"
+                )
                 init_oc, init_nc = ["--pretrained", str(ckpt)], f" --pretrained-hf {shlex.quote(str(hf_dir))}"
                 init_diffs.append(diff)
             # open_clip
             logs = runs_dir / f"open_clip_seed{seed}"
-            oc_argv = openclip_args(model=model_name, train_data=paths["train"], num_samples=steps * args.batch,
-                                    batch=args.batch, epochs=epochs, lr=args.lr, wd=args.wd, warmup=args.warmup,
-                                    seed=seed, logs=str(logs)) + init_oc
+            oc_argv = (
+                openclip_args(
+                    model=model_name,
+                    train_data=paths["train"],
+                    num_samples=steps * args.batch,
+                    batch=args.batch,
+                    epochs=epochs,
+                    lr=args.lr,
+                    wd=args.wd,
+                    warmup=args.warmup,
+                    seed=seed,
+                    logs=str(logs),
+                )
+                + init_oc
+            )
             commands["open_clip"] = "python -m open_clip_train.main " + shlex.join(oc_argv)
             print(f"[vs_openclip_quality] open_clip seed {seed}", flush=True)
             oc_rows, ckpt, wall = train_openclip(config_path, oc_argv, logs, args.threads)
@@ -762,24 +1006,53 @@ def main(argv: list[str] | None = None) -> int:
             if any(n != steps for n in per_epoch.values()) or oc_rows[-1]["samples"] != steps * args.batch:
                 raise SystemExit(f"open_clip: expected {steps} logged steps of {args.batch} per epoch, got {per_epoch}")
             results, tau = evaluate_openclip(model_name, ckpt, preset, text_tok, paths, dataset_dir)
-            oc_run = {"trainer": "open_clip", "loss": "clip", "seed": seed, "tau": tau,
-                      "tau_last_step": 1.0 / oc_rows[-1]["logit_scale"], "steps": oc_steps, "eval": results,
-                      "train_loss": sum(r["loss"] for r in oc_rows[-LAST_STEPS:]) / len(oc_rows[-LAST_STEPS:]),
-                      "wall_s": wall, "lr": [r["lr"] for r in oc_rows], "checkpoint": str(ckpt)}
+            oc_run = {
+                "trainer": "open_clip",
+                "loss": "clip",
+                "seed": seed,
+                "tau": tau,
+                "tau_last_step": 1.0 / oc_rows[-1]["logit_scale"],
+                "steps": oc_steps,
+                "eval": results,
+                "train_loss": sum(r["loss"] for r in oc_rows[-LAST_STEPS:]) / len(oc_rows[-LAST_STEPS:]),
+                "wall_s": wall,
+                "lr": [r["lr"] for r in oc_rows],
+                "checkpoint": str(ckpt),
+            }
             runs.append(oc_run)
-            print(f"  tau {tau:.4f}, zero-shot mean {100 * results.get('zeroshot/mean/top1', float('nan')):.2f} %,"
-                  f" {wall:.0f} s", flush=True)
+            print(
+                f"  tau {tau:.4f}, zero-shot mean {100 * results.get('zeroshot/mean/top1', float('nan')):.2f} %,"
+                f" {wall:.0f} s",
+                flush=True,
+            )
             # neuclip_ds
             for loss in losses:
                 run_dir = runs_dir / f"neuclip_ds_{loss}_seed{seed}"
                 shutil.rmtree(run_dir, ignore_errors=True)
-                nc_argv = neuclip_args(preset=args.preset, dataset_dir=dataset_dir, loss=loss,
-                                       yaml_config=yaml_config, ds_config=ds_config, batch=args.batch, epochs=epochs,
-                                       lr=args.lr, wd=args.wd, warmup=args.warmup, seed=seed,
-                                       extra=args.extra_neuclip_args + init_nc)
+                nc_argv = neuclip_args(
+                    preset=args.preset,
+                    dataset_dir=dataset_dir,
+                    loss=loss,
+                    yaml_config=yaml_config,
+                    ds_config=ds_config,
+                    batch=args.batch,
+                    epochs=epochs,
+                    lr=args.lr,
+                    wd=args.wd,
+                    warmup=args.warmup,
+                    seed=seed,
+                    extra=args.extra_neuclip_args + init_nc,
+                )
                 commands[f"neuclip_ds {loss}"] = "python -m neuclip_ds.train " + shlex.join(nc_argv)
-                diffs = differences_from_openclip(parse_config(nc_argv), batch=args.batch, epochs=epochs,
-                                                  lr=args.lr, wd=args.wd, warmup=args.warmup, seed=seed)
+                diffs = differences_from_openclip(
+                    parse_config(nc_argv),
+                    batch=args.batch,
+                    epochs=epochs,
+                    lr=args.lr,
+                    wd=args.wd,
+                    warmup=args.warmup,
+                    seed=seed,
+                )
                 differences[f"neuclip_ds {loss}"] = diffs
                 print(f"[vs_openclip_quality] neuclip_ds {loss} seed {seed}", flush=True)
                 t0 = time.time()
@@ -789,48 +1062,93 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"neuclip_ds: expected {steps * epochs} steps, got {len(rows)}")
                 results, tau, own_diff = evaluate_neuclip(run_dir, text_tok, paths, dataset_dir)
                 lr_diff = lr_mismatch(oc_run["lr"], [r["lr"] for r in rows], args.lr)
-                runs.append({"trainer": "neuclip_ds", "loss": loss, "seed": seed, "tau": tau,
-                             "tau_last_step": rows[-1]["tau"], "steps": len(rows), "eval": results,
-                             "train_loss": sum(r["loss"] for r in rows[-LAST_STEPS:]) / len(rows[-LAST_STEPS:]),
-                             "wall_s": wall, "eval_vs_own_eval_results": own_diff,
-                             "lr_vs_open_clip_max_rel_diff": lr_diff, "run_dir": str(run_dir)})
-                print(f"  tau {tau:.4f}, zero-shot mean {100 * results.get('zeroshot/mean/top1', float('nan')):.2f}"
-                      f" %, {wall:.0f} s; re-evaluation vs its eval_results.json: max |diff| {own_diff:.2g}; lr vs "
-                      f"open_clip's: max |diff| / lr {lr_diff:.2g}", flush=True)
+                runs.append(
+                    {
+                        "trainer": "neuclip_ds",
+                        "loss": loss,
+                        "seed": seed,
+                        "tau": tau,
+                        "tau_last_step": rows[-1]["tau"],
+                        "steps": len(rows),
+                        "eval": results,
+                        "train_loss": sum(r["loss"] for r in rows[-LAST_STEPS:]) / len(rows[-LAST_STEPS:]),
+                        "wall_s": wall,
+                        "eval_vs_own_eval_results": own_diff,
+                        "lr_vs_open_clip_max_rel_diff": lr_diff,
+                        "run_dir": str(run_dir),
+                    }
+                )
+                print(
+                    f"  tau {tau:.4f}, zero-shot mean {100 * results.get('zeroshot/mean/top1', float('nan')):.2f}"
+                    f" %, {wall:.0f} s; re-evaluation vs its eval_results.json: max |diff| {own_diff:.2g}; lr vs "
+                    f"open_clip's: max |diff| / lr {lr_diff:.2g}",
+                    flush=True,
+                )
     total = time.time() - t_start
 
-    attributes = [k.split("/")[1] for k in runs[0]["eval"] if k.startswith("zeroshot/") and k.endswith("/top1")
-                  and k.split("/")[1] != "mean"]
+    attributes = [
+        k.split("/")[1]
+        for k in runs[0]["eval"]
+        if k.startswith("zeroshot/") and k.endswith("/top1") and k.split("/")[1] != "mean"
+    ]
     nc_runs = [r for r in runs if r["trainer"] == "neuclip_ds"]
-    lines = [f"command: {Path(sys.executable).parent.parent.name}/bin/python benchmarks/vs_openclip_quality.py "
-             f"{' '.join(argv)}".rstrip(),
-             f"preset {args.preset}, {epochs} epoch(s) x {steps} steps of {args.batch} ({steps * args.batch} of the "
-             f"{paths['num_train']} train samples per epoch), lr {args.lr}, wd {args.wd}, warmup {args.warmup}, "
-             f"AdamW betas ({ADAM['beta1']}, {ADAM['beta2']}) eps {ADAM['eps']}, grad clip {GRAD_CLIP}, fp32, "
-             f"1 process x {args.threads} threads, seeds {','.join(map(str, seeds))}; torch {torch.__version__}, "
-             f"open_clip {open_clip.__version__}, deepspeed {deepspeed.__version__}; wall {total / 60:.1f} min",
-             f"evaluation: neuclip_ds.evaluate.evaluate on the {runs[0]['eval'].get('num_samples')} val samples "
-             f"(one protocol for both; neuclip_ds re-evaluated from its checkpoint, max |diff| to its own "
-             f"eval_results.json {max(r['eval_vs_own_eval_results'] for r in nc_runs):.2g}); lr sequences: max "
-             f"|neuclip_ds − open_clip| / lr = {max(r['lr_vs_open_clip_max_rel_diff'] for r in nc_runs):.2g}",
-             f"open_clip compatibility shims (openclip_compat): {'; '.join(shims) or 'none needed'}",
-             "", *tables(runs, attributes), "",
-             "Checked at run time: " + "; ".join(checks) + ".", "",
-             "neuclip_ds settings that differ from open_clip's (its parsed command line vs open_clip's flags): "
-             + ("; ".join(f"{k}: {', '.join(v)}" for k, v in differences.items() if v) or "none") + ".",
-             ("Initialization: shared (--same-init): each seed's open_clip init, saved for open_clip's --pretrained "
-              "and converted to a CLIPModel directory for neuclip_ds's --pretrained-hf; image and text features of "
-              f"the two agree to {max(init_diffs):.1e}. " if args.same_init else "")
-             + "Not matched by construction: " + ("" if args.same_init else "model init (HF CLIPModel's vs "
-                                                  "open_clip's), ")
-             + "shard and sample order (open_clip's sample shuffle is not seeded: its runs are not reproducible) and "
-             "the crop RNG; see the script's docstring.", "", "Commands (last seed):", ""]
+    lines = [
+        f"command: {Path(sys.executable).parent.parent.name}/bin/python benchmarks/vs_openclip_quality.py "
+        f"{' '.join(argv)}".rstrip(),
+        f"preset {args.preset}, {epochs} epoch(s) x {steps} steps of {args.batch} ({steps * args.batch} of the "
+        f"{paths['num_train']} train samples per epoch), lr {args.lr}, wd {args.wd}, warmup {args.warmup}, "
+        f"AdamW betas ({ADAM['beta1']}, {ADAM['beta2']}) eps {ADAM['eps']}, grad clip {GRAD_CLIP}, fp32, "
+        f"1 process x {args.threads} threads, seeds {','.join(map(str, seeds))}; torch {torch.__version__}, "
+        f"open_clip {open_clip.__version__}, deepspeed {deepspeed.__version__}; wall {total / 60:.1f} min",
+        f"evaluation: neuclip_ds.evaluate.evaluate on the {runs[0]['eval'].get('num_samples')} val samples "
+        f"(one protocol for both; neuclip_ds re-evaluated from its checkpoint, max |diff| to its own "
+        f"eval_results.json {max(r['eval_vs_own_eval_results'] for r in nc_runs):.2g}); lr sequences: max "
+        f"|neuclip_ds − open_clip| / lr = {max(r['lr_vs_open_clip_max_rel_diff'] for r in nc_runs):.2g}",
+        f"open_clip compatibility shims (openclip_compat): {'; '.join(shims) or 'none needed'}",
+        "",
+        *tables(runs, attributes),
+        "",
+        "Checked at run time: " + "; ".join(checks) + ".",
+        "",
+        "neuclip_ds settings that differ from open_clip's (its parsed command line vs open_clip's flags): "
+        + ("; ".join(f"{k}: {', '.join(v)}" for k, v in differences.items() if v) or "none")
+        + ".",
+        (
+            "Initialization: shared (--same-init): each seed's open_clip init, saved for open_clip's --pretrained "
+            "and converted to a CLIPModel directory for neuclip_ds's --pretrained-hf; image and text features of "
+            f"the two agree to {max(init_diffs):.1e}. "
+            if args.same_init
+            else ""
+        )
+        + "Not matched by construction: "
+        + ("" if args.same_init else "model init (HF CLIPModel's vs open_clip's), ")
+        + "shard and sample order (open_clip's sample shuffle is not seeded: its runs are not reproducible) and "
+        "the crop RNG; see the script's docstring.",
+        "",
+        "Commands (last seed):",
+        "",
+    ]
     lines += [f"- {k}: `{v}`" for k, v in commands.items()]
-    (runs_dir / "results.json").write_text(json.dumps(
-        {"args": vars(args), "epochs": epochs, "seeds": seeds, "steps_per_epoch": steps, "openclip_model": model_cfg,
-         "checks": checks, "shims": shims, "same_init": args.same_init, "init_feature_diff": init_diffs,
-         "commands": commands, "differences": differences, "runs": runs,
-         "wall_s": total}, indent=1))
+    (runs_dir / "results.json").write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "epochs": epochs,
+                "seeds": seeds,
+                "steps_per_epoch": steps,
+                "openclip_model": model_cfg,
+                "checks": checks,
+                "shims": shims,
+                "same_init": args.same_init,
+                "init_feature_diff": init_diffs,
+                "commands": commands,
+                "differences": differences,
+                "runs": runs,
+                "wall_s": total,
+            },
+            indent=1,
+        )
+    )
     report("\n".join(lines), args.out, write=not args.quick)
     print(f"raw results: {runs_dir / 'results.json'}")
     return 0

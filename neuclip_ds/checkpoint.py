@@ -35,8 +35,9 @@ import sys
 import uuid
 import warnings
 import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,8 +123,10 @@ def load_data(f: str | os.PathLike, map_location: Any = None, *, mmap: bool | No
 
 
 def _refused(path: str | os.PathLike, reason: str) -> str:
-    return (f"{path} refused: {reason}; a checkpoint file may hold tensors, plain values and DeepSpeed's own "
-            f"records only (README: What a checkpoint may contain)")
+    return (
+        f"{path} refused: {reason}; a checkpoint file may hold tensors, plain values and DeepSpeed's own "
+        f"records only (README: What a checkpoint may contain)"
+    )
 
 
 def _not_allowed(name: str) -> str:
@@ -189,10 +192,12 @@ def _swapped(owner: Any, name: str, value: Any) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------------------
 def rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
-                                                      int(has_gauss), float(cached)],
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -229,10 +234,15 @@ class TrainState:
 
     def state_dict(self) -> dict:
         estimator = self.eng.estimator.state_dict()
-        replicated = "npn" in estimator   # identical on every rank: saved once
-        shared = {"config": self.config, "estimator": estimator if replicated else {},
-                  "skipped_steps": self.eng.skipped_steps, "data_rank0": self.stream.state_dict(),
-                  "temperature": self.eng.temperature_state(), "world_size": self.world_size}
+        replicated = "npn" in estimator  # identical on every rank: saved once
+        shared = {
+            "config": self.config,
+            "estimator": estimator if replicated else {},
+            "skipped_steps": self.eng.skipped_steps,
+            "data_rank0": self.stream.state_dict(),
+            "temperature": self.eng.temperature_state(),
+            "world_size": self.world_size,
+        }
         rank = {"rng": rng_state(), "data": self.stream.state_dict(), "estimator": {} if replicated else estimator}
         return {"shared": shared, "rank": rank}
 
@@ -257,10 +267,9 @@ class TrainState:
         if shared["estimator"]:
             self.eng.estimator.load_state_dict(shared["estimator"])
         elif hasattr(self.eng.estimator, "load_resharded"):
-            self.eng.estimator.load_resharded([read_rank(tag_dir, r)["estimator"]
-                                               for r in range(shared["world_size"])])
+            self.eng.estimator.load_resharded([read_rank(tag_dir, r)["estimator"] for r in range(shared["world_size"])])
         data = shared["data_rank0"]
-        if "step_in_epoch" in data:   # synthetic
+        if "step_in_epoch" in data:  # synthetic
             self.stream.load_state_dict(data)
         else:
             loader = dict(data["loader"])
@@ -268,8 +277,11 @@ class TrainState:
             self.stream.load_state_dict({"loader": loader, "tracker": {}})
         seed_everything(self.seed * 1000 + self.rank + 7919 * step)
         if self.rank == 0:
-            print(f"neuclip-train: resuming a {shared['world_size']}-rank checkpoint on {self.world_size} ranks "
-                  f"(universal checkpoint); RNG reseeded per rank", file=sys.stderr)
+            print(
+                f"neuclip-train: resuming a {shared['world_size']}-rank checkpoint on {self.world_size} ranks "
+                f"(universal checkpoint); RNG reseeded per rank",
+                file=sys.stderr,
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,7 +292,7 @@ def tag_for(step: int) -> str:
 
 
 def _step_of(tag: str) -> int:
-    return int(tag[len("step"):])
+    return int(tag[len("step") :])
 
 
 def _tags(ckpt_dir: Path) -> list[Path]:
@@ -329,8 +341,9 @@ def _atomic_write(path: Path, payload, *, text: bool = False) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, output_dir: str | Path, *, step: int, run_id: str, state: dict, keep_last: int,
-         keep: Path | None = None) -> Path:
+def save(
+    engine, output_dir: str | Path, *, step: int, run_id: str, state: dict, keep_last: int, keep: Path | None = None
+) -> Path:
     """Collective: every rank calls it with its `TrainState.state_dict()`. Returns the checkpoint directory.
 
     The ranks agree on the outcome: each writes its part and reports what it wrote and what failed (a failed
@@ -340,8 +353,9 @@ def save(engine, output_dir: str | Path, *, step: int, run_id: str, state: dict,
     last one saved before the first skipped step: an abort points at it)."""
     tag_dir = Path(output_dir) / CHECKPOINT_DIR / tag_for(step)
     _from_rank0(lambda: _prepare_tag_dir(tag_dir, run_id))
-    report = _write_this_rank(engine, tag_dir, shared_state=dict(state["shared"], step=step, world_size=_world()),
-                              rank_state=state["rank"])
+    report = _write_this_rank(
+        engine, tag_dir, shared_state=dict(state["shared"], step=step, world_size=_world()), rank_state=state["rank"]
+    )
     reports = gather_objects(report)
     _from_rank0(lambda: _commit(tag_dir, reports, run_id=run_id, keep_last=keep_last, keep=keep))
     return tag_dir
@@ -354,8 +368,10 @@ def _prepare_tag_dir(tag_dir: Path, run_id: str) -> None:
     from an earlier tag that goes over it again) or a half-written one of any run (no checkpoint: resume refuses
     it); filling it in place would mix two saves' files. A complete checkpoint of another run is never touched."""
     if tag_dir.exists() and run_id_of(tag_dir) != run_id and (tag_dir / COMPLETE).is_file():
-        raise CheckpointNotSaved(f"checkpoint {tag_dir.name} not saved: {tag_dir} is a complete checkpoint of "
-                                 f"another run; not writing over it")
+        raise CheckpointNotSaved(
+            f"checkpoint {tag_dir.name} not saved: {tag_dir} is a complete checkpoint of "
+            f"another run; not writing over it"
+        )
     try:
         _step_latest_back_from(tag_dir)
         _remove_tag(tag_dir)
@@ -389,8 +405,10 @@ def _write_this_rank(engine, tag_dir: Path, *, shared_state: dict, rank_state: d
     except Exception as e:
         # not a file write (those are reported): the other ranks may be inside one of save_checkpoint's barriers,
         # so no agreement can follow. This rank fails, and the failure path ends the others (stopping.py).
-        raise CheckpointNotSaved(f"checkpoint {tag_dir.name} not saved (rank {_rank()}: engine.save_checkpoint: "
-                                 f"{_one_line(e)}); `latest` still names {_latest_name(tag_dir.parent)}") from None
+        raise CheckpointNotSaved(
+            f"checkpoint {tag_dir.name} not saved (rank {_rank()}: engine.save_checkpoint: "
+            f"{_one_line(e)}); `latest` still names {_latest_name(tag_dir.parent)}"
+        ) from None
     ours = [(f"neuclip_rank{_rank()}.pt", rank_state)] + ([(SHARED_FILE, shared_state)] if _rank() == 0 else [])
     for name, payload in ours:
         try:
@@ -426,8 +444,12 @@ def _commit(tag_dir: Path, reports: list[dict], *, run_id: str, keep_last: int, 
     ckpt_dir = tag_dir.parent
     problems = [f"rank {r['rank']}: {line}" for r in reports for line in r["failed"]]
     if not problems:
-        expected = [RUN_ID, SHARED_FILE, *(f"neuclip_rank{r['rank']}.pt" for r in reports),
-                    *(name for r in reports for name in r["written"])]
+        expected = [
+            RUN_ID,
+            SHARED_FILE,
+            *(f"neuclip_rank{r['rank']}.pt" for r in reports),
+            *(name for r in reports for name in r["written"]),
+        ]
         problems = [f"{name} is not on disk" for name in dict.fromkeys(expected) if not (tag_dir / name).is_file()]
     if not problems:
         try:
@@ -436,11 +458,13 @@ def _commit(tag_dir: Path, reports: list[dict], *, run_id: str, keep_last: int, 
         except OSError as e:
             problems.append(_one_line(e))
     if problems:
-        raise CheckpointNotSaved(f"checkpoint {tag_dir.name} not saved ({'; '.join(problems)}); `latest` still "
-                                 f"names {_latest_name(ckpt_dir)}")
+        raise CheckpointNotSaved(
+            f"checkpoint {tag_dir.name} not saved ({'; '.join(problems)}); `latest` still "
+            f"names {_latest_name(ckpt_dir)}"
+        )
     try:
         rotate(ckpt_dir, run_id=run_id, current=tag_dir.name, keep_last=keep_last, keep=keep)
-    except OSError as e:   # the checkpoint is saved; older ones left behind only cost disk space
+    except OSError as e:  # the checkpoint is saved; older ones left behind only cost disk space
         warnings.warn(f"checkpoint rotation in {ckpt_dir}: {_one_line(e)}", stacklevel=2)
 
 
@@ -456,8 +480,10 @@ def rotate(ckpt_dir: Path, *, run_id: str, current: str, keep_last: int, keep: P
     Only tags carrying run_id (up to `current`'s step) are candidates: another run's checkpoints are never
     deleted, whatever their names, and `current` is the newest candidate, so it is always kept."""
     step = _step_of(current)
-    mine = sorted((p for p in _tags(ckpt_dir) if _step_of(p.name) <= step and run_id_of(p) == run_id),
-                  key=lambda p: _step_of(p.name))
+    mine = sorted(
+        (p for p in _tags(ckpt_dir) if _step_of(p.name) <= step and run_id_of(p) == run_id),
+        key=lambda p: _step_of(p.name),
+    )
     complete = [p for p in mine if (p / COMPLETE).is_file()]
     half_written = [p for p in mine if p not in complete]
     doomed = [p for p in complete[:-keep_last] if keep is None or p.resolve() != keep.resolve()] + half_written
@@ -496,8 +522,10 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
                 break
         tag_dir = path
     if not (tag_dir / COMPLETE).is_file() or not (tag_dir / SHARED_FILE).is_file():
-        raise CheckpointError(f"--resume: {tag_dir} is not a complete checkpoint (no {COMPLETE} marker: the save "
-                              f"was interrupted); resume from an earlier tag")
+        raise CheckpointError(
+            f"--resume: {tag_dir} is not a complete checkpoint (no {COMPLETE} marker: the save "
+            f"was interrupted); resume from an earlier tag"
+        )
     return tag_dir
 
 
@@ -518,14 +546,18 @@ MUST_MATCH = ("preset", "pretrained_hf", "loss", "npn_prototypes", "npn_variant"
 
 def check_compatible(saved_config: dict, config: dict, zero_stage: int | None = None) -> None:
     if zero_stage is not None and saved_config.get("zero_stage", zero_stage) != zero_stage:
-        raise CheckpointError(f"--resume: the checkpoint is ZeRO stage {saved_config.get('zero_stage')}, this run "
-                              f"uses stage {zero_stage}; DeepSpeed cannot change the stage on resume (export the "
-                              f"weights with neuclip-export and start a fresh run from them)")
-    saved_config = {"tau_param": "raw", **saved_config}   # runs before the log parametrization stored raw tau
+        raise CheckpointError(
+            f"--resume: the checkpoint is ZeRO stage {saved_config.get('zero_stage')}, this run "
+            f"uses stage {zero_stage}; DeepSpeed cannot change the stage on resume (export the "
+            f"weights with neuclip-export and start a fresh run from them)"
+        )
+    saved_config = {"tau_param": "raw", **saved_config}  # runs before the log parametrization stored raw tau
     for key in MUST_MATCH:
         if saved_config.get(key) != config.get(key):
-            raise CheckpointError(f"--resume: the checkpoint was written with --{key.replace('_', '-')} "
-                                  f"{saved_config.get(key)!r}, this run has {config.get(key)!r}")
+            raise CheckpointError(
+                f"--resume: the checkpoint was written with --{key.replace('_', '-')} "
+                f"{saved_config.get(key)!r}, this run has {config.get(key)!r}"
+            )
 
 
 def to_universal(tag_dir: Path) -> Path:
@@ -539,13 +571,26 @@ def to_universal(tag_dir: Path) -> Path:
         if (out / COMPLETE).is_file():
             return
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "neuclip_ds.ds_to_universal", "--input_folder", str(tag_dir),
-               "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
-               "--inject_missing_state"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "neuclip_ds.ds_to_universal",
+            "--input_folder",
+            str(tag_dir),
+            "--output_folder",
+            str(out),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+            "--inject_missing_state",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise CheckpointError(f"--resume: ds_to_universal failed on {tag_dir}: "
-                                  f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+            raise CheckpointError(
+                f"--resume: ds_to_universal failed on {tag_dir}: "
+                f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+            )
         (out / COMPLETE).write_text("universal\n")
 
     _from_rank0(convert)
@@ -570,24 +615,37 @@ def _load_universal_groups_without_local_elements(optimizer, lp_groups_name: str
         keys, steps = set(), []
         for lp in getattr(optimizer, lp_groups_name)[i]:
             if lp._hp_mapping is not None:
-                steps.append(lp.load_hp_checkpoint_state(os.path.join(checkpoint_dir, optimizer.param_names[lp]),
-                                                         tp_rank, 1, ep_rank=ep_rank, ep_size=ep_size))
+                steps.append(
+                    lp.load_hp_checkpoint_state(
+                        os.path.join(checkpoint_dir, optimizer.param_names[lp]),
+                        tp_rank,
+                        1,
+                        ep_rank=ep_rank,
+                        ep_size=ep_size,
+                    )
+                )
                 keys.update(lp._hp_mapping.get_optim_state_keys())
         if any(step != steps[0] for step in steps):
             raise CheckpointError(f"--resume: universal checkpoint steps differ within a group: {steps}")
         if steps and steps[0] is not None:
             optimizer.optimizer.state[group["params"][0]]["step"] = steps[0]
-        map_to_flat_opt_states(group["params"][0], getattr(optimizer, lp_groups_name)[i], optimizer.optimizer.state,
-                               keys)
+        map_to_flat_opt_states(
+            group["params"][0], getattr(optimizer, lp_groups_name)[i], optimizer.optimizer.state, keys
+        )
         group.update({k: v for k, v in loaded.items() if k != "params"})
 
 
 def load_engine(engine, tag_dir: Path) -> None:
     opt = engine.optimizer
-    if engine.load_universal_checkpoint() and hasattr(opt, "load_hp_checkpoint_state_from_checkpoint_dir") \
-            and getattr(opt, "mpu", None) is None and engine.zero_optimization_stage() in (1, 2):
-        opt.load_hp_checkpoint_state_from_checkpoint_dir = \
-            lambda name, folder: _load_universal_groups_without_local_elements(opt, name, folder)
+    if (
+        engine.load_universal_checkpoint()
+        and hasattr(opt, "load_hp_checkpoint_state_from_checkpoint_dir")
+        and getattr(opt, "mpu", None) is None
+        and engine.zero_optimization_stage() in (1, 2)
+    ):
+        opt.load_hp_checkpoint_state_from_checkpoint_dir = lambda name, folder: (
+            _load_universal_groups_without_local_elements(opt, name, folder)
+        )
     with files_read_as_data(engine):
         load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True)
     if load_path is None:
@@ -606,14 +664,16 @@ def resolve_checkpoint(path: str | os.PathLike, tag: str | None = None) -> tuple
         raise CheckpointError(f"--checkpoint: {p} is not a directory")
     if (p / "checkpoints").is_dir() and not (p / "latest").is_file():
         p = p / "checkpoints"
-    if (p / "latest").is_file() or tag is not None and (p / tag).is_dir():
+    if (p / "latest").is_file() or (tag is not None and (p / tag).is_dir()):
         ckpt_dir = p
         tag = tag or (p / "latest").read_text().strip()
     elif any(p.glob("*model_states.pt")):
         ckpt_dir, tag = p.parent, tag or p.name
     else:
-        raise CheckpointError(f"--checkpoint: {path} is not a DeepSpeed checkpoint (no 'latest' file, no "
-                        f"checkpoints/ dir, no *model_states.pt)")
+        raise CheckpointError(
+            f"--checkpoint: {path} is not a DeepSpeed checkpoint (no 'latest' file, no "
+            f"checkpoints/ dir, no *model_states.pt)"
+        )
     if not (ckpt_dir / tag).is_dir():
         raise CheckpointError(f"--checkpoint: tag {tag!r} not found in {ckpt_dir}")
     return ckpt_dir, tag, ckpt_dir.parent
@@ -638,8 +698,9 @@ def load_checkpoint_state_dict(ckpt_dir: str | os.PathLike, tag: str) -> dict[st
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def read_run_config(run_dir: str | os.PathLike, ckpt_dir: str | os.PathLike | None = None,
-                    tag: str | None = None) -> dict:
+def read_run_config(
+    run_dir: str | os.PathLike, ckpt_dir: str | os.PathLike | None = None, tag: str | None = None
+) -> dict:
     """The run's ``config.yaml``; else the ``config`` saved in the checkpoint's client state."""
     import yaml
 
@@ -664,9 +725,9 @@ def model_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mappin
     ``config`` keys used: ``preset``, ``pretrained_hf`` (architecture from that HF dir), ``loss`` (SigLIP adds
     ``logit_bias``), ``init_tau``/``tau_min``/``tau_max``. How tau is stored is read off the weights themselves
     (``logit_scale``: log 1/tau; ``tau``: tau itself, as runs before the log parametrization stored it). The
-    vocabulary size and special-token ids come from ``tokenizer`` (a ``TextTokenizer``) when its size matches the checkpoint's token embedding; otherwise
-    (runs trained without a tokenizer, e.g. on synthetic data) from the checkpoint's embedding rows with the
-    preset's default ids, with a warning (an error when the run named a tokenizer).
+    vocabulary size and special-token ids come from ``tokenizer`` (a ``TextTokenizer``) when its size matches the
+    checkpoint's token embedding; otherwise (runs trained without a tokenizer, e.g. on synthetic data) from the
+    checkpoint's embedding rows with the preset's default ids, with a warning (an error when the run named a tokenizer).
     """
     from .model import build_model, load_hf_clip
 
@@ -678,8 +739,10 @@ def model_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mappin
     if config.get("pretrained_hf"):
         hf = Path(config["pretrained_hf"])
         if not (hf / "config.json").is_file():
-            raise CheckpointError(f"--checkpoint: the run was fine-tuned from {hf}, which is needed to rebuild the "
-                            f"architecture but is not a CLIPModel directory any more")
+            raise CheckpointError(
+                f"--checkpoint: the run was fine-tuned from {hf}, which is needed to rebuild the "
+                f"architecture but is not a CLIPModel directory any more"
+            )
         model = load_hf_clip(hf, tau_min=tau_min, tau_max=tau_max, tau_param=tau_param, with_bias=with_bias)
     else:
         preset = config.get("preset")
@@ -690,28 +753,41 @@ def model_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mappin
         vocab_size = rows
         if tokenizer is not None and (rows is None or tokenizer.vocab_size == rows):
             vocab_size = tokenizer.vocab_size
-            ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
+            ids = dict(
+                eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         elif tokenizer is not None:
-            msg = (f"the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's text embedding has "
-                   f"{rows} rows")
+            msg = f"the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's text embedding has {rows} rows"
             if config.get("tokenizer"):
                 raise CheckpointError(f"--tokenizer: {msg}; use the run's tokenizer ({config['tokenizer']})")
-            warnings.warn(f"eval: {msg} (the run was trained without a tokenizer); using the preset's default "
-                          f"special-token ids: text metrics are meaningless unless the vocabularies agree",
-                          stacklevel=2)
+            warnings.warn(
+                f"eval: {msg} (the run was trained without a tokenizer); using the preset's default "
+                f"special-token ids: text metrics are meaningless unless the vocabularies agree",
+                stacklevel=2,
+            )
         try:
-            model = build_model(preset, vocab_size=vocab_size, init_tau=min(max(init_tau, tau_min), tau_max),
-                                tau_min=tau_min, tau_max=tau_max, tau_param=tau_param, with_bias=with_bias,
-                                **ids)
+            model = build_model(
+                preset,
+                vocab_size=vocab_size,
+                init_tau=min(max(init_tau, tau_min), tau_max),
+                tau_min=tau_min,
+                tau_max=tau_max,
+                tau_param=tau_param,
+                with_bias=with_bias,
+                **ids,
+            )
         except ValueError as e:
             raise CheckpointError(f"--checkpoint: {e}") from None
     try:
         model.load_state_dict(dict(state_dict), strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise CheckpointError(f"--checkpoint: the weights do not match the model of the run config: "
-                        f"{' '.join(s.strip() for s in first[:3])[:400]}") from None
+        raise CheckpointError(
+            f"--checkpoint: the weights do not match the model of the run config: "
+            f"{' '.join(s.strip() for s in first[:3])[:400]}"
+        ) from None
     return model.eval()
 
 

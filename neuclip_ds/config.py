@@ -30,14 +30,21 @@ ZERO_STAGES = (0, 1, 2, 3)
 
 # the --help groups, in their order there (the first option of a group places it)
 MODEL, TEMPERATURE, LOSS, NPN, DATA, OPTIMIZATION, SYSTEM = (
-    "model", "temperature", "loss", "NPN (NeuCLIP)", "data", "optimization", "system")
+    "model",
+    "temperature",
+    "loss",
+    "NPN (NeuCLIP)",
+    "data",
+    "optimization",
+    "system",
+)
 
 
 class ConfigError(ValueError):
     """A run configuration problem, reported as one line before anything starts."""
 
 
-def opt(default: Any, help: str, group: str) -> Any:  # noqa: A002 (argparse's word)
+def opt(default: Any, help: str, group: str) -> Any:
     """A TrainConfig option; the flag, YAML key and --help entry are made from it (`build_parser`)."""
     return field(default=default, metadata={"help": help, "group": group})
 
@@ -45,42 +52,51 @@ def opt(default: Any, help: str, group: str) -> Any:  # noqa: A002 (argparse's w
 @dataclass(frozen=True)
 class DeepSpeedJSON:
     """--ds-config as `TrainConfig.resolve()` read it: the JSON as written and the settings the run takes from it."""
+
     path: str
-    settings: dict                     # the file's object; build_ds_config adds batch sizes and precision to a copy
+    settings: dict  # the file's object; build_ds_config adds batch sizes and precision to a copy
     zero_stage: int
     gradient_accumulation_steps: int
-    gradient_clipping: float           # --grad-clip when given, else the JSON's; 0: off (DeepSpeed's default)
+    gradient_clipping: float  # --grad-clip when given, else the JSON's; 0: off (DeepSpeed's default)
 
 
 @dataclass
 class TrainConfig:
     """The options of a run, one `opt` field each, in their --help order; `ds` once resolved."""
+
     preset: str = opt("tiny", "model preset: " + ", ".join(PRESETS), MODEL)
     pretrained_hf: str | None = opt(None, "local transformers CLIPModel directory to fine-tune (no download)", MODEL)
     grad_checkpointing: bool = opt(False, "activation checkpointing in both towers", MODEL)
     zero_init: Literal["auto", "on", "off"] = opt(
-        "auto", "build the model under deepspeed.zero.Init (auto: ZeRO-3 with ViT-L/H presets)", MODEL)
+        "auto", "build the model under deepspeed.zero.Init (auto: ZeRO-3 with ViT-L/H presets)", MODEL
+    )
 
     init_tau: float = opt(0.07, "initial temperature tau", TEMPERATURE)
     tau_min: float = opt(0.01, "lower bound of tau (kept on the parameter after every step)", TEMPERATURE)
     tau_max: float = opt(1.0, "upper bound of tau", TEMPERATURE)
     tau_param: Literal["log", "raw"] = opt(
-        "log", "how tau is stored: log (logit_scale = log 1/tau, as OpenCLIP/FastCLIP: steps change tau by a "
-        "fraction of itself) or raw (tau itself: steps move it by about the learning rate)", TEMPERATURE)
+        "log",
+        "how tau is stored: log (logit_scale = log 1/tau, as OpenCLIP/FastCLIP: steps change tau by a "
+        "fraction of itself) or raw (tau itself: steps move it by about the learning rate)",
+        TEMPERATURE,
+    )
     lr_tau: float | None = opt(
-        None, "learning rate of the temperature (default: --lr); its own AdamW group without weight decay",
-        TEMPERATURE)
+        None, "learning rate of the temperature (default: --lr); its own AdamW group without weight decay", TEMPERATURE
+    )
     lr_tau_schedule: Literal["cosine", "step_thresh"] = opt(
-        "cosine", "cosine (the encoders' schedule) or step_thresh (FastCLIP-v3: warmup, then constant, divided by 3 "
-        "while tau <= 0.03)", TEMPERATURE)
+        "cosine",
+        "cosine (the encoders' schedule) or step_thresh (FastCLIP-v3: warmup, then constant, divided by 3 "
+        "while tau <= 0.03)",
+        TEMPERATURE,
+    )
 
     loss: Literal["neuclip", "fastclip", "mbcl", "siglip"] = opt(
-        "neuclip", "neuclip (E6 + NPN), fastclip (E9 u tables), mbcl (InfoNCE), siglip", LOSS)
+        "neuclip", "neuclip (E6 + NPN), fastclip (E9 u tables), mbcl (InfoNCE), siglip", LOSS
+    )
     eps: float = opt(1e-14, "epsilon of E1", LOSS)
     rho: float = opt(6.5, "rho of E1 (2 rho tau term)", LOSS)
     fastclip_gamma_min: float = opt(0.2, "FastCLIP's final gamma of the u-table moving average (E9)", LOSS)
-    fastclip_gamma_decay_epochs: int = opt(10, "epochs over which FastCLIP's gamma decays from 1 to its minimum",
-                                           LOSS)
+    fastclip_gamma_decay_epochs: int = opt(10, "epochs over which FastCLIP's gamma decays from 1 to its minimum", LOSS)
 
     npn_prototypes: int = opt(4096, "m, prototypes per side (E4)", NPN)
     npn_inner_steps: int = opt(10, "T_u, NPN AdaGrad steps per step (E7.2)", NPN)
@@ -88,28 +104,38 @@ class TrainConfig:
     npn_lr: float = opt(0.05, "NPN AdaGrad learning rate", NPN)
     npn_variant: Literal["tailored", "mlp"] = opt("tailored", "tailored (E4) or mlp (ablation)", NPN)
     npn_update: Literal["alternating", "simultaneous"] = opt(
-        "alternating", "alternating (E7) or simultaneous (ablation: alpha predicted before the NPN step)", NPN)
+        "alternating", "alternating (E7) or simultaneous (ablation: alpha predicted before the NPN step)", NPN
+    )
     npn_parallel: Literal["sharded", "replicated"] = opt(
-        "sharded", "E8: sharded (each rank's inner steps on its own anchors, NPN gradients all-reduced: NPN cost per "
-        "rank O(b_local)) or replicated (every rank runs the whole global batch: O(B), no communication)", NPN)
+        "sharded",
+        "E8: sharded (each rank's inner steps on its own anchors, NPN gradients all-reduced: NPN cost per "
+        "rank O(b_local)) or replicated (every rank runs the whole global batch: O(B), no communication)",
+        NPN,
+    )
     npn_restart_resets_adagrad: bool = opt(False, "also reset AdaGrad's accumulators at a restart (E7.4)", NPN)
 
-    dataset_dir: str | None = opt(None, "a data set built by neuclip_ds (sets train/val data, tokenizer, sizes)",
-                                  DATA)
+    dataset_dir: str | None = opt(None, "a data set built by neuclip_ds (sets train/val data, tokenizer, sizes)", DATA)
     train_data: str | None = opt(None, "webdataset shards, brace-expanded, '::'-joined lists", DATA)
     train_num_samples: int | None = opt(None, "samples per epoch", DATA)
     val_data: str | None = opt(None, "held-out webdataset shards", DATA)
     tokenizer: str | None = opt(None, "local HF tokenizer directory", DATA)
     dataset_size: int | None = opt(
-        None, "number of samples in the data set (FastCLIP u tables); a sample whose index is outside [0, SIZE) is "
-        "skipped and counted as bad_index", DATA)
+        None,
+        "number of samples in the data set (FastCLIP u tables); a sample whose index is outside [0, SIZE) is "
+        "skipped and counted as bad_index",
+        DATA,
+    )
     workers: int = opt(0, "data loader worker processes per rank", DATA)
-    data_resampled: bool = opt(False, "draw shards with replacement (no epochs over the shards, no shard count "
-                                      "check)", DATA)
+    data_resampled: bool = opt(
+        False, "draw shards with replacement (no epochs over the shards, no shard count check)", DATA
+    )
     max_bad_fraction: float = opt(0.05, "stop when the fraction of skipped bad samples passes this", DATA)
     text_padding: Literal["longest", "max_length"] = opt(
-        "longest", "longest: the text tower runs only up to the batch's longest caption (exact: causal attention, EOS "
-        "pooling); max_length: always the full context length (static shapes)", DATA)
+        "longest",
+        "longest: the text tower runs only up to the batch's longest caption (exact: causal attention, EOS "
+        "pooling); max_length: always the full context length (static shapes)",
+        DATA,
+    )
     synthetic_samples: int = opt(0, "train on a deterministic synthetic set of N samples (tests, benchmarks)", DATA)
 
     global_batch_size: int = opt(64, "pairs per optimizer step over all ranks and micro-batches", OPTIMIZATION)
@@ -122,33 +148,45 @@ class TrainConfig:
     beta2: float = opt(0.98, "AdamW beta2", OPTIMIZATION)
     adam_eps: float = opt(1e-6, "AdamW epsilon", OPTIMIZATION)
     # the one owner of clipping at run time is `DeepSpeedJSON.gradient_clipping` (resolve())
-    grad_clip: float | None = opt(None, "gradient clipping norm, in place of the DeepSpeed JSON's gradient_clipping "
-                                        "(default: the JSON's; 0: off)", OPTIMIZATION)
+    grad_clip: float | None = opt(
+        None,
+        "gradient clipping norm, in place of the DeepSpeed JSON's gradient_clipping (default: the JSON's; 0: off)",
+        OPTIMIZATION,
+    )
     max_skipped_in_a_row: int = opt(5, "abort after this many non-finite steps in a row", OPTIMIZATION)
 
-    ds_config: str = opt("ds_configs/zero2.json", "DeepSpeed JSON (ZeRO stage, accumulation, clipping unless "
-                                                  "--grad-clip)", SYSTEM)
+    ds_config: str = opt(
+        "ds_configs/zero2.json", "DeepSpeed JSON (ZeRO stage, accumulation, clipping unless --grad-clip)", SYSTEM
+    )
     precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "fp32, bf16 or fp16", SYSTEM)
     seed: int = opt(0, "random seed (weights, data order, augmentation)", SYSTEM)
     output_dir: str = opt("runs/neuclip", "run directory: config, metrics, checkpoints, evaluation", SYSTEM)
     resume: str | None = opt(None, "auto (latest in output dir) or a checkpoint directory", SYSTEM)
     overwrite: bool = opt(
-        False, "start over in an --output-dir that holds a run: remove that run's files (config.yaml, metrics.jsonl, "
+        False,
+        "start over in an --output-dir that holds a run: remove that run's files (config.yaml, metrics.jsonl, "
         "summary.json, eval_results.json, plots/training.png, checkpoints/) and nothing else; without it (or "
-        "--resume) such a directory is refused", SYSTEM)
+        "--resume) such a directory is refused",
+        SYSTEM,
+    )
     save_every: int = opt(0, "checkpoint every N steps (0: only at the end)", SYSTEM)
     keep_last: int = opt(2, "checkpoints kept in the output dir", SYSTEM)
     eval_every: int = opt(0, "evaluate every N steps (0: end)", SYSTEM)
-    report_to: Literal["none", "jsonl", "wandb"] = opt("jsonl", "none, jsonl (metrics.jsonl) or wandb (+ jsonl)",
-                                                       SYSTEM)
+    report_to: Literal["none", "jsonl", "wandb"] = opt(
+        "jsonl", "none, jsonl (metrics.jsonl) or wandb (+ jsonl)", SYSTEM
+    )
     wandb_project: str = opt("neuclip_ds", "wandb project (--report-to wandb)", SYSTEM)
     wandb_offline: bool = opt(False, "wandb in offline mode (sync later)", SYSTEM)
     norm_err_every: int = opt(
-        0, "every N steps: exact log-normalizer of fixed anchors over the whole training set vs the estimates "
-        "(norm_err in metrics.jsonl; 0: off)", SYSTEM)
+        0,
+        "every N steps: exact log-normalizer of fixed anchors over the whole training set vs the estimates "
+        "(norm_err in metrics.jsonl; 0: off)",
+        SYSTEM,
+    )
     norm_err_anchors: int = opt(256, "number of fixed anchors of the normalizer-error diagnostic", SYSTEM)
-    debug: bool = opt(False, "an error prints its full traceback from every rank (otherwise one line, from the "
-                             "first rank)", SYSTEM)
+    debug: bool = opt(
+        False, "an error prints its full traceback from every rank (otherwise one line, from the first rank)", SYSTEM
+    )
 
     # not an option: what `resolve()` read from --ds-config (None before)
     ds: DeepSpeedJSON | None = field(default=None, repr=False, compare=False)
@@ -166,8 +204,9 @@ class TrainConfig:
         """A copy with what the options point to read once: the data options a --dataset-dir fills (those left
         unset) and the DeepSpeed JSON (`ds`). Pure: this config is left as given. ConfigError when either cannot
         be read."""
-        return dataclasses.replace(self, **self._dataset_dir_values(), ds=read_ds_config(self.ds_config,
-                                                                                            self.grad_clip))
+        return dataclasses.replace(
+            self, **self._dataset_dir_values(), ds=read_ds_config(self.ds_config, self.grad_clip)
+        )
 
     def validate(self, world_size: int | None = None) -> TrainConfig:
         """The resolved config (`resolve()`) once every check passed; ConfigError on the first problem found.
@@ -178,7 +217,7 @@ class TrainConfig:
         cfg = self.resolve()
         cfg._check_data(world_size)
         cfg._check_deepspeed(world_size)
-        from .rundir import check_writable   # rundir imports this module
+        from .rundir import check_writable  # rundir imports this module
 
         check_writable(cfg.output_dir)
         cfg._check_memory(world_size)
@@ -194,16 +233,23 @@ class TrainConfig:
             value, choices = getattr(self, f.name), _KINDS[f.name].choices
             if choices and value not in choices:
                 raise ConfigError(f"{_flag(f.name)}: must be {_one_of(choices)}, got {value!r}")
-            if isinstance(value, float) and not math.isfinite(value):   # inf/nan is a typo, never a setting
+            if isinstance(value, float) and not math.isfinite(value):  # inf/nan is a typo, never a setting
                 raise ConfigError(f"{_flag(f.name)}: must be a finite number, got {value}")
-        for name in ("npn_prototypes", "npn_restart_every", "global_batch_size", "keep_last",
-                     "max_skipped_in_a_row"):
+        for name in ("npn_prototypes", "npn_restart_every", "global_batch_size", "keep_last", "max_skipped_in_a_row"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_flag(name)}: must be > 0, got {getattr(self, name)}")
         if self.norm_err_anchors < 2:
             raise ConfigError(f"--norm-err-anchors: must be >= 2, got {self.norm_err_anchors}")
-        for name in ("npn_inner_steps", "warmup", "save_every", "eval_every", "synthetic_samples", "workers",
-                     "norm_err_every", "grad_clip"):
+        for name in (
+            "npn_inner_steps",
+            "warmup",
+            "save_every",
+            "eval_every",
+            "synthetic_samples",
+            "workers",
+            "norm_err_every",
+            "grad_clip",
+        ):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{_flag(name)}: must be >= 0, got {getattr(self, name)}")
         for name in ("npn_lr", "lr", "lr_tau", "init_tau", "tau_min", "tau_max"):
@@ -250,8 +296,10 @@ class TrainConfig:
         _check_zero_keys(self.ds.settings.get("zero_optimization", {}), self.ds.path)
         accum = self.ds.gradient_accumulation_steps
         if self.global_batch_size % (world_size * accum):
-            raise ConfigError(f"--global-batch-size: {self.global_batch_size} is not divisible by ranks x "
-                              f"accumulation = {world_size} x {accum}")
+            raise ConfigError(
+                f"--global-batch-size: {self.global_batch_size} is not divisible by ranks x "
+                f"accumulation = {world_size} x {accum}"
+            )
         if self.global_batch_size // world_size < 2 and world_size == 1:
             raise ConfigError("--global-batch-size: need at least 2 pairs for negatives")
 
@@ -259,12 +307,12 @@ class TrainConfig:
         if self.pretrained_hf is None:
             return PRESETS[self.preset].embed_dim
         with open(Path(self.pretrained_hf) / "config.json") as f:
-            return int(json.load(f).get("projection_dim", 512))   # transformers' CLIPConfig default
+            return int(json.load(f).get("projection_dim", 512))  # transformers' CLIPConfig default
 
     def _check_memory(self, world_size: int) -> None:
         """Refuse sizes whose per-rank state alone cannot fit where it will live (the encoders and activations
         come on top, so passing says little; failing means the run cannot start)."""
-        if self.loss == "neuclip" and self.npn_variant == "tailored":   # the MLP variant has a fixed size
+        if self.loss == "neuclip" and self.npn_variant == "tailored":  # the MLP variant has a fixed size
             need = npn_state_bytes(self.npn_prototypes, self._embed_dim())
             _check_fits("--npn-prototypes", f"{self.npn_prototypes} prototypes", need, on_gpu=uses_cuda())
         if self.loss == "fastclip":
@@ -282,10 +330,13 @@ class TrainConfig:
             paths = dataset_paths(self.dataset_dir)
         except FileNotFoundError as e:
             raise ConfigError(f"--dataset-dir: {e}") from None
-        return {"train_data": self.train_data or paths["train"], "val_data": self.val_data or paths["val"],
-                "tokenizer": self.tokenizer or paths["tokenizer"],
-                "train_num_samples": self.train_num_samples or paths["num_train"],
-                "dataset_size": self.dataset_size or paths["num_train"]}
+        return {
+            "train_data": self.train_data or paths["train"],
+            "val_data": self.val_data or paths["val"],
+            "tokenizer": self.tokenizer or paths["tokenizer"],
+            "train_num_samples": self.train_num_samples or paths["num_train"],
+            "dataset_size": self.dataset_size or paths["num_train"],
+        }
 
 
 def read_ds_config(path: str, grad_clip: float | None) -> DeepSpeedJSON:
@@ -309,8 +360,13 @@ def read_ds_config(path: str, grad_clip: float | None) -> DeepSpeedJSON:
     clipping = ds.get("gradient_clipping", 0.0) if grad_clip is None else grad_clip
     if isinstance(clipping, bool) or not isinstance(clipping, (int, float)) or not 0 <= clipping < math.inf:
         raise ConfigError(f"--ds-config: gradient_clipping must be a number >= 0, got {clipping!r}")
-    return DeepSpeedJSON(path=path, settings=ds, zero_stage=int(stage), gradient_accumulation_steps=accum,
-                         gradient_clipping=float(clipping))
+    return DeepSpeedJSON(
+        path=path,
+        settings=ds,
+        zero_stage=int(stage),
+        gradient_accumulation_steps=accum,
+        gradient_clipping=float(clipping),
+    )
 
 
 def _check_shards(flag: str, pattern: str) -> list[str]:
@@ -326,8 +382,10 @@ def _check_shard_count(shards: int, world_size: int, workers: int) -> None:
     data while the others wait for them in the next collective."""
     readers = world_size * max(1, workers)
     if shards < readers:
-        raise ConfigError(f"--train-data: {shards} readable shard(s) for {world_size} rank(s) x {max(1, workers)} "
-                          f"worker(s): give at least {readers} shards, fewer --workers, or --data-resampled")
+        raise ConfigError(
+            f"--train-data: {shards} readable shard(s) for {world_size} rank(s) x {max(1, workers)} "
+            f"worker(s): give at least {readers} shards, fewer --workers, or --data-resampled"
+        )
 
 
 def _zero_keys() -> set[str]:
@@ -417,9 +475,10 @@ _OPTIONS = tuple(f for f in dataclasses.fields(TrainConfig) if "help" in f.metad
 @dataclass(frozen=True)
 class _Kind:
     """What an option's annotation says about its values."""
-    type: type                        # what a YAML or command-line value is converted to: int, float, bool or str
-    optional: bool = False            # None (YAML null or ~) is a value
-    choices: tuple = ()               # a Literal's values
+
+    type: type  # what a YAML or command-line value is converted to: int, float, bool or str
+    optional: bool = False  # None (YAML null or ~) is a value
+    choices: tuple = ()  # a Literal's values
 
 
 def _kind(hint: Any) -> _Kind:
@@ -448,9 +507,11 @@ def _one_of(choices: tuple) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="neuclip-train", description="Train CLIP with NeuCLIP (or FastCLIP/MBCL/SigLIP) under DeepSpeed.")
-    parser.add_argument("--config", help="YAML file of options (keys as the long flags, with _ or -); "
-                        "command-line flags override it")
+        prog="neuclip-train", description="Train CLIP with NeuCLIP (or FastCLIP/MBCL/SigLIP) under DeepSpeed."
+    )
+    parser.add_argument(
+        "--config", help="YAML file of options (keys as the long flags, with _ or -); command-line flags override it"
+    )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in _OPTIONS:
         name = f.metadata["group"]
@@ -460,8 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
         kind, text = _KINDS[f.name], f"{f.metadata['help']} (default {f.default})"
         # default None everywhere: only what was given overrides the YAML file
         if kind.type is bool:
-            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=text)
+            group.add_argument(
+                _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
             continue
         # values stay strings here and are converted with the YAML values (`_coerce`), choices checked by
         # validate(): one rule, one-line errors (argparse's own are a usage block)
@@ -505,8 +567,11 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         return _CONVERT[kind.type](value)
     except (TypeError, ValueError):
-        hint = " (YAML reads on/off/yes/no as true/false: quote it)" if kind.type is str and isinstance(value, bool) \
+        hint = (
+            " (YAML reads on/off/yes/no as true/false: quote it)"
+            if kind.type is str and isinstance(value, bool)
             else ""
+        )
         raise ConfigError(f"{_flag(name)}: expected {_EXPECTED[kind.type]}, got {value!r}{hint}") from None
 
 
@@ -522,8 +587,8 @@ def _to_int(value: Any) -> int:
     if isinstance(value, int):
         return value
     if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        return int(value)   # exact, also past float precision
-    number = float(value)   # 1e6, 100.0
+        return int(value)  # exact, also past float precision
+    number = float(value)  # 1e6, 100.0
     if not number.is_integer():
         raise ValueError(value)
     return int(number)
@@ -535,5 +600,9 @@ def _to_bool(value: Any) -> bool:
     return value
 
 
-_CONVERT = {int: _to_int, float: lambda v: float(_scalar(v)), bool: _to_bool,
-            str: lambda v: str(_scalar(v))}   # a number where a name goes (output_dir: 2024) is that name
+_CONVERT = {
+    int: _to_int,
+    float: lambda v: float(_scalar(v)),
+    bool: _to_bool,
+    str: lambda v: str(_scalar(v)),
+}  # a number where a name goes (output_dir: 2024) is that name

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .losses import ShardedLogTable, log_eps_plus
 
-__all__ = ["exact_log_normalizers", "normalizer_errors", "mbcl_estimate", "fastclip_estimate", "npn_estimate"]
+__all__ = ["exact_log_normalizers", "fastclip_estimate", "mbcl_estimate", "normalizer_errors", "npn_estimate"]
 
 
 def _distributed() -> bool:
@@ -47,8 +47,10 @@ def _tau_value(tau: Tensor | float) -> float:
 
 def _check_anchors(anchor_img: Tensor, anchor_txt: Tensor) -> None:
     if anchor_img.dim() != 2 or anchor_img.shape != anchor_txt.shape:
-        raise ValueError(f"anchor_img: expected [S, d] image and text anchor features of equal shape, got "
-                         f"{tuple(anchor_img.shape)} and {tuple(anchor_txt.shape)}")
+        raise ValueError(
+            f"anchor_img: expected [S, d] image and text anchor features of equal shape, got "
+            f"{tuple(anchor_img.shape)} and {tuple(anchor_txt.shape)}"
+        )
 
 
 def _check_eps(eps: float) -> None:
@@ -56,8 +58,15 @@ def _check_eps(eps: float) -> None:
         raise ValueError(f"eps: must be >= 0, got {eps}")
 
 
-def _block_log_sums(anchor_img: Tensor, anchor_txt: Tensor, pos: Tensor, other_img: Tensor, other_txt: Tensor,
-                    tau: float, exclude: Tensor | None) -> tuple[Tensor, Tensor]:
+def _block_log_sums(
+    anchor_img: Tensor,
+    anchor_txt: Tensor,
+    pos: Tensor,
+    other_img: Tensor,
+    other_txt: Tensor,
+    tau: float,
+    exclude: Tensor | None,
+) -> tuple[Tensor, Tensor]:
     """LSE_j over one block of negatives j of the E1 exponents, shape [S] each:
 
         side 1: (s_ij - s_ii)/tau = (e1_i . e2_j - s_ii)/tau      (anchor image vs the block's texts)
@@ -66,7 +75,7 @@ def _block_log_sums(anchor_img: Tensor, anchor_txt: Tensor, pos: Tensor, other_i
     `exclude` [S, c] (bool) marks the pairs j == i, which E1 leaves out of the sum."""
     out = []
     for anchors, others in ((anchor_img, other_txt), (anchor_txt, other_img)):
-        z = (anchors @ others.T - pos[:, None]) / tau                      # [S, c]
+        z = (anchors @ others.T - pos[:, None]) / tau  # [S, c]
         if exclude is not None:
             z = z.masked_fill(exclude, float("-inf"))
         out.append(torch.logsumexp(z, dim=1))
@@ -77,9 +86,14 @@ def _block_log_sums(anchor_img: Tensor, anchor_txt: Tensor, pos: Tensor, other_i
 # the exact normalizers (E1 over the whole data set)
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def exact_log_normalizers(anchor_img: Tensor, anchor_txt: Tensor, anchor_index: Tensor,
-                          all_img_chunks: Iterable[tuple[Tensor, Tensor, Tensor]], tau: Tensor | float,
-                          eps: float) -> tuple[Tensor, Tensor]:
+def exact_log_normalizers(
+    anchor_img: Tensor,
+    anchor_txt: Tensor,
+    anchor_index: Tensor,
+    all_img_chunks: Iterable[tuple[Tensor, Tensor, Tensor]],
+    tau: Tensor | float,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
     """Exact log(eps + g1_i), log(eps + g2_i) of E1 over the whole data set for the anchors S, float64, [S] each.
 
     anchor_img, anchor_txt: [S, d] normalized features of the anchors; anchor_index: [S] their dataset indices.
@@ -110,23 +124,25 @@ def exact_log_normalizers(anchor_img: Tensor, anchor_txt: Tensor, anchor_index: 
     a_img = anchor_img.detach().to(device, torch.float64)
     a_txt = anchor_txt.detach().to(device, torch.float64)
     a_idx = anchor_index.to(device)
-    pos = (a_img * a_txt).sum(-1)                                           # s_ii
+    pos = (a_img * a_txt).sum(-1)  # s_ii
 
-    lse1 = torch.full((S,), float("-inf"), dtype=torch.float64, device=device)   # running LSE_j, side 1
-    lse2 = torch.full_like(lse1, float("-inf"))                                  # running LSE_j, side 2
-    found = torch.zeros(S, dtype=torch.float64, device=device)             # times each anchor's index was seen
+    lse1 = torch.full((S,), float("-inf"), dtype=torch.float64, device=device)  # running LSE_j, side 1
+    lse2 = torch.full_like(lse1, float("-inf"))  # running LSE_j, side 2
+    found = torch.zeros(S, dtype=torch.float64, device=device)  # times each anchor's index was seen
     n_local = 0
     for img, txt, index in all_img_chunks:
-        if img.dim() != 2 or img.shape != txt.shape or img.shape[1] != a_img.shape[1] or \
-                index.shape != (img.shape[0],):
-            raise ValueError(f"all_img_chunks: expected (img [c, {a_img.shape[1]}], txt [c, {a_img.shape[1]}], "
-                             f"index [c]) chunks, got shapes {tuple(img.shape)}, {tuple(txt.shape)}, "
-                             f"{tuple(index.shape)}")
+        if img.dim() != 2 or img.shape != txt.shape or img.shape[1] != a_img.shape[1] or index.shape != (img.shape[0],):
+            raise ValueError(
+                f"all_img_chunks: expected (img [c, {a_img.shape[1]}], txt [c, {a_img.shape[1]}], "
+                f"index [c]) chunks, got shapes {tuple(img.shape)}, {tuple(txt.shape)}, "
+                f"{tuple(index.shape)}"
+            )
         if img.shape[0] == 0:
             continue
-        same = a_idx[:, None] == index.to(device)[None, :]                 # [S, c]: j == i by dataset index
-        c1, c2 = _block_log_sums(a_img, a_txt, pos, img.detach().to(device, torch.float64),
-                                 txt.detach().to(device, torch.float64), t, same)
+        same = a_idx[:, None] == index.to(device)[None, :]  # [S, c]: j == i by dataset index
+        c1, c2 = _block_log_sums(
+            a_img, a_txt, pos, img.detach().to(device, torch.float64), txt.detach().to(device, torch.float64), t, same
+        )
         lse1, lse2 = torch.logaddexp(lse1, c1), torch.logaddexp(lse2, c2)
         found += same.sum(dim=1)
         n_local += img.shape[0]
@@ -137,22 +153,24 @@ def exact_log_normalizers(anchor_img: Tensor, anchor_txt: Tensor, anchor_index: 
         idx = a_idx.to(torch.float64)
         mx = torch.cat([lse1, lse2, idx, -idx])
         dist.all_reduce(mx, op=dist.ReduceOp.MAX)
-        if not torch.equal(mx[2 * S:3 * S], idx) or not torch.equal(-mx[3 * S:], idx):
+        if not torch.equal(mx[2 * S : 3 * S], idx) or not torch.equal(-mx[3 * S :], idx):
             raise ValueError("anchor_index: every rank must pass the same anchors in the same order")
-        m = mx[:2 * S]
-        shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))    # all -inf: nothing to rescale
+        m = mx[: 2 * S]
+        shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf: nothing to rescale
         # SUM all-reduce: the rescaled sums exp(L_r - M) and the counts (exact in float64 up to 2^53)
         sm = torch.cat([torch.exp(torch.cat([lse1, lse2]) - shift), counts])
         dist.all_reduce(sm, op=dist.ReduceOp.SUM)
-        lse = shift + torch.log(sm[:2 * S])
+        lse = shift + torch.log(sm[: 2 * S])
         lse1, lse2 = lse[:S], lse[S:]
-        counts = sm[2 * S:]
+        counts = sm[2 * S :]
     found, n = counts[:S], int(counts[S].item())
 
     if bool((found > 1).any()):
-        raise ValueError("all_img_chunks: an anchor's dataset index occurs more than once; the chunks must list "
-                         "each sample exactly once")
-    negatives = n - found                                                    # n - 1 (E1), or n for held-out
+        raise ValueError(
+            "all_img_chunks: an anchor's dataset index occurs more than once; the chunks must list "
+            "each sample exactly once"
+        )
+    negatives = n - found  # n - 1 (E1), or n for held-out
     if bool((negatives < 1).any()):
         raise ValueError(f"all_img_chunks: need at least one negative per anchor, saw n = {n} samples")
     log_neg = torch.log(negatives)
@@ -163,8 +181,9 @@ def exact_log_normalizers(anchor_img: Tensor, anchor_txt: Tensor, anchor_index: 
 # the error
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def normalizer_errors(exact_img: Tensor, exact_txt: Tensor,
-                      estimates: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, float]:
+def normalizer_errors(
+    exact_img: Tensor, exact_txt: Tensor, estimates: Mapping[str, tuple[Tensor, Tensor]]
+) -> dict[str, float]:
     """{method: mean over anchors i and both sides of |alpha_hat_i - log(eps + g_i)|} (in nats).
 
     exact_img/exact_txt: [S] from `exact_log_normalizers`; estimates: {name: (alpha_img [S], alpha_txt [S])}, e.g.
@@ -172,8 +191,10 @@ def normalizer_errors(exact_img: Tensor, exact_txt: Tensor,
     visited with eps = 0, i.e. -inf) gives a non-finite error rather than being hidden."""
     S = exact_img.shape[0]
     if exact_img.dim() != 1 or exact_txt.shape != exact_img.shape:
-        raise ValueError(f"exact_img: expected [S] exact log-normalizers of equal shape, got "
-                         f"{tuple(exact_img.shape)} and {tuple(exact_txt.shape)}")
+        raise ValueError(
+            f"exact_img: expected [S] exact log-normalizers of equal shape, got "
+            f"{tuple(exact_img.shape)} and {tuple(exact_txt.shape)}"
+        )
     ref = (exact_img.detach().to(torch.float64), exact_txt.detach().to(torch.float64))
     out = {}
     for name, pair in estimates.items():
@@ -188,9 +209,17 @@ def normalizer_errors(exact_img: Tensor, exact_txt: Tensor,
 # the three estimates
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def mbcl_estimate(anchor_img: Tensor, anchor_txt: Tensor, batch_img: Tensor | None = None,
-                  batch_txt: Tensor | None = None, tau: Tensor | float = 0.01, eps: float = 1e-14, *,
-                  anchor_index: Tensor | None = None, batch_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def mbcl_estimate(
+    anchor_img: Tensor,
+    anchor_txt: Tensor,
+    batch_img: Tensor | None = None,
+    batch_txt: Tensor | None = None,
+    tau: Tensor | float = 0.01,
+    eps: float = 1e-14,
+    *,
+    anchor_index: Tensor | None = None,
+    batch_index: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """MBCL's estimate log(eps + g_hat_i) (E1 with one mini-batch in place of the data set), float64, [S] each.
 
     With a batch (batch_img/batch_txt [B, d]): g_hat_i is the mean over the batch's samples of the E1 terms
@@ -217,7 +246,7 @@ def mbcl_estimate(anchor_img: Tensor, anchor_txt: Tensor, batch_img: Tensor | No
         if S < 2:
             raise ValueError("anchor_img: the anchors as their own batch need at least 2 of them")
         b_img, b_txt = a_img, a_txt
-        exclude = torch.eye(S, dtype=torch.bool, device=device)           # j != i: the anchor itself
+        exclude = torch.eye(S, dtype=torch.bool, device=device)  # j != i: the anchor itself
     else:
         _check_anchors(batch_img, batch_txt)
         if batch_img.shape[1] != a_img.shape[1]:
@@ -229,7 +258,7 @@ def mbcl_estimate(anchor_img: Tensor, anchor_txt: Tensor, batch_img: Tensor | No
             raise ValueError("anchor_index: pass both anchor_index and batch_index, or neither")
         if anchor_index is not None:
             exclude = anchor_index.to(device)[:, None] == batch_index.to(device)[None, :]
-    pos = (a_img * a_txt).sum(-1)                                           # s_ii
+    pos = (a_img * a_txt).sum(-1)  # s_ii
     negatives = torch.full((S,), float(b_img.shape[0]), dtype=torch.float64, device=device)
     if exclude is not None:
         negatives = negatives - exclude.sum(dim=1)
@@ -241,8 +270,9 @@ def mbcl_estimate(anchor_img: Tensor, anchor_txt: Tensor, batch_img: Tensor | No
 
 
 @torch.no_grad()
-def fastclip_estimate(table_img: ShardedLogTable, table_txt: ShardedLogTable, anchor_index: Tensor,
-                      eps: float) -> tuple[Tensor, Tensor]:
+def fastclip_estimate(
+    table_img: ShardedLogTable, table_txt: ShardedLogTable, anchor_index: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
     """FastCLIP's estimate log(eps + u_i) for the anchors (E9 tables), [S] each, identical on every rank.
 
     Each rank owns the rows index % world_size == rank (row index // world_size); it fills its anchors into a
@@ -250,8 +280,11 @@ def fastclip_estimate(table_img: ShardedLogTable, table_txt: ShardedLogTable, an
     rank when the tables are sharded (world_size > 1). A row never updated holds u = 0 -> log(eps). The vector
     lives on `anchor_index`'s device (use a CUDA tensor under NCCL); dtype is the table's."""
     _check_eps(eps)
-    if table_img.num_samples != table_txt.num_samples or table_img.world_size != table_txt.world_size or \
-            table_img.rank != table_txt.rank:
+    if (
+        table_img.num_samples != table_txt.num_samples
+        or table_img.world_size != table_txt.world_size
+        or table_img.rank != table_txt.rank
+    ):
         raise ValueError("table_txt: the image and text tables must have the same size and layout")
     if anchor_index.dim() != 1:
         raise ValueError(f"anchor_index: expected a [S] tensor, got shape {tuple(anchor_index.shape)}")
@@ -260,8 +293,9 @@ def fastclip_estimate(table_img: ShardedLogTable, table_txt: ShardedLogTable, an
         raise ValueError(f"anchor_index: dataset indices must lie in [0, {n})")
     world = table_img.world_size
     if world > 1 and not (_distributed() and dist.get_world_size() == world):
-        raise ValueError(f"table_img: sharded over {world} ranks but torch.distributed is not initialized with "
-                         f"that world size")
+        raise ValueError(
+            f"table_img: sharded over {world} ranks but torch.distributed is not initialized with that world size"
+        )
     mine = (anchor_index % world) == table_img.rank
     out = []
     for table in (table_img, table_txt):
@@ -310,8 +344,16 @@ class NormErrProbe:
         self.anchors, self.dataset_chunks, self.eps = anchors, dataset_chunks, eps
 
     @torch.no_grad()
-    def measure(self, encode, *, device, tau: Tensor, npn=None, fastclip_loss=None,
-                batch: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, float]:
+    def measure(
+        self,
+        encode,
+        *,
+        device,
+        tau: Tensor,
+        npn=None,
+        fastclip_loss=None,
+        batch: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> dict[str, float]:
         """`encode(batch_dict) -> (img, txt)`; `batch`: the last global training batch (img, txt, dataset index)
         for the MBCL estimate. A probe anchor that is also in that batch has its own pair excluded by dataset
         index (j != i), exactly as in the exact value (E1): MBCL's own normalizer never counts the positive."""
@@ -331,11 +373,18 @@ class NormErrProbe:
         estimates = {}
         if batch is not None:
             batch_img, batch_txt, batch_index = batch
-            estimates["mbcl"] = mbcl_estimate(anchor_img, anchor_txt, batch_img, batch_txt, tau, self.eps,
-                                              anchor_index=anchor_index, batch_index=batch_index.to(device))
+            estimates["mbcl"] = mbcl_estimate(
+                anchor_img,
+                anchor_txt,
+                batch_img,
+                batch_txt,
+                tau,
+                self.eps,
+                anchor_index=anchor_index,
+                batch_index=batch_index.to(device),
+            )
         if npn is not None:
             estimates["neuclip"] = npn_estimate(npn, anchor_img, anchor_txt, tau)
         if fastclip_loss is not None:
-            estimates["fastclip"] = fastclip_estimate(fastclip_loss.u_img, fastclip_loss.u_txt, anchor_index,
-                                                      self.eps)
+            estimates["fastclip"] = fastclip_estimate(fastclip_loss.u_img, fastclip_loss.u_txt, anchor_index, self.eps)
         return normalizer_errors(*exact, estimates)

@@ -21,9 +21,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import deepspeed
 import torch
@@ -33,8 +34,17 @@ import torch.distributed.nn.functional as dist_fn
 from .config import TrainConfig, uses_cuda
 from .data.tokenizer import trim_text_padding
 from .extensions import prepare_cpu_ops, release_shm_buffers
-from .losses import (LOSSES, ContrastiveLoss, FastCLIPLoss, Features, NeuCLIPLoss, all_gather_no_grad,
-                     batch_log_normalizers, gather_features, log_eps_plus)
+from .losses import (
+    LOSSES,
+    ContrastiveLoss,
+    FastCLIPLoss,
+    Features,
+    NeuCLIPLoss,
+    all_gather_no_grad,
+    batch_log_normalizers,
+    gather_features,
+    log_eps_plus,
+)
 from .model import temperature_from_parameter
 from .npn import NPN
 
@@ -63,7 +73,7 @@ def init_distributed() -> DistInfo:
     cuda = uses_cuda()
     if not cuda:
         os.environ["DS_ACCELERATOR"] = "cpu"
-        prepare_cpu_ops()   # per-venv build folder for the shm op, never wait on a dead build lock
+        prepare_cpu_ops()  # per-venv build folder for the shm op, never wait on a dead build lock
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -72,7 +82,7 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
         if not cuda:
-            release_shm_buffers()   # DeepSpeed never unlinks its 66 MB /dev/shm buffer per rank
+            release_shm_buffers()  # DeepSpeed never unlinks its 66 MB /dev/shm buffer per rank
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local_rank)
@@ -82,15 +92,17 @@ def init_distributed() -> DistInfo:
 
 def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     """The user's JSON (`cfg.resolve()`d) with the batch sizes, precision and clipping this run decides."""
-    ds = copy.deepcopy(cfg.ds.settings)   # DeepSpeed and callers edit what they get; cfg.ds stays as read
+    ds = copy.deepcopy(cfg.ds.settings)  # DeepSpeed and callers edit what they get; cfg.ds stays as read
     accum = cfg.ds.gradient_accumulation_steps
     ds["train_batch_size"] = cfg.global_batch_size
     ds["train_micro_batch_size_per_gpu"] = cfg.global_batch_size // (world_size * accum)
     ds["gradient_accumulation_steps"] = accum
     ds["bf16"] = {"enabled": cfg.precision == "bf16"}
-    ds["fp16"] = {"enabled": cfg.precision == "fp16", **({"initial_scale_power": 12} if cfg.precision == "fp16"
-                                                         else {})}
-    ds["gradient_clipping"] = cfg.ds.gradient_clipping   # resolved: --grad-clip over the JSON's
+    ds["fp16"] = {
+        "enabled": cfg.precision == "fp16",
+        **({"initial_scale_power": 12} if cfg.precision == "fp16" else {}),
+    }
+    ds["gradient_clipping"] = cfg.ds.gradient_clipping  # resolved: --grad-clip over the JSON's
     ds.setdefault("steps_per_print", 10**9)
     return ds
 
@@ -118,6 +130,7 @@ def cosine_with_warmup(warmup: int, total: int):
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
     return factor
 
 
@@ -129,8 +142,9 @@ class TemperatureLR:
                  so that tau moves more slowly once it is small. `tau` is the current temperature, set by the
                  engine after every step (the factor of step t uses the tau left by step t - 1)."""
 
-    def __init__(self, schedule: str, warmup: int, total: int, tau: float, threshold: float = 0.03,
-                 ratio: float = 1 / 3):
+    def __init__(
+        self, schedule: str, warmup: int, total: int, tau: float, threshold: float = 0.03, ratio: float = 1 / 3
+    ):
         self.schedule, self.warmup, self.total = schedule, warmup, total
         self.tau, self.threshold, self.ratio = float(tau), threshold, ratio
 
@@ -174,8 +188,8 @@ class TemperatureKeeper:
         return float(temperature_from_parameter(torch.tensor(self.value, dtype=torch.float64), self.tau_param))
 
     def _read(self) -> float:
-        full = deepspeed.utils.safe_get_full_fp32_param(self.param)   # ZeRO-1/2/3 and bf16: the fp32 master
-        if full is None:                                              # no master: the parameter is its own
+        full = deepspeed.utils.safe_get_full_fp32_param(self.param)  # ZeRO-1/2/3 and bf16: the fp32 master
+        if full is None:  # no master: the parameter is its own
             full = self.param.detach()
         return float(full.reshape(-1)[0])
 
@@ -187,13 +201,14 @@ class TemperatureKeeper:
             # (a 1-element tau lives on rank 0), so only ranks that hold real elements write; the rest is padding.
             part = p.ds_tensor.numel()
             if (dist.get_rank() + 1) * part <= p.ds_numel:
-                deepspeed.utils.safe_set_full_fp32_param(p, torch.full((p.ds_numel,), value, dtype=torch.float32,
-                                                                        device=p.ds_tensor.device))
+                deepspeed.utils.safe_set_full_fp32_param(
+                    p, torch.full((p.ds_numel,), value, dtype=torch.float32, device=p.ds_tensor.device)
+                )
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                p.data.fill_(value)                                      # the working copy, re-partitioned
+                p.data.fill_(value)  # the working copy, re-partitioned
         else:
             deepspeed.utils.safe_set_full_fp32_param(p, torch.full_like(p, value, dtype=torch.float32))
-            p.data.fill_(value)                                          # ZeRO-0/1/2: the full working copy
+            p.data.fill_(value)  # ZeRO-0/1/2: the full working copy
 
     def after_step(self, step: int) -> float:
         """Clamp the stored parameter if the step left its range; warn once per episode at a bound. Returns tau."""
@@ -205,11 +220,13 @@ class TemperatureKeeper:
         at_bound = clamped in (self.lo, self.hi)
         self.steps_at_bound = self.steps_at_bound + 1 if at_bound else 0
         if self.steps_at_bound == self.warn_after + 1 and self.rank == 0:
-            which, bound = ("lower", self.tau_min) if self.tau <= self.tau_min * (1 + 1e-6) else ("upper",
-                                                                                                  self.tau_max)
-            print(f"neuclip-train: warning: tau has sat at its {which} bound {bound:g} for {self.warn_after} steps "
-                  f"(step {step + 1}); the objective keeps pushing it there: widen --tau-min/--tau-max or lower "
-                  f"--lr-tau", file=sys.stderr)
+            which, bound = ("lower", self.tau_min) if self.tau <= self.tau_min * (1 + 1e-6) else ("upper", self.tau_max)
+            print(
+                f"neuclip-train: warning: tau has sat at its {which} bound {bound:g} for {self.warn_after} steps "
+                f"(step {step + 1}); the objective keeps pushing it there: widen --tau-min/--tau-max or lower "
+                f"--lr-tau",
+                file=sys.stderr,
+            )
         return self.tau
 
 
@@ -250,15 +267,15 @@ class StepBatch:
 
     B = world size x A x b rows, rank r's A micro-batches at rows [r A b, (r+1) A b) (`rows` for this rank)."""
 
-    img: torch.Tensor              # [B, d] normalized image features
-    txt: torch.Tensor              # [B, d] normalized text features
-    tau: torch.Tensor              # [1]
-    log_g_img: torch.Tensor        # [B] log g_hat of each image anchor against the global batch (E1)
-    log_g_txt: torch.Tensor        # [B] the same for the text anchors
-    log_target_img: torch.Tensor   # [B] log(eps + g_hat): the minimizer of E5 (the NPN's target, E9's reference)
+    img: torch.Tensor  # [B, d] normalized image features
+    txt: torch.Tensor  # [B, d] normalized text features
+    tau: torch.Tensor  # [1]
+    log_g_img: torch.Tensor  # [B] log g_hat of each image anchor against the global batch (E1)
+    log_g_txt: torch.Tensor  # [B] the same for the text anchors
+    log_target_img: torch.Tensor  # [B] log(eps + g_hat): the minimizer of E5 (the NPN's target, E9's reference)
     log_target_txt: torch.Tensor
-    index: torch.Tensor            # [B] dataset indices (FastCLIP's table rows, E9)
-    rows: slice                    # this rank's anchors
+    index: torch.Tensor  # [B] dataset indices (FastCLIP's table rows, E9)
+    rows: slice  # this rank's anchors
     step: int
     epoch: int
 
@@ -281,8 +298,9 @@ class Estimator(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def alpha_arguments(alpha_img: torch.Tensor, alpha_txt: torch.Tensor,
-                    batch: StepBatch) -> tuple[dict[str, torch.Tensor], float]:
+def alpha_arguments(
+    alpha_img: torch.Tensor, alpha_txt: torch.Tensor, batch: StepBatch
+) -> tuple[dict[str, torch.Tensor], float]:
     """E6's loss arguments from alpha over the global batch (this rank's rows), and alpha's mean distance to
     log(eps + g_hat) of the batch (the estimator's batch error metric)."""
     err = ((alpha_img - batch.log_target_img).abs().mean() + (alpha_txt - batch.log_target_txt).abs().mean()) / 2
@@ -328,12 +346,17 @@ class NPNEstimator:
         sharded = cfg.npn_parallel == "sharded" and dist.is_initialized() and dist.get_world_size() > 1
         rows = batch.rows if sharded else None
         if batch.step % cfg.npn_restart_every == 0:  # E7.4 (step 0 included: start from the data, not at random)
-            self.npn.restart(batch.img, batch.txt, seed=cfg.seed * 1_000_003 + batch.step,
-                             reset_optimizer=cfg.npn_restart_resets_adagrad)
-        if cfg.npn_update == "simultaneous":   # ablation: alpha from the NPN before this step's update
+            self.npn.restart(
+                batch.img,
+                batch.txt,
+                seed=cfg.seed * 1_000_003 + batch.step,
+                reset_optimizer=cfg.npn_restart_resets_adagrad,
+            )
+        if cfg.npn_update == "simultaneous":  # ablation: alpha from the NPN before this step's update
             alpha = self._predict(batch, rows)
-        npn_loss = self.npn.fit(batch.img, batch.txt, batch.log_target_img, batch.log_target_txt, batch.tau,
-                                cfg.npn_inner_steps, rows=rows)
+        npn_loss = self.npn.fit(
+            batch.img, batch.txt, batch.log_target_img, batch.log_target_txt, batch.tau, cfg.npn_inner_steps, rows=rows
+        )
         if cfg.npn_update == "alternating":
             alpha = self._predict(batch, rows)
         loss_args, err = alpha_arguments(*alpha, batch)
@@ -387,8 +410,16 @@ class TableEstimator:
 # the engine
 # ---------------------------------------------------------------------------------------------------------------
 class NeuCLIPEngine:
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, info: DistInfo, *, total_steps: int,
-                 dataset_size: int | None = None, load_universal: bool = False):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: torch.nn.Module,
+        info: DistInfo,
+        *,
+        total_steps: int,
+        dataset_size: int | None = None,
+        load_universal: bool = False,
+    ):
         self.cfg, self.info = cfg, info
         ds_config = build_ds_config(cfg, info.world_size)
         if load_universal:  # resuming at another world size from a universal checkpoint
@@ -396,9 +427,10 @@ class NeuCLIPEngine:
         optimizer = build_optimizer(model, cfg)
         scheduler, self.temperature_lr = build_scheduler(optimizer, cfg, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
         self.temperature = TemperatureKeeper(model, rank=info.rank)
-        self.temperature_lr.tau = self.temperature.tau   # --pretrained-hf: the model's own tau, not --init-tau
+        self.temperature_lr.tau = self.temperature.tau  # --pretrained-hf: the model's own tau, not --init-tau
         self.accumulation = self.engine.gradient_accumulation_steps()
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
         self.timer = PhaseTimer(info.device)
@@ -407,22 +439,35 @@ class NeuCLIPEngine:
         self.last_global_batch = None
         self.loss_fn, self.loss_call, self.estimator = self._build_loss(model, dataset_size)
 
-    def _build_loss(self, model: torch.nn.Module,
-                    dataset_size: int | None) -> tuple[ContrastiveLoss, Callable[..., torch.Tensor], Estimator]:
+    def _build_loss(
+        self, model: torch.nn.Module, dataset_size: int | None
+    ) -> tuple[ContrastiveLoss, Callable[..., torch.Tensor], Estimator]:
         """The loss, what each micro-batch's backward calls (`loss_call(feats, tau, **model outputs, **estimator
         arguments)`), and the estimator of its alpha."""
         cfg = self.cfg
         if cfg.loss == "neuclip":
             dim = model.visual.config.projection_dim
-            npn = NPN(dim, num_prototypes=cfg.npn_prototypes, eps=cfg.eps, lr=cfg.npn_lr, variant=cfg.npn_variant,
-                      seed=cfg.seed, device=self.info.device)
+            npn = NPN(
+                dim,
+                num_prototypes=cfg.npn_prototypes,
+                eps=cfg.eps,
+                lr=cfg.npn_lr,
+                variant=cfg.npn_variant,
+                seed=cfg.seed,
+                device=self.info.device,
+            )
             loss_fn = NeuCLIPLoss(eps=cfg.eps, rho=cfg.rho)
             return loss_fn, loss_fn, NPNEstimator(npn, cfg)
         if cfg.loss == "fastclip":
             if not dataset_size:
                 raise ValueError("dataset_size: FastCLIP needs the number of samples in the data set")
-            loss_fn = FastCLIPLoss(dataset_size, eps=cfg.eps, rho=cfg.rho, gamma_min=cfg.fastclip_gamma_min,
-                                   gamma_decay_epochs=cfg.fastclip_gamma_decay_epochs)
+            loss_fn = FastCLIPLoss(
+                dataset_size,
+                eps=cfg.eps,
+                rho=cfg.rho,
+                gamma_min=cfg.fastclip_gamma_min,
+                gamma_decay_epochs=cfg.fastclip_gamma_decay_epochs,
+            )
             # the estimator updates the tables once per step (E9), so each micro-batch calls the E6 part alone
             return loss_fn, loss_fn.loss_with_alpha, TableEstimator(loss_fn)
         loss_fn = LOSSES[cfg.loss]()
@@ -434,9 +479,12 @@ class NeuCLIPEngine:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision, torch.float32)
         ids, mask = mb["input_ids"], mb["attention_mask"]
         if self.cfg.text_padding == "longest":
-            ids, mask = trim_text_padding(ids, mask)   # exact; the text tower runs only the batch's longest caption
-        return {"pixel_values": mb["pixel_values"].to(dev, dtype, non_blocking=True),
-                "input_ids": ids.to(dev, non_blocking=True), "attention_mask": mask.to(dev, non_blocking=True)}
+            ids, mask = trim_text_padding(ids, mask)  # exact; the text tower runs only the batch's longest caption
+        return {
+            "pixel_values": mb["pixel_values"].to(dev, dtype, non_blocking=True),
+            "input_ids": ids.to(dev, non_blocking=True),
+            "attention_mask": mask.to(dev, non_blocking=True),
+        }
 
     @torch.no_grad()
     def encode(self, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -457,14 +505,15 @@ class NeuCLIPEngine:
             return "the last step was skipped"
         broken = any(not torch.isfinite(t).all() for t in self._weights_and_moments())
         # log-domain tables (FastCLIP's log u) hold -inf for a sample not seen yet (log 0): NaN and +inf are broken
-        broken = broken or any(t.isnan().any() or t.isposinf().any()
-                               for t in _nested_tensors(self.estimator.state_dict()))
+        broken = broken or any(
+            t.isnan().any() or t.isposinf().any() for t in _nested_tensors(self.estimator.state_dict())
+        )
         return "the weights or optimizer state hold non-finite values" if self._on_any_rank(broken) else None
 
     def _weights_and_moments(self) -> list[torch.Tensor]:
         """This rank's share of the encoders' state: the module's parameters, the optimizer's (under ZeRO the fp32
         master partitions) and its moments."""
-        base = getattr(self.optimizer, "optimizer", self.optimizer)   # ZeRO wraps the torch optimizer
+        base = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps the torch optimizer
         tensors = list(self.engine.module.parameters())
         tensors += [p for group in base.param_groups for p in group["params"]]
         return tensors + [t for state in base.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
@@ -489,14 +538,14 @@ class NeuCLIPEngine:
         # E7.1; A > 1 without graph, each micro-batch is re-encoded with graph for its backward (E8)
         with t("forward"), torch.set_grad_enabled(self.accumulation == 1):
             outputs = [self._encode(mb) for mb in micro_batches]
-        with t("gather"):       # the global batch and log g_hat of every anchor (E1, E8)
+        with t("gather"):  # the global batch and log g_hat of every anchor (E1, E8)
             cache, batch = self._gather(outputs, micro_batches, step=step, epoch=epoch)
         if not self._all_finite(batch.img, batch.txt, batch.tau, batch.log_g_img, batch.log_g_txt):
             return self._skip("non-finite features")
         self.last_global_batch = (batch.img, batch.txt, batch.index)  # the normalizer-error diagnostic's MBCL estimate
         with t("npn"):
             snapshot = self.estimator.snapshot()
-            loss_args, metrics = self.estimator.prepare(batch)   # E7.2: alpha with the encoders frozen (E9: u)
+            loss_args, metrics = self.estimator.prepare(batch)  # E7.2: alpha with the encoders frozen (E9: u)
         for a, micro_batch in enumerate(micro_batches):
             with t("backward"):
                 feats, model_args = self._with_graph(a, micro_batch, cache, outputs)
@@ -506,19 +555,21 @@ class NeuCLIPEngine:
                         self.estimator.restore(snapshot)
                         return self._skip("non-finite loss")
                     loss_value = loss.detach()
-                self.engine.backward(loss, scale_wrt_gas=False)   # each chunk's loss is the whole step's
+                self.engine.backward(loss, scale_wrt_gas=False)  # each chunk's loss is the whole step's
             with t("optimizer"):
-                self.engine.step()                                # updates after the A-th micro-batch only
+                self.engine.step()  # updates after the A-th micro-batch only
         with t("optimizer"):
             # the parameter back inside [tau_min, tau_max]; the tau-LR factor of the next step sees the new tau
             self.temperature_lr.tau = self.temperature.after_step(step)
         self.skipped_in_a_row = 0
-        metrics.update(loss=self._mean_over_ranks(loss_value), tau=float(batch.tau), lr_tau=self.tau_lr(),
-                       skipped=False)
+        metrics.update(
+            loss=self._mean_over_ranks(loss_value), tau=float(batch.tau), lr_tau=self.tau_lr(), skipped=False
+        )
         return metrics
 
-    def _gather(self, outputs: list[dict], micro_batches: list[dict], *, step: int,
-                epoch: int) -> tuple[Features, StepBatch]:
+    def _gather(
+        self, outputs: list[dict], micro_batches: list[dict], *, step: int, epoch: int
+    ) -> tuple[Features, StepBatch]:
         """This rank's features against the global batch, gathered with gradient (E8; with A = 1 they carry the
         graph and are the loss's input as they are), and the detached global batch the estimator runs on."""
         img, txt = (torch.cat([out[side] for out in outputs]) for side in ("img", "txt"))
@@ -529,12 +580,23 @@ class NeuCLIPEngine:
             local = Features(img.detach(), txt.detach(), img_all, txt_all, cache.offset)
             log_g_img, log_g_txt = (all_gather_no_grad(x) for x in batch_log_normalizers(local, tau))
         index = all_gather_no_grad(torch.cat([mb["index"] for mb in micro_batches]).to(self.info.device))
-        return cache, StepBatch(img_all, txt_all, tau, log_g_img, log_g_txt, log_eps_plus(log_g_img, self.cfg.eps),
-                                log_eps_plus(log_g_txt, self.cfg.eps), index,
-                                slice(cache.offset, cache.offset + cache.local_size), step, epoch)
+        return cache, StepBatch(
+            img_all,
+            txt_all,
+            tau,
+            log_g_img,
+            log_g_txt,
+            log_eps_plus(log_g_img, self.cfg.eps),
+            log_eps_plus(log_g_txt, self.cfg.eps),
+            index,
+            slice(cache.offset, cache.offset + cache.local_size),
+            step,
+            epoch,
+        )
 
-    def _with_graph(self, a: int, micro_batch: dict, cache: Features,
-                    outputs: list[dict]) -> tuple[Features, dict[str, torch.Tensor]]:
+    def _with_graph(
+        self, a: int, micro_batch: dict, cache: Features, outputs: list[dict]
+    ) -> tuple[Features, dict[str, torch.Tensor]]:
         """The loss inputs of micro-batch a with graph: the features (A = 1: as gathered; A > 1: the micro-batch
         re-encoded and spliced into the cache) and the model's other outputs, tau and SigLIP's bias. Those appear
         in every micro-batch's loss: they take their gradient from micro-batch 0 only."""
@@ -551,12 +613,12 @@ class NeuCLIPEngine:
         b, A, W = self.micro_batch, self.accumulation, self.info.world_size
         sides = []
         for cached, glob, x in ((cache.img, cache.img_all, fresh["img"]), (cache.txt, cache.txt_all, fresh["txt"])):
-            local = torch.cat([cached[:a * b], x, cached[(a + 1) * b:]])
+            local = torch.cat([cached[: a * b], x, cached[(a + 1) * b :]])
             parts = dist_fn.all_gather(x) if W > 1 else [x]
             blocks = []
             for r in range(W):
-                block = glob[r * A * b:(r + 1) * A * b]
-                blocks += [block[:a * b], parts[r], block[(a + 1) * b:]]
+                block = glob[r * A * b : (r + 1) * A * b]
+                blocks += [block[: a * b], parts[r], block[(a + 1) * b :]]
             sides.append((local, torch.cat(blocks)))
         return Features(sides[0][0], sides[1][0], sides[0][1], sides[1][1], cache.offset)
 

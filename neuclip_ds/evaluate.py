@@ -42,14 +42,19 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import (CheckpointError, load_checkpoint_state_dict, model_from_state_dict, read_run_config,
-                         resolve_checkpoint)
+from .checkpoint import (
+    CheckpointError,
+    load_checkpoint_state_dict,
+    model_from_state_dict,
+    read_run_config,
+    resolve_checkpoint,
+)
 from .data.tokenizer import trim_text_padding
 
 RETRIEVAL_KS = (1, 5, 10)
@@ -65,17 +70,20 @@ class EvalError(ValueError):
 # ------------------------------------------------------------------------------------------------------------
 # Metrics on embeddings
 # ------------------------------------------------------------------------------------------------------------
-def retrieval_ranks(img_emb: torch.Tensor, txt_emb: torch.Tensor, *, chunk: int = 1024
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieval_ranks(
+    img_emb: torch.Tensor, txt_emb: torch.Tensor, *, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(image->text ranks, text->image ranks), LongTensor[N] each; pair i is (img_emb[i], txt_emb[i]).
 
     rank = number of other candidates whose similarity is at least the true partner's (within ``TIE_TOL``;
-    0 = retrieved first, ties count against). Similarities are dot products (the embeddings are expected to be L2-normalized),
-    computed in float64.
+    0 = retrieved first, ties count against). Similarities are dot products (the embeddings are expected to be
+    L2-normalized), computed in float64.
     """
     if img_emb.ndim != 2 or txt_emb.ndim != 2 or img_emb.shape != txt_emb.shape:
-        raise ValueError(f"retrieval: need two [N, d] embedding matrices of the same shape, got "
-                         f"{tuple(img_emb.shape)} and {tuple(txt_emb.shape)}")
+        raise ValueError(
+            f"retrieval: need two [N, d] embedding matrices of the same shape, got "
+            f"{tuple(img_emb.shape)} and {tuple(txt_emb.shape)}"
+        )
     img = img_emb.detach().double()
     txt = txt_emb.detach().double()
     n = img.shape[0]
@@ -83,7 +91,7 @@ def retrieval_ranks(img_emb: torch.Tensor, txt_emb: torch.Tensor, *, chunk: int 
     def ranks(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         out = []
         for a in range(0, n, chunk):
-            s = q[a:a + chunk] @ c.T
+            s = q[a : a + chunk] @ c.T
             true = s.diagonal(a)
             out.append((s >= true[:, None] - TIE_TOL).sum(dim=1) - 1)  # minus the true partner itself
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
@@ -91,8 +99,9 @@ def retrieval_ranks(img_emb: torch.Tensor, txt_emb: torch.Tensor, *, chunk: int 
     return ranks(img, txt), ranks(txt, img)
 
 
-def retrieval_metrics(img_emb: torch.Tensor, txt_emb: torch.Tensor, ks: Sequence[int] = RETRIEVAL_KS
-                      ) -> dict[str, float]:
+def retrieval_metrics(
+    img_emb: torch.Tensor, txt_emb: torch.Tensor, ks: Sequence[int] = RETRIEVAL_KS
+) -> dict[str, float]:
     """Recall@k both ways for N paired embeddings: {"image_to_text_R@1": .., "text_to_image_R@1": .., ...}.
 
     A query is a hit at k when fewer than k candidates score strictly higher than its partner (ties with the
@@ -109,9 +118,15 @@ def retrieval_metrics(img_emb: torch.Tensor, txt_emb: torch.Tensor, ks: Sequence
 
 
 @torch.no_grad()
-def zero_shot_classifier(encode_text_fn: Callable[..., torch.Tensor], classnames: Sequence[str],
-                         templates: Sequence[str], tokenizer, *, device: str | torch.device | None = None,
-                         batch_size: int = 256) -> torch.Tensor:
+def zero_shot_classifier(
+    encode_text_fn: Callable[..., torch.Tensor],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    tokenizer,
+    *,
+    device: str | torch.device | None = None,
+    batch_size: int = 256,
+) -> torch.Tensor:
     """[num_classes, d]: per class, the mean of the L2-normalized embeddings of every template filled with
     the class name, renormalized (OpenCLIP's ``build_zero_shot_classifier``).
 
@@ -126,7 +141,7 @@ def zero_shot_classifier(encode_text_fn: Callable[..., torch.Tensor], classnames
     texts = [t(name) if callable(t) else t.format(name) for name in classnames for t in templates]
     chunks = []
     for a in range(0, len(texts), batch_size):
-        tok = tokenizer(texts[a:a + batch_size])
+        tok = tokenizer(texts[a : a + batch_size])
         ids, mask = trim_text_padding(tok["input_ids"], tok.get("attention_mask"))
         if device is not None:
             ids = ids.to(device)
@@ -136,8 +151,9 @@ def zero_shot_classifier(encode_text_fn: Callable[..., torch.Tensor], classnames
     return F.normalize(emb.mean(dim=1), dim=-1)
 
 
-def zero_shot_metrics(img_emb: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor,
-                      ks: Sequence[int] = ZEROSHOT_KS) -> dict[str, float]:
+def zero_shot_metrics(
+    img_emb: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = ZEROSHOT_KS
+) -> dict[str, float]:
     """{"top1": .., "top5": ..}: fraction of images whose label is among the top-k classes by similarity.
 
     k is clipped to the number of classes (``top5`` of a 3-class problem is top-3, i.e. 1.0); the rank of the
@@ -174,8 +190,14 @@ def _param_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 @torch.no_grad()
-def compute_embeddings(model, loader: Iterable[dict], device: str | torch.device = "cpu",
-                       max_batches: int | None = None, *, progress: bool = True) -> dict:
+def compute_embeddings(
+    model,
+    loader: Iterable[dict],
+    device: str | torch.device = "cpu",
+    max_batches: int | None = None,
+    *,
+    progress: bool = True,
+) -> dict:
     """Encode every batch of ``loader``: {"img": [N, d], "txt": [N, d], "labels": {attr: [N]}, "index": [N]}.
 
     Embeddings come back as float32 on the CPU. ``labels`` has the attributes present in every batch (empty
@@ -211,8 +233,11 @@ def compute_embeddings(model, loader: Iterable[dict], device: str | torch.device
             img.append(model.encode_image(pixels).float().cpu())
             txt.append(model.encode_text(ids, mask).float().cpu())
             n = pixels.shape[0]
-            index.append(torch.as_tensor(batch["index"]).long().cpu() if "index" in batch
-                         else torch.full((n,), -1, dtype=torch.long))
+            index.append(
+                torch.as_tensor(batch["index"]).long().cpu()
+                if "index" in batch
+                else torch.full((n,), -1, dtype=torch.long)
+            )
             batch_labels = batch.get("labels") or {}
             if labels is None:
                 labels = {k: [] for k in batch_labels}
@@ -227,8 +252,12 @@ def compute_embeddings(model, loader: Iterable[dict], device: str | torch.device
         model.train(was_training)
     if not img:
         raise EvalError("eval: the loader yielded no batch (empty or unreadable validation data)")
-    return {"img": torch.cat(img), "txt": torch.cat(txt), "index": torch.cat(index),
-            "labels": {k: torch.cat(v) for k, v in (labels or {}).items()}}
+    return {
+        "img": torch.cat(img),
+        "txt": torch.cat(txt),
+        "index": torch.cat(index),
+        "labels": {k: torch.cat(v) for k, v in (labels or {}).items()},
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -261,16 +290,21 @@ def _warn_if_collapsed(what: str, x: torch.Tensor, *, pairwise: bool = False, at
     if x.shape[0] < 2:
         return
     if float((x - x[0]).norm(dim=1).max()) <= atol:
-        warnings.warn(f"eval: all {x.shape[0]} {what} are identical (collapsed model, or a tokenizer that does "
-                      f"not match the model); ties count as hits, so the metrics that rank them are meaningless",
-                      stacklevel=3)
+        warnings.warn(
+            f"eval: all {x.shape[0]} {what} are identical (collapsed model, or a tokenizer that does "
+            f"not match the model); ties count as hits, so the metrics that rank them are meaningless",
+            stacklevel=3,
+        )
     elif pairwise:
         close = torch.cdist(x, x) <= atol
         close.fill_diagonal_(False)
         n_dup = int(close.any(dim=1).sum())
         if n_dup:
-            warnings.warn(f"eval: {n_dup} of the {x.shape[0]} {what} coincide with another one; tied classes "
-                          f"count as hits, so the accuracy is optimistic", stacklevel=3)
+            warnings.warn(
+                f"eval: {n_dup} of the {x.shape[0]} {what} coincide with another one; tied classes "
+                f"count as hits, so the accuracy is optimistic",
+                stacklevel=3,
+            )
 
 
 def _load_tokenizer(tokenizer, context_length: int):
@@ -284,11 +318,21 @@ def _load_tokenizer(tokenizer, context_length: int):
     return tokenizer
 
 
-def evaluate(model, *, val_data, tokenizer, image_size: int | None = None,
-             dataset_dir: str | os.PathLike | None = None, classnames: Mapping[str, Sequence[str]] | None = None,
-             templates: Mapping[str, Sequence[str]] | None = None, batch_size: int = 256,
-             device: str | torch.device = "cpu", max_batches: int | None = None, workers: int = 0,
-             progress: bool = True) -> dict:
+def evaluate(
+    model,
+    *,
+    val_data,
+    tokenizer,
+    image_size: int | None = None,
+    dataset_dir: str | os.PathLike | None = None,
+    classnames: Mapping[str, Sequence[str]] | None = None,
+    templates: Mapping[str, Sequence[str]] | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    max_batches: int | None = None,
+    workers: int = 0,
+    progress: bool = True,
+) -> dict:
     """Retrieval over the whole validation split and zero-shot accuracy for every attribute in ``classnames``.
 
     ``val_data``: shard spec for ``make_eval_loader``. ``tokenizer``: a ``TextTokenizer`` or a tokenizer dir
@@ -314,8 +358,9 @@ def evaluate(model, *, val_data, tokenizer, image_size: int | None = None,
                 templates = load_templates(ddir)
     templates = templates or {}
     try:
-        loader = make_eval_loader(val_data, tokenizer=tok, image_size=image_size, batch_size=batch_size,
-                                  rank=0, world_size=1, workers=workers)
+        loader = make_eval_loader(
+            val_data, tokenizer=tok, image_size=image_size, batch_size=batch_size, rank=0, world_size=1, workers=workers
+        )
     except FileNotFoundError as e:
         raise EvalError(f"--val-data: {e}") from None
     emb = compute_embeddings(module, loader, device, max_batches, progress=progress)
@@ -332,12 +377,14 @@ def evaluate(model, *, val_data, tokenizer, image_size: int | None = None,
         try:
             for attr, names in classnames.items():
                 if attr not in emb["labels"]:
-                    warnings.warn(f"eval: no labels for attribute {attr!r} in the validation data; skipped",
-                                  stacklevel=2)
+                    warnings.warn(
+                        f"eval: no labels for attribute {attr!r} in the validation data; skipped", stacklevel=2
+                    )
                     continue
                 tmpl = list(templates.get(attr) or ["a photo of a {}."])
-                clf = zero_shot_classifier(module.encode_text, list(names), tmpl, tok, device=device_t,
-                                           batch_size=batch_size).cpu()
+                clf = zero_shot_classifier(
+                    module.encode_text, list(names), tmpl, tok, device=device_t, batch_size=batch_size
+                ).cpu()
                 _warn_if_collapsed(f"class embeddings of {attr!r}", clf, pairwise=True)
                 m = zero_shot_metrics(emb["img"], clf, emb["labels"][attr])
                 per_attr.append(m)
@@ -353,7 +400,7 @@ def evaluate(model, *, val_data, tokenizer, image_size: int | None = None,
 def format_table(results: Mapping[str, float | int]) -> str:
     """Readable text table of an ``evaluate`` result (metrics in percent)."""
     lines = [f"samples: {results.get('num_samples', '?')}"]
-    retr = {k[len("retrieval/"):]: v for k, v in results.items() if k.startswith("retrieval/")}
+    retr = {k[len("retrieval/") :]: v for k, v in results.items() if k.startswith("retrieval/")}
     if retr:
         ks = sorted({int(k.rsplit("@", 1)[1]) for k in retr})
         lines.append("")
@@ -372,11 +419,11 @@ def format_table(results: Mapping[str, float | int]) -> str:
         lines.append(f"{'zero-shot':<16}" + "".join(f"{m:>9}" for m in metrics))
         for attr in sorted(zs, key=lambda a: (a == "mean", list(zs).index(a))):
             d = zs[attr]
-            lines.append(f"{attr:<16}" + "".join(
-                f"{'-' if d.get(m) is None else f'{100 * d[m]:.2f}':>9}" for m in metrics))
+            lines.append(
+                f"{attr:<16}" + "".join(f"{'-' if d.get(m) is None else f'{100 * d[m]:.2f}':>9}" for m in metrics)
+            )
     known = {"num_samples"}
-    other = {k: v for k, v in results.items()
-             if k not in known and not k.startswith(("retrieval/", "zeroshot/"))}
+    other = {k: v for k, v in results.items() if k not in known and not k.startswith(("retrieval/", "zeroshot/"))}
     if other:
         lines.append("")
         lines.extend(f"{k:<32}{v}" for k, v in other.items())
@@ -412,16 +459,20 @@ def _resolve_path(value, base: Path | None) -> Path | None:
 # Command line
 # ------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="neuclip-eval", description="Zero-shot classification and image-text "
-                                "retrieval of a CLIP model on held-out webdataset shards.")
+    p = argparse.ArgumentParser(
+        prog="neuclip-eval",
+        description="Zero-shot classification and image-text retrieval of a CLIP model on held-out webdataset shards.",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf-dir", help="a local transformers CLIPModel directory")
     src.add_argument("--checkpoint", help="a trainer output dir, its checkpoints/ dir or a step tag dir")
     p.add_argument("--tag", help="checkpoint tag (default: the one in 'latest')")
-    p.add_argument("--val-data", help="validation shards (default: the data set's val split, or the run's "
-                   "--val-data)")
-    p.add_argument("--dataset-dir", help="embedded data set dir for class names, templates, tokenizer and val "
-                   "split (default: inferred from --val-data)")
+    p.add_argument("--val-data", help="validation shards (default: the data set's val split, or the run's --val-data)")
+    p.add_argument(
+        "--dataset-dir",
+        help="embedded data set dir for class names, templates, tokenizer and val "
+        "split (default: inferred from --val-data)",
+    )
     p.add_argument("--tokenizer", help="HF tokenizer dir (default: the run's, the data set's, or the HF dir)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0, help="dataloader workers")
@@ -477,8 +528,12 @@ def run_cli(args: argparse.Namespace) -> dict:
         dataset_dir = find_dataset_dir(val_data)
 
     # tokenizer: flag > the run's > the data set's > the HF dir
-    candidates = [args.tokenizer, _resolve_path(run_config.get("tokenizer"), run_dir),
-                  dataset_dir / "tokenizer" if dataset_dir else None, args.hf_dir]
+    candidates = [
+        args.tokenizer,
+        _resolve_path(run_config.get("tokenizer"), run_dir),
+        dataset_dir / "tokenizer" if dataset_dir else None,
+        args.hf_dir,
+    ]
     if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
         raise EvalError(f"--tokenizer: {args.tokenizer} is not a directory")
     tok_path = next((Path(c) for c in candidates if c and _is_tokenizer_dir(Path(c))), None)
@@ -513,9 +568,20 @@ def run_cli(args: argparse.Namespace) -> dict:
         templates = load_templates(dataset_dir) if (dataset_dir / "templates.json").is_file() else None
     elif _is_rank0():
         print("neuclip-eval: no class names found (no --dataset-dir): retrieval only", file=sys.stderr)
-    return evaluate(model, val_data=val_data, tokenizer=tok, image_size=model.image_size, dataset_dir=dataset_dir,
-                    classnames=classnames, templates=templates, batch_size=args.batch_size, device=device,
-                    max_batches=args.max_batches, workers=args.workers, progress=not args.no_progress)
+    return evaluate(
+        model,
+        val_data=val_data,
+        tokenizer=tok,
+        image_size=model.image_size,
+        dataset_dir=dataset_dir,
+        classnames=classnames,
+        templates=templates,
+        batch_size=args.batch_size,
+        device=device,
+        max_batches=args.max_batches,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (COMPLETE, SHARED_FILE, CheckpointError, load_checkpoint_state_dict, load_data,
-                         model_from_state_dict, read_run_config, resolve_checkpoint)
+from .checkpoint import (
+    COMPLETE,
+    SHARED_FILE,
+    CheckpointError,
+    load_checkpoint_state_dict,
+    load_data,
+    model_from_state_dict,
+    read_run_config,
+    resolve_checkpoint,
+)
 
 TOWER_PREFIXES = ("visual.", "text.")  # visual.vision_model.* -> vision_model.*, text.text_model.* -> text_model.*
 
@@ -34,7 +42,7 @@ def clip_state_dict(model) -> dict[str, torch.Tensor]:
     for key, value in model.state_dict().items():
         for prefix in TOWER_PREFIXES:
             if key.startswith(prefix):
-                out[key[len(prefix):]] = value
+                out[key[len(prefix) :]] = value
     tau = float(model.temperature().detach())
     out["logit_scale"] = torch.tensor(math.log(1.0 / tau))
     return out
@@ -43,8 +51,8 @@ def clip_state_dict(model) -> dict[str, torch.Tensor]:
 def export_hf(checkpoint: str | Path, out: str | Path, *, tag: str | None = None, overwrite: bool = False) -> dict:
     from transformers import CLIPImageProcessor, CLIPModel
 
-    from .data.transforms import CLIP_MEAN, CLIP_STD
     from .data.tokenizer import TextTokenizer
+    from .data.transforms import CLIP_MEAN, CLIP_STD
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -68,18 +76,27 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, tag: str | None = None
     missing, unexpected = clip.load_state_dict(clip_state_dict(model), strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
-        raise ExportError(f"--checkpoint: weights do not map onto CLIPModel (missing {missing[:3]}, unexpected "
-                          f"{unexpected[:3]})")
+        raise ExportError(
+            f"--checkpoint: weights do not map onto CLIPModel (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     out.mkdir(parents=True, exist_ok=True)
     clip.save_pretrained(out, safe_serialization=True)
     size = model.image_size
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                       image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(out)
+    CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    ).save_pretrained(out)
     if tokenizer is not None:
         _export_tokenizer(config["tokenizer"], out, context_length=model.context_length)
-    info = {"source_checkpoint": str(tag_dir), "tau": float(model.temperature().detach()),
-            "logit_bias": float(model.logit_bias.detach()) if model.logit_bias is not None else None,
-            "loss": config.get("loss"), "preset": config.get("preset")}
+    info = {
+        "source_checkpoint": str(tag_dir),
+        "tau": float(model.temperature().detach()),
+        "logit_bias": float(model.logit_bias.detach()) if model.logit_bias is not None else None,
+        "loss": config.get("loss"),
+        "preset": config.get("preset"),
+    }
     info["npn"] = _export_npn(tag_dir, out)
     (out / "neuclip_export.json").write_text(json.dumps(info, indent=2))
     return info
@@ -93,10 +110,7 @@ def _export_tokenizer(src: str, out: Path, *, context_length: int) -> None:
 
     tok = PreTrainedTokenizerFast.from_pretrained(src)
     specials = [(t, tok.convert_tokens_to_ids(t)) for t in (tok.bos_token, tok.eos_token) if t is not None]
-    if tok.bos_token is not None:
-        template = f"{tok.bos_token} $A {tok.eos_token}"
-    else:
-        template = f"$A {tok.eos_token}"
+    template = f"{tok.bos_token} $A {tok.eos_token}" if tok.bos_token is not None else f"$A {tok.eos_token}"
     tok.backend_tokenizer.post_processor = TemplateProcessing(single=template, special_tokens=specials)
     tok.model_max_length = context_length
     tok.save_pretrained(out)
@@ -115,9 +129,13 @@ def _export_npn(tag_dir: Path, out: Path) -> str | None:
     weights = {k: v.contiguous() for k, v in npn["net"].items()}
     save_file(weights, out / "npn.safetensors")
     config = shared.get("config", {})
-    meta = {"variant": npn.get("variant"), "eps": config.get("eps"), "num_prototypes": config.get("npn_prototypes"),
-            "equation": "E4: alpha1_i = log(eps + 1/m sum_k exp((cos(e1_i, W1_k) - s_ii)/tau)); "
-                        "W1 = proto_txt, W2 = proto_img"}
+    meta = {
+        "variant": npn.get("variant"),
+        "eps": config.get("eps"),
+        "num_prototypes": config.get("npn_prototypes"),
+        "equation": "E4: alpha1_i = log(eps + 1/m sum_k exp((cos(e1_i, W1_k) - s_ii)/tau)); "
+        "W1 = proto_txt, W2 = proto_img",
+    }
     (out / "npn_config.json").write_text(json.dumps(meta, indent=2))
     return "npn.safetensors"
 
@@ -134,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, CheckpointError) as e:
         print(f"neuclip-export: error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {info['source_checkpoint']} -> {args.out} (tau {info['tau']:.4f}"
-          f"{', NPN beside it' if info['npn'] else ''}); load with transformers.CLIPModel.from_pretrained")
+    print(
+        f"exported {info['source_checkpoint']} -> {args.out} (tau {info['tau']:.4f}"
+        f"{', NPN beside it' if info['npn'] else ''}); load with transformers.CLIPModel.from_pretrained"
+    )
     return 0
 
 

@@ -29,7 +29,7 @@ import warnings
 from pathlib import Path
 
 SHM_OP = "deepspeed_shm_comm"
-STALE_LOCK_S = 600.0   # a build takes ~1 min on 2 cores; a no-op load holds the lock for about a second
+STALE_LOCK_S = 600.0  # a build takes ~1 min on 2 cores; a no-op load holds the lock for about a second
 
 
 def extensions_dir() -> Path:
@@ -48,9 +48,12 @@ def clear_stale_locks(max_age_s: float = STALE_LOCK_S) -> list[Path]:
             if age > max_age_s:
                 lock.unlink()
                 removed.append(lock)
-                warnings.warn(f"removed a stale torch-extension build lock {lock} ({age / 60:.0f} min old, left by "
-                              f"a killed build); the op is rebuilt if it is incomplete")
-        except FileNotFoundError:   # another process released it meanwhile
+                warnings.warn(
+                    f"removed a stale torch-extension build lock {lock} ({age / 60:.0f} min old, left by "
+                    f"a killed build); the op is rebuilt if it is incomplete",
+                    stacklevel=2,
+                )
+        except FileNotFoundError:  # another process released it meanwhile
             pass
     return removed
 
@@ -84,8 +87,8 @@ def build_cpu_ops() -> str:
     """Build (or find built) the CPU shm comm op DeepSpeed loads at init; returns a one-line report."""
     prepare_cpu_ops()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.accelerator import get_accelerator
     import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() != "cpu":
         return f"DS accelerator is {get_accelerator().device_name()}: no CPU op to build"

@@ -48,8 +48,9 @@ def _check_pair(img: Tensor, txt: Tensor, *, values: bool = True, names=("img", 
             if not torch.isfinite(norms).all():
                 raise ValueError(f"{name}: features contain NaN or inf")
             if (norms - 1).abs().max() > _NORM_TOL:
-                raise ValueError(f"{name}: features must be L2-normalized (row norms in "
-                                 f"[{norms.min():.4g}, {norms.max():.4g}])")
+                raise ValueError(
+                    f"{name}: features must be L2-normalized (row norms in [{norms.min():.4g}, {norms.max():.4g}])"
+                )
 
 
 def _check_tau(tau: Tensor, *, values: bool = True) -> None:
@@ -129,7 +130,7 @@ def gather_features(img: Tensor, txt: Tensor) -> Features:
 
 def all_gather_no_grad(x: Tensor) -> Tensor:
     """Concatenate a tensor (equal shape on every rank) across ranks along dim 0, without gradient."""
-    rank, world = _world()
+    _rank, world = _world()
     if world == 1:
         return x.detach()
     parts = [torch.empty_like(x) for _ in range(world)]
@@ -143,8 +144,8 @@ def all_gather_no_grad(x: Tensor) -> Tensor:
 def batch_log_normalizers(feats: Features, tau: Tensor) -> tuple[Tensor, Tensor]:
     """log g_hat for the local anchors (E1 with the batch in place of the data set), shape [b] each:
 
-        log g1_hat_i = LSE_{j != i}((s_ij - s_ii)/tau) - log(B - 1)    image anchor i, text negatives j
-        log g2_hat_i = LSE_{j != i}((s_ji - s_ii)/tau) - log(B - 1)    text anchor i, image negatives j
+    log g1_hat_i = LSE_{j != i}((s_ij - s_ii)/tau) - log(B - 1)    image anchor i, text negatives j
+    log g2_hat_i = LSE_{j != i}((s_ji - s_ii)/tau) - log(B - 1)    text anchor i, image negatives j
     """
     B = feats.global_size
     if B < 2:
@@ -152,10 +153,10 @@ def batch_log_normalizers(feats: Features, tau: Tensor) -> tuple[Tensor, Tensor]
     cols = feats.anchor_columns()
     rows = torch.arange(feats.local_size, device=cols.device)
     positive = torch.zeros(feats.local_size, B, dtype=torch.bool, device=cols.device)
-    positive[rows, cols] = True                                    # j == i, left out of the sum
+    positive[rows, cols] = True  # j == i, left out of the sum
     out = []
     for anchors, others in ((feats.img, feats.txt_all), (feats.txt, feats.img_all)):
-        pos = (anchors * others[cols]).sum(-1, keepdim=True)      # s_ii, [b, 1]
+        pos = (anchors * others[cols]).sum(-1, keepdim=True)  # s_ii, [b, 1]
         # one addmm gives (s_ij - s_ii)/tau: autograd keeps only the [b, d] / [B, d] inputs, no [b, B] temporary
         # (the loss's peak memory stays a few [b, B] matrices; benchmarks/memory.py)
         z = torch.addmm(-pos / tau, anchors / tau, others.T).masked_fill(positive, float("-inf"))
@@ -163,8 +164,9 @@ def batch_log_normalizers(feats: Features, tau: Tensor) -> tuple[Tensor, Tensor]
     return out[0], out[1]
 
 
-def conjugate_objective(log_g_img: Tensor, log_g_txt: Tensor, alpha_img: Tensor, alpha_txt: Tensor, tau: Tensor,
-                        eps: float, rho: float) -> Tensor:
+def conjugate_objective(
+    log_g_img: Tensor, log_g_txt: Tensor, alpha_img: Tensor, alpha_txt: Tensor, tau: Tensor, eps: float, rho: float
+) -> Tensor:
     """E6 over the given anchors: tau * mean_i[(eps+g1)e^-a1 + a1 - 1 + (eps+g2)e^-a2 + a2 - 1] + 2 rho tau.
 
     Each (eps+g)e^-a term is exp(logaddexp(log eps, log g) - a) (E6, stable form). tau multiplies the bracket, so
@@ -190,8 +192,9 @@ def rgcl_log_loss(img: Tensor, txt: Tensor, tau: Tensor, eps: float, rho: float)
     return t * terms.mean() + 2 * rho * t
 
 
-def neuclip_objective(img: Tensor, txt: Tensor, alpha_img: Tensor, alpha_txt: Tensor, tau: Tensor, eps: float,
-                      rho: float) -> Tensor:
+def neuclip_objective(
+    img: Tensor, txt: Tensor, alpha_img: Tensor, alpha_txt: Tensor, tau: Tensor, eps: float, rho: float
+) -> Tensor:
     """E6 on one batch (alpha given, e.g. the NPN's prediction); a scalar."""
     _check_pair(img, txt)
     _check_tau(tau)
@@ -273,8 +276,9 @@ class NeuCLIPLoss(ContrastiveLoss):
         _check_alpha("alpha_img", alpha_img, feats.local_size)
         _check_alpha("alpha_txt", alpha_txt, feats.local_size)
         log_g_img, log_g_txt = batch_log_normalizers(feats, tau)
-        return conjugate_objective(log_g_img, log_g_txt, alpha_img.detach(), alpha_txt.detach(), tau,
-                                   self.eps, self.rho)
+        return conjugate_objective(
+            log_g_img, log_g_txt, alpha_img.detach(), alpha_txt.detach(), tau, self.eps, self.rho
+        )
 
 
 def fastclip_gamma(epoch: int, gamma_min: float, decay_epochs: int) -> float:
@@ -324,8 +328,10 @@ class ShardedLogTable:
         nan rows take g_hat as well. The reference's 1e-35 threshold guards its linear fp32 table against underflow;
         the log-domain table holds a tiny positive u exactly, so such a row is averaged, not reset."""
         if index.min() < 0 or index.max() >= self.num_samples:
-            raise ValueError(f"index: dataset indices must lie in [0, {self.num_samples}), got "
-                             f"[{int(index.min())}, {int(index.max())}]")
+            raise ValueError(
+                f"index: dataset indices must lie in [0, {self.num_samples}), got "
+                f"[{int(index.min())}, {int(index.max())}]"
+            )
         mine = (index % self.world_size) == self.rank
         rows = (index[mine] // self.world_size).to(self.log_u.device)
         old = self.log_u[rows]
@@ -345,12 +351,10 @@ class ShardedLogTable:
         return self.log_u[(index // self.world_size).to(self.log_u.device)]
 
     def state_dict(self) -> dict:
-        return {"log_u": self.log_u, "rank": self.rank, "world_size": self.world_size,
-                "num_samples": self.num_samples}
+        return {"log_u": self.log_u, "rank": self.rank, "world_size": self.world_size, "num_samples": self.num_samples}
 
     def load_state_dict(self, state: dict) -> None:
-        if (state["num_samples"], state["world_size"], state["rank"]) != (self.num_samples, self.world_size,
-                                                                          self.rank):
+        if (state["num_samples"], state["world_size"], state["rank"]) != (self.num_samples, self.world_size, self.rank):
             raise ValueError("state: u-table shard was written for another data size or world layout")
         self.log_u.copy_(state["log_u"])
 
@@ -376,8 +380,15 @@ class FastCLIPLoss(NeuCLIPLoss):
 
     name = "fastclip"
 
-    def __init__(self, num_samples: int, eps: float = 1e-14, rho: float = 6.5, gamma_min: float = 0.2,
-                 gamma_decay_epochs: int = 10, table_device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        num_samples: int,
+        eps: float = 1e-14,
+        rho: float = 6.5,
+        gamma_min: float = 0.2,
+        gamma_decay_epochs: int = 10,
+        table_device: str | torch.device = "cpu",
+    ):
         super().__init__(eps=eps, rho=rho)
         if not 0 < gamma_min <= 1:
             raise ValueError(f"gamma_min: must be in (0, 1], got {gamma_min}")
@@ -392,8 +403,9 @@ class FastCLIPLoss(NeuCLIPLoss):
         return fastclip_gamma(epoch, self.gamma_min, self.gamma_decay_epochs)
 
     @torch.no_grad()
-    def update_alpha(self, index_all: Tensor, log_g_img_all: Tensor, log_g_txt_all: Tensor,
-                     epoch: int) -> tuple[Tensor, Tensor]:
+    def update_alpha(
+        self, index_all: Tensor, log_g_img_all: Tensor, log_g_txt_all: Tensor, epoch: int
+    ) -> tuple[Tensor, Tensor]:
         """E9 update on the global batch with gamma = `fastclip_gamma(epoch, ...)` (epoch 0-based; rows seen for the
         first time take g_hat); returns alpha = log(eps + u_new) for all B samples."""
         gamma = self.gamma(epoch)
@@ -412,8 +424,9 @@ class FastCLIPLoss(NeuCLIPLoss):
             raise ValueError(f"index: expected a [{feats.local_size}] tensor of dataset indices")
         log_g_img, log_g_txt = batch_log_normalizers(feats, tau)
         index_all = all_gather_no_grad(index.to(feats.img.device))
-        alpha_img, alpha_txt = self.update_alpha(index_all, all_gather_no_grad(log_g_img),
-                                                 all_gather_no_grad(log_g_txt), epoch)
+        alpha_img, alpha_txt = self.update_alpha(
+            index_all, all_gather_no_grad(log_g_img), all_gather_no_grad(log_g_txt), epoch
+        )
         sl = slice(feats.offset, feats.offset + feats.local_size)
         return conjugate_objective(log_g_img, log_g_txt, alpha_img[sl], alpha_txt[sl], tau, self.eps, self.rho)
 

@@ -15,9 +15,19 @@ from .rundir import RunFiles
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, *, rank: int, total_steps: int, report_to: str = "jsonl",
-                 config: dict | None = None, wandb_project: str = "neuclip_ds", wandb_offline: bool = False,
-                 initial_step: int = 0, resume: bool = False):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        rank: int,
+        total_steps: int,
+        report_to: str = "jsonl",
+        config: dict | None = None,
+        wandb_project: str = "neuclip_ds",
+        wandb_offline: bool = False,
+        initial_step: int = 0,
+        resume: bool = False,
+    ):
         self.rank = rank
         self.path = RunFiles(Path(output_dir)).metrics
         self.file = None
@@ -28,15 +38,16 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume and self.path.exists():
             self._truncate_after(initial_step)
-        self.file = open(self.path, "a" if resume else "w", buffering=1)
+        self.file = open(self.path, "a" if resume else "w", buffering=1)  # noqa: SIM115 (closed in close())
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
         if report_to == "wandb":
             if wandb_offline:
                 os.environ["WANDB_MODE"] = "offline"
             import wandb
 
-            self.wandb = wandb.init(project=wandb_project, config=config, dir=str(output_dir),
-                                    name=Path(output_dir).name, resume="allow")
+            self.wandb = wandb.init(
+                project=wandb_project, config=config, dir=str(output_dir), name=Path(output_dir).name, resume="allow"
+            )
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines of steps after the checkpoint (they will be recomputed)."""
@@ -53,8 +64,9 @@ class MetricsLogger:
             self.wandb.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=record["step"])
         self.bar.update(1)
         if record.get("loss") is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tau=f"{record['tau']:.4f}",
-                                 npn=f"{record.get('npn_time_frac', 0):.1%}")
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}", tau=f"{record['tau']:.4f}", npn=f"{record.get('npn_time_frac', 0):.1%}"
+            )
 
     def note(self, text: str) -> None:
         """A message of rank 0's, on its own line above the progress bar (a plain print would be glued to it)."""
@@ -83,8 +95,12 @@ def plot_training(metrics_path: str | Path, out_png: str | Path) -> Path:
 
     rows = read_metrics(metrics_path)
     steps = [r["step"] for r in rows]
-    panels = [("loss", "loss"), ("tau", "temperature tau"), ("samples_per_s", "samples / s"),
-              ("npn_time_frac", "NPN share of step time")]
+    panels = [
+        ("loss", "loss"),
+        ("tau", "temperature tau"),
+        ("samples_per_s", "samples / s"),
+        ("npn_time_frac", "NPN share of step time"),
+    ]
     if any(r.get("norm_err") is not None for r in rows):
         panels.append(("norm_err", "normalizer error (nats)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))

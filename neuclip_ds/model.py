@@ -20,11 +20,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig,
-                          CLIPVisionModelWithProjection)
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 from .presets import get_preset
-
 
 TAU_PARAMS = ("log", "raw")
 
@@ -42,9 +47,18 @@ def parameter_bounds(tau_param: str, tau_min: float, tau_max: float) -> tuple[fl
 class CLIPDualEncoder(nn.Module):
     """Image and text towers mapping to one L2-normalized embedding space, plus tau (and an optional bias)."""
 
-    def __init__(self, vision_config: CLIPVisionConfig, text_config: CLIPTextConfig, *, init_tau: float = 0.07,
-                 tau_min: float = 0.01, tau_max: float = 1.0, tau_param: str = "log", with_bias: bool = False,
-                 init_bias: float = -10.0):
+    def __init__(
+        self,
+        vision_config: CLIPVisionConfig,
+        text_config: CLIPTextConfig,
+        *,
+        init_tau: float = 0.07,
+        tau_min: float = 0.01,
+        tau_max: float = 1.0,
+        tau_param: str = "log",
+        with_bias: bool = False,
+        init_bias: float = -10.0,
+    ):
         super().__init__()
         if not 0 < tau_min <= init_tau <= tau_max:
             raise ValueError(f"init_tau: need 0 < tau_min <= init_tau <= tau_max, got {tau_min}, {init_tau}, {tau_max}")
@@ -70,8 +84,11 @@ class CLIPDualEncoder(nn.Module):
 
     def hf_config(self) -> CLIPConfig:
         """The transformers.CLIPConfig of the same towers (for export to a CLIPModel directory)."""
-        return CLIPConfig(text_config=self.text.config.to_dict(), vision_config=self.visual.config.to_dict(),
-                          projection_dim=self.visual.config.projection_dim)
+        return CLIPConfig(
+            text_config=self.text.config.to_dict(),
+            vision_config=self.visual.config.to_dict(),
+            projection_dim=self.visual.config.projection_dim,
+        )
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         for tower in (self.visual, self.text):
@@ -103,19 +120,34 @@ class CLIPDualEncoder(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return F.normalize(self.text(input_ids=input_ids, attention_mask=attention_mask).text_embeds, dim=-1)
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        out = {"img": self.encode_image(pixel_values), "txt": self.encode_text(input_ids, attention_mask),
-               "tau": self.temperature()}
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        out = {
+            "img": self.encode_image(pixel_values),
+            "txt": self.encode_text(input_ids, attention_mask),
+            "tau": self.temperature(),
+        }
         if self.logit_bias is not None:
             out["bias"] = self.logit_bias
         return out
 
 
-def build_model(preset: str, *, vocab_size: int | None = None, eos_token_id: int | None = None,
-                pad_token_id: int | None = None, bos_token_id: int | None = None, init_tau: float = 0.07,
-                tau_min: float = 0.01, tau_max: float = 1.0, tau_param: str = "log", with_bias: bool = False,
-                grad_checkpointing: bool = False, hf_dir: str | Path | None = None) -> CLIPDualEncoder:
+def build_model(
+    preset: str,
+    *,
+    vocab_size: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    bos_token_id: int | None = None,
+    init_tau: float = 0.07,
+    tau_min: float = 0.01,
+    tau_max: float = 1.0,
+    tau_param: str = "log",
+    with_bias: bool = False,
+    grad_checkpointing: bool = False,
+    hf_dir: str | Path | None = None,
+) -> CLIPDualEncoder:
     """Build a preset from its config (no download), or load a local HF CLIPModel directory for fine-tuning."""
     if hf_dir is not None:
         model = load_hf_clip(hf_dir, tau_min=tau_min, tau_max=tau_max, tau_param=tau_param, with_bias=with_bias)
@@ -123,9 +155,15 @@ def build_model(preset: str, *, vocab_size: int | None = None, eos_token_id: int
         p = get_preset(preset)
         model = CLIPDualEncoder(
             p.vision_config(),
-            p.text_config(vocab_size=vocab_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                          bos_token_id=bos_token_id),
-            init_tau=init_tau, tau_min=tau_min, tau_max=tau_max, tau_param=tau_param, with_bias=with_bias)
+            p.text_config(
+                vocab_size=vocab_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=bos_token_id
+            ),
+            init_tau=init_tau,
+            tau_min=tau_min,
+            tau_max=tau_max,
+            tau_param=tau_param,
+            with_bias=with_bias,
+        )
     model.set_grad_checkpointing(grad_checkpointing)
     return model
 
@@ -148,8 +186,9 @@ def reinitialize_partitioned(model: CLIPDualEncoder) -> None:
             tower.initialize_weights()
 
 
-def load_hf_clip(hf_dir: str | Path, *, tau_min: float = 0.01, tau_max: float = 1.0, tau_param: str = "log",
-                 with_bias: bool = False) -> CLIPDualEncoder:
+def load_hf_clip(
+    hf_dir: str | Path, *, tau_min: float = 0.01, tau_max: float = 1.0, tau_param: str = "log", with_bias: bool = False
+) -> CLIPDualEncoder:
     """A local `transformers.CLIPModel` directory -> CLIPDualEncoder with the same weights.
 
     CLIPModel and the *WithProjection towers share parameter names (vision_model.*, visual_projection.*, ...), so
@@ -160,15 +199,25 @@ def load_hf_clip(hf_dir: str | Path, *, tau_min: float = 0.01, tau_max: float = 
     clip = CLIPModel.from_pretrained(hf_dir, local_files_only=True)
     tau = float(torch.exp(-clip.logit_scale.detach().float()))
     tau = min(max(tau, tau_min), tau_max)
-    model = CLIPDualEncoder(clip.config.vision_config, clip.config.text_config, init_tau=tau, tau_min=tau_min,
-                            tau_max=tau_max, tau_param=tau_param, with_bias=with_bias)
+    model = CLIPDualEncoder(
+        clip.config.vision_config,
+        clip.config.text_config,
+        init_tau=tau,
+        tau_min=tau_min,
+        tau_max=tau_max,
+        tau_param=tau_param,
+        with_bias=with_bias,
+    )
     state = clip.state_dict()
-    for tower, prefixes in ((model.visual, ("vision_model.", "visual_projection.")),
-                            (model.text, ("text_model.", "text_projection."))):
+    for tower, prefixes in (
+        (model.visual, ("vision_model.", "visual_projection.")),
+        (model.text, ("text_model.", "text_projection.")),
+    ):
         tower_state = {k: v for k, v in state.items() if k.startswith(prefixes)}
         missing, unexpected = tower.load_state_dict(tower_state, strict=False)
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing or unexpected:
-            raise ValueError(f"hf_dir: {hf_dir} does not match the CLIP towers (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+            raise ValueError(
+                f"hf_dir: {hf_dir} does not match the CLIP towers (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
     return model

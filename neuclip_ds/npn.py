@@ -48,8 +48,8 @@ class CosineScores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchors: Tensor, protos: Tensor, offset: Tensor) -> Tensor:
-        norm = torch.linalg.vector_norm(protos, dim=-1)      # one fused reduction, no m x d temporary
-        inv_norm = norm.clamp_min(1e-12).reciprocal()        # F.normalize's eps
+        norm = torch.linalg.vector_norm(protos, dim=-1)  # one fused reduction, no m x d temporary
+        inv_norm = norm.clamp_min(1e-12).reciprocal()  # F.normalize's eps
         ctx.save_for_backward(anchors, protos, inv_norm, norm >= 1e-12)
         if anchors.shape[0] < protos.shape[1]:
             return (anchors @ protos.T).mul_(inv_norm).add_(offset)
@@ -62,11 +62,11 @@ class CosineScores(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_anchors = (grad * inv_norm) @ protos
         if ctx.needs_input_grad[1]:
-            m_rows = grad.T @ anchors                                          # M, [m, d]
-            radial = (protos * m_rows).sum(-1) * inv_norm.square()             # (W^_k . M_k) / |W_k|
-            radial = radial.where(norm_used, 0.0)        # a clamped norm is a constant: no radial term
+            m_rows = grad.T @ anchors  # M, [m, d]
+            radial = (protos * m_rows).sum(-1) * inv_norm.square()  # (W^_k . M_k) / |W_k|
+            radial = radial.where(norm_used, 0.0)  # a clamped norm is a constant: no radial term
             grad_protos = m_rows.addcmul_(protos, radial[:, None], value=-1.0).mul_(inv_norm[:, None])
-        return grad_anchors, grad_protos, None   # the offset is a constant of the inner steps
+        return grad_anchors, grad_protos, None  # the offset is a constant of the inner steps
 
 
 class TailoredNPN(nn.Module):
@@ -88,15 +88,15 @@ class TailoredNPN(nn.Module):
     def prepare(img: Tensor, txt: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """What is constant while the encoders and tau are frozen (E5): e/tau and -s_ii/tau. `fit` computes it once
         for its T_u inner steps, so each step is one addmm + logsumexp per side (no [B, m] subtract or divide)."""
-        neg_pos = -(img * txt).sum(-1, keepdim=True) / tau   # -s_ii / tau, [B, 1]
+        neg_pos = -(img * txt).sum(-1, keepdim=True) / tau  # -s_ii / tau, [B, 1]
         return img / tau, txt / tau, neg_pos
 
     def alpha(self, img_over_tau: Tensor, txt_over_tau: Tensor, neg_pos: Tensor) -> tuple[Tensor, Tensor]:
         m = self.proto_txt.shape[0]
         out = []
         for anchors, protos in ((img_over_tau, self.proto_txt), (txt_over_tau, self.proto_img)):
-            z = CosineScores.apply(anchors, protos, neg_pos)     # (cos(e_i, W_k) - s_ii) / tau
-            log_mean = torch.logsumexp(z, dim=1) - math.log(m)                 # log domain throughout (E4)
+            z = CosineScores.apply(anchors, protos, neg_pos)  # (cos(e_i, W_k) - s_ii) / tau
+            log_mean = torch.logsumexp(z, dim=1) - math.log(m)  # log domain throughout (E4)
             out.append(log_eps_plus(log_mean, self.eps))
         return out[0], out[1]
 
@@ -123,8 +123,9 @@ class MLPNPN(nn.Module):
 
     def __init__(self, dim: int, hidden: int, generator: torch.Generator):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(2 * dim + 1, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                 nn.Linear(hidden, 2))
+        self.net = nn.Sequential(
+            nn.Linear(2 * dim + 1, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 2)
+        )
         self._init(generator)
 
     @torch.no_grad()
@@ -153,8 +154,9 @@ class MLPNPN(nn.Module):
         measured on the tiny run: alpha went wild right after the restart and the loss became non-finite.)"""
 
 
-def npn_objective(alpha_img: Tensor, alpha_txt: Tensor, log_target_img: Tensor, log_target_txt: Tensor,
-                  tau: Tensor) -> Tensor:
+def npn_objective(
+    alpha_img: Tensor, alpha_txt: Tensor, log_target_img: Tensor, log_target_txt: Tensor, tau: Tensor
+) -> Tensor:
     """E5: tau/B sum_i[(eps+g1_i) e^-alpha1_i + alpha1_i + (eps+g2_i) e^-alpha2_i + alpha2_i].
 
     log_target_* = log(eps + g_hat) (constants); its alpha-gradient tau/B (1 - (eps+g)e^-alpha) vanishes exactly at
@@ -166,9 +168,18 @@ def npn_objective(alpha_img: Tensor, alpha_txt: Tensor, log_target_img: Tensor, 
 class NPN:
     """The NPN with its own AdaGrad: `predict`, `fit` (T_u inner steps, E5), `restart` (E7.4), state I/O."""
 
-    def __init__(self, dim: int, *, num_prototypes: int = 4096, eps: float = 1e-14, lr: float = 0.05,
-                 variant: str = "tailored", mlp_hidden: int = 256, seed: int = 0,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_prototypes: int = 4096,
+        eps: float = 1e-14,
+        lr: float = 0.05,
+        variant: str = "tailored",
+        mlp_hidden: int = 256,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ):
         if dim <= 0:
             raise ValueError(f"dim: must be > 0, got {dim}")
         if num_prototypes <= 0:
@@ -203,21 +214,35 @@ class NPN:
 
     def _inputs(self, img: Tensor, txt: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if img.dim() != 2 or img.shape != txt.shape or img.shape[1] != self.dim:
-            raise ValueError(f"img: expected [B, {self.dim}] image and text features of equal shape, got "
-                             f"{tuple(img.shape)} and {tuple(txt.shape)}")
+            raise ValueError(
+                f"img: expected [B, {self.dim}] image and text features of equal shape, got "
+                f"{tuple(img.shape)} and {tuple(txt.shape)}"
+            )
         if tau.numel() != 1 or not bool(tau.detach().reshape(()) > 0):
             raise ValueError("tau: expected one positive temperature")
         dtype = next(self.net.parameters()).dtype
-        return (img.detach().to(self.device, dtype), txt.detach().to(self.device, dtype),
-                tau.detach().reshape(1).to(self.device, dtype))
+        return (
+            img.detach().to(self.device, dtype),
+            txt.detach().to(self.device, dtype),
+            tau.detach().reshape(1).to(self.device, dtype),
+        )
 
     @torch.no_grad()
     def predict(self, img: Tensor, txt: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
         """alpha for each pair (detached), shape [B] each: the constants of the encoder step (E6)."""
         return self.net(*self._inputs(img, txt, tau))
 
-    def fit(self, img: Tensor, txt: Tensor, log_target_img: Tensor, log_target_txt: Tensor, tau: Tensor,
-            steps: int, *, rows: slice | None = None) -> float:
+    def fit(
+        self,
+        img: Tensor,
+        txt: Tensor,
+        log_target_img: Tensor,
+        log_target_txt: Tensor,
+        tau: Tensor,
+        steps: int,
+        *,
+        rows: slice | None = None,
+    ) -> float:
         """T_u AdaGrad steps on E5 with the encoders and tau frozen (E7.2); returns the last objective value (over
         the whole batch).
 
@@ -235,10 +260,10 @@ class NPN:
         batch = img.shape[0]
         if rows is not None:
             img, txt, targets = img[rows], txt[rows], [t[rows] for t in targets]
-        weight = img.shape[0] / batch   # 1 for the whole batch
+        weight = img.shape[0] / batch  # 1 for the whole batch
         value = float("nan")
         self.net.train()
-        constants = self.net.prepare(img, txt, tau)   # frozen encoders and tau: the same for every inner step
+        constants = self.net.prepare(img, txt, tau)  # frozen encoders and tau: the same for every inner step
         params = list(self.net.parameters())
         for _ in range(steps):
             self.optimizer.zero_grad(set_to_none=True)
@@ -246,10 +271,10 @@ class NPN:
             loss.backward()
             if rows is not None:
                 flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1)])
-                dist.all_reduce(flat)                          # one collective per inner step
+                dist.all_reduce(flat)  # one collective per inner step
                 offset = 0
                 for p in params:
-                    p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                    p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
                     offset += p.numel()
                 value = flat[-1]
             else:
@@ -270,12 +295,13 @@ class NPN:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("variant") != self.variant:
-            raise ValueError(f"state: NPN checkpoint is variant {state.get('variant')!r}, this run uses "
-                             f"{self.variant!r}")
+            raise ValueError(
+                f"state: NPN checkpoint is variant {state.get('variant')!r}, this run uses {self.variant!r}"
+            )
         self.net.load_state_dict(state["net"])
         # deepcopy: torch's Optimizer.load_state_dict keeps same-device tensors by reference
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
-        for group in self.optimizer.param_groups:   # the saved groups carry the saving device's kernel choice
+        for group in self.optimizer.param_groups:  # the saved groups carry the saving device's kernel choice
             group.update(self._fused_flags())
 
     @torch.no_grad()

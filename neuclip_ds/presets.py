@@ -44,8 +44,14 @@ class Preset:
             hidden_act=self.hidden_act,
         )
 
-    def text_config(self, *, vocab_size: int | None = None, eos_token_id: int | None = None,
-                    pad_token_id: int | None = None, bos_token_id: int | None = None) -> CLIPTextConfig:
+    def text_config(
+        self,
+        *,
+        vocab_size: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+    ) -> CLIPTextConfig:
         vocab_size = vocab_size or self.vocab_size
         if vocab_size != CLIP_VOCAB_SIZE:
             # keep the special ids inside a smaller vocabulary unless the tokenizer says otherwise
@@ -55,8 +61,11 @@ class Preset:
         kwargs = {}
         # HF CLIPTextModel pools at the first eos position unless eos_token_id == 2 (legacy argmax pooling);
         # a tokenizer of our own must therefore pass its real eos id.
-        for key, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id),
-                           ("bos_token_id", bos_token_id)):
+        for key, value in (
+            ("eos_token_id", eos_token_id),
+            ("pad_token_id", pad_token_id),
+            ("bos_token_id", bos_token_id),
+        ):
             if value is not None:
                 kwargs[key] = value
         return CLIPTextConfig(
@@ -73,22 +82,74 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset("tiny", embed_dim=64, image_size=32, patch_size=8, vision_width=128, vision_layers=2,
-                   vision_heads=4, vision_mlp_ratio=2.0, text_width=128, text_layers=2, text_heads=4,
-                   context_length=32, vocab_size=1024),
-    "ViT-B-32": Preset("ViT-B-32", embed_dim=512, image_size=224, patch_size=32, vision_width=768,
-                       vision_layers=12, vision_heads=12, vision_mlp_ratio=4.0, text_width=512, text_layers=12,
-                       text_heads=8),
-    "ViT-B-16": Preset("ViT-B-16", embed_dim=512, image_size=224, patch_size=16, vision_width=768,
-                       vision_layers=12, vision_heads=12, vision_mlp_ratio=4.0, text_width=512, text_layers=12,
-                       text_heads=8),
-    "ViT-L-14": Preset("ViT-L-14", embed_dim=768, image_size=224, patch_size=14, vision_width=1024,
-                       vision_layers=24, vision_heads=16, vision_mlp_ratio=4.0, text_width=768, text_layers=12,
-                       text_heads=12),
+    "tiny": Preset(
+        "tiny",
+        embed_dim=64,
+        image_size=32,
+        patch_size=8,
+        vision_width=128,
+        vision_layers=2,
+        vision_heads=4,
+        vision_mlp_ratio=2.0,
+        text_width=128,
+        text_layers=2,
+        text_heads=4,
+        context_length=32,
+        vocab_size=1024,
+    ),
+    "ViT-B-32": Preset(
+        "ViT-B-32",
+        embed_dim=512,
+        image_size=224,
+        patch_size=32,
+        vision_width=768,
+        vision_layers=12,
+        vision_heads=12,
+        vision_mlp_ratio=4.0,
+        text_width=512,
+        text_layers=12,
+        text_heads=8,
+    ),
+    "ViT-B-16": Preset(
+        "ViT-B-16",
+        embed_dim=512,
+        image_size=224,
+        patch_size=16,
+        vision_width=768,
+        vision_layers=12,
+        vision_heads=12,
+        vision_mlp_ratio=4.0,
+        text_width=512,
+        text_layers=12,
+        text_heads=8,
+    ),
+    "ViT-L-14": Preset(
+        "ViT-L-14",
+        embed_dim=768,
+        image_size=224,
+        patch_size=14,
+        vision_width=1024,
+        vision_layers=24,
+        vision_heads=16,
+        vision_mlp_ratio=4.0,
+        text_width=768,
+        text_layers=12,
+        text_heads=12,
+    ),
     # OpenCLIP ViT-H-14: vision width 1280 x 32 layers (head width 80 -> 16 heads), text 1024 x 24 layers.
-    "ViT-H-14": Preset("ViT-H-14", embed_dim=1024, image_size=224, patch_size=14, vision_width=1280,
-                       vision_layers=32, vision_heads=16, vision_mlp_ratio=4.0, text_width=1024, text_layers=24,
-                       text_heads=16),
+    "ViT-H-14": Preset(
+        "ViT-H-14",
+        embed_dim=1024,
+        image_size=224,
+        patch_size=14,
+        vision_width=1280,
+        vision_layers=32,
+        vision_heads=16,
+        vision_mlp_ratio=4.0,
+        text_width=1024,
+        text_layers=24,
+        text_heads=16,
+    ),
 }
 
 

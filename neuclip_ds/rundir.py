@@ -21,10 +21,10 @@ from pathlib import Path
 from .config import ConfigError
 
 
-
 @dataclass(frozen=True)
 class RunFiles:
     """Where a run's outputs live under its output directory: the one place that names them."""
+
     root: Path
 
     @property
@@ -71,8 +71,9 @@ def previous_run(output_dir: str | Path) -> list[str]:
 
 def _continues(resume: str | None, output_dir: str | Path) -> bool:
     """--resume continues the run of output_dir (auto, or a checkpoint inside it)."""
-    return resume == "auto" or (resume is not None
-                                and Path(resume).resolve().is_relative_to(Path(output_dir).resolve()))
+    return resume == "auto" or (
+        resume is not None and Path(resume).resolve().is_relative_to(Path(output_dir).resolve())
+    )
 
 
 def check_writable(output_dir: str | Path) -> None:
@@ -99,17 +100,22 @@ def check_output_dir(output_dir: str | Path, *, resume: str | None, overwrite: b
     --resume auto or a --resume checkpoint inside output_dir (the same run, continued). A pure check: every rank
     runs it on the same files before the process group starts, so all ranks decide alike."""
     if overwrite and _continues(resume, output_dir):
-        raise ConfigError(f"--overwrite: it would remove the checkpoint that --resume {resume} continues from; "
-                          f"give one of the two")
+        raise ConfigError(
+            f"--overwrite: it would remove the checkpoint that --resume {resume} continues from; give one of the two"
+        )
     found = previous_run(output_dir)
     if not found or overwrite or _continues(resume, output_dir):
         return
     what = f"{output_dir} already holds a run ({', '.join(found)})"
     if resume is None:
-        raise ConfigError(f"--output-dir: {what}; --resume auto to continue it, or --overwrite to start over "
-                          f"(removes only those files)")
-    raise ConfigError(f"--resume: {resume} is not in --output-dir, and {what}; choose a new --output-dir, or "
-                      f"--overwrite to start over there (removes only those files)")
+        raise ConfigError(
+            f"--output-dir: {what}; --resume auto to continue it, or --overwrite to start over "
+            f"(removes only those files)"
+        )
+    raise ConfigError(
+        f"--resume: {resume} is not in --output-dir, and {what}; choose a new --output-dir, or "
+        f"--overwrite to start over there (removes only those files)"
+    )
 
 
 def remove_previous_run(output_dir: str | Path) -> list[str]:
@@ -123,6 +129,6 @@ def remove_previous_run(output_dir: str | Path) -> list[str]:
         else:
             path.unlink()
     plots = out / "plots"
-    if "plots/training.png" in removed and not any(plots.iterdir()):   # ours when our plot was all it held
+    if "plots/training.png" in removed and not any(plots.iterdir()):  # ours when our plot was all it held
         plots.rmdir()
     return removed

@@ -47,8 +47,13 @@ def _rendezvous_store(timeout_s: float) -> dist.TCPStore | None:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return None
     try:
-        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                             timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+        return dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=timeout_s),
+            wait_for_workers=False,
+        )
     except Exception:
         return None
 
@@ -100,7 +105,7 @@ class FaultWatchdog:
     def _another_rank_failed(self) -> bool:
         try:
             failed = self._store.add(FAILED_RANKS_KEY, 0) > 0
-        except Exception:   # the store's host, rank 0, is gone
+        except Exception:  # the store's host, rank 0, is gone
             return True
         if failed:
             another_rank_failed.set()

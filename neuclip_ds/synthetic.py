@@ -14,8 +14,19 @@ import torch
 
 
 class SyntheticPairs:
-    def __init__(self, num_samples: int, *, image_size: int, context_length: int, vocab_size: int,
-                 eos_token_id: int, bos_token_id: int, pad_token_id: int = 0, num_classes: int = 16, seed: int = 0):
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        image_size: int,
+        context_length: int,
+        vocab_size: int,
+        eos_token_id: int,
+        bos_token_id: int,
+        pad_token_id: int = 0,
+        num_classes: int = 16,
+        seed: int = 0,
+    ):
         if num_samples <= 0:
             raise ValueError(f"num_samples: must be > 0, got {num_samples}")
         g = torch.Generator().manual_seed(seed)
@@ -32,20 +43,32 @@ class SyntheticPairs:
         tokens[torch.arange(num_samples), noisy] = vocab[torch.randint(0, len(vocab), (num_samples,), generator=g)]
         self.input_ids = torch.full((num_samples, context_length), pad_token_id, dtype=torch.long)
         self.input_ids[:, 0] = bos_token_id
-        self.input_ids[:, 1:words + 1] = tokens
+        self.input_ids[:, 1 : words + 1] = tokens
         self.input_ids[:, words + 1] = eos_token_id
         self.attention_mask = (torch.arange(context_length) < words + 2).long().expand(num_samples, -1).clone()
 
     def batch(self, index: torch.Tensor) -> dict:
-        return {"pixel_values": self.images[index], "input_ids": self.input_ids[index],
-                "attention_mask": self.attention_mask[index], "index": index.clone()}
+        return {
+            "pixel_values": self.images[index],
+            "input_ids": self.input_ids[index],
+            "attention_mask": self.attention_mask[index],
+            "index": index.clone(),
+        }
 
 
 class SyntheticStream:
     """Yields, per optimizer step, this rank's list of A micro-batches (see module doc for the layout)."""
 
-    def __init__(self, data: SyntheticPairs, *, global_batch_size: int, rank: int, world_size: int,
-                 accumulation: int, seed: int = 0):
+    def __init__(
+        self,
+        data: SyntheticPairs,
+        *,
+        global_batch_size: int,
+        rank: int,
+        world_size: int,
+        accumulation: int,
+        seed: int = 0,
+    ):
         self.data, self.B, self.rank, self.world, self.A = data, global_batch_size, rank, world_size, accumulation
         self.seed = seed
         self.steps_per_epoch = data.num_samples // global_batch_size
@@ -64,7 +87,7 @@ class SyntheticStream:
         if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         s = self.step_in_epoch
-        batch = self._perm(self.epoch)[s * self.B:(s + 1) * self.B]
+        batch = self._perm(self.epoch)[s * self.B : (s + 1) * self.B]
         local = batch.view(self.world, -1)[self.rank]
         self.step_in_epoch += 1
         return [self.data.batch(chunk) for chunk in local.view(self.A, -1)]

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import ConfigError, TrainConfig, parse_config
 from .checkpoint import seed_everything
+from .config import ConfigError, TrainConfig, parse_config
 from .presets import get_preset
 from .rundir import RunFiles
 from .stopping import FaultWatchdog, StopSignals, report_failure
@@ -25,13 +25,21 @@ def build_tokenizer_vocab(cfg: TrainConfig):
     """The tokenizer (None for synthetic data) and the ids the text tower must know."""
     preset = get_preset(cfg.preset)
     if cfg.tokenizer is None:
-        return None, {"vocab_size": preset.vocab_size, "eos_token_id": preset.vocab_size - 1,
-                      "bos_token_id": preset.vocab_size - 2, "pad_token_id": 0}
+        return None, {
+            "vocab_size": preset.vocab_size,
+            "eos_token_id": preset.vocab_size - 1,
+            "bos_token_id": preset.vocab_size - 2,
+            "pad_token_id": 0,
+        }
     from .data.tokenizer import TextTokenizer
 
     tok = TextTokenizer(cfg.tokenizer, context_length=preset.context_length)
-    return tok, {"vocab_size": tok.vocab_size, "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
-                 "pad_token_id": tok.pad_token_id}
+    return tok, {
+        "vocab_size": tok.vocab_size,
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
 
 
 def build_data(cfg: TrainConfig, info, accumulation: int, vocab: dict, tokenizer):
@@ -42,19 +50,42 @@ def build_data(cfg: TrainConfig, info, accumulation: int, vocab: dict, tokenizer
         from .data.loader import make_train_loader
         from .data.stream import LoaderStream
 
-        loader = make_train_loader(cfg.train_data, tokenizer=tokenizer, image_size=preset.image_size,
-                                   batch_size=micro, num_samples=cfg.train_num_samples, rank=info.rank,
-                                   world_size=info.world_size, workers=cfg.workers, seed=cfg.seed,
-                                   resampled=cfg.data_resampled, drop_last=True, dataset_size=cfg.dataset_size)
+        loader = make_train_loader(
+            cfg.train_data,
+            tokenizer=tokenizer,
+            image_size=preset.image_size,
+            batch_size=micro,
+            num_samples=cfg.train_num_samples,
+            rank=info.rank,
+            world_size=info.world_size,
+            workers=cfg.workers,
+            seed=cfg.seed,
+            resampled=cfg.data_resampled,
+            drop_last=True,
+            dataset_size=cfg.dataset_size,
+        )
         stream = LoaderStream(loader, accumulation=accumulation, max_bad_fraction=cfg.max_bad_fraction)
         return stream, cfg.dataset_size or cfg.train_num_samples, stream.steps_per_epoch
     from .synthetic import SyntheticPairs, SyntheticStream
 
-    data = SyntheticPairs(cfg.synthetic_samples, image_size=preset.image_size, context_length=preset.context_length,
-                          vocab_size=vocab["vocab_size"], eos_token_id=vocab["eos_token_id"],
-                          bos_token_id=vocab["bos_token_id"], pad_token_id=vocab["pad_token_id"], seed=cfg.seed)
-    stream = SyntheticStream(data, global_batch_size=cfg.global_batch_size, rank=info.rank,
-                             world_size=info.world_size, accumulation=accumulation, seed=cfg.seed)
+    data = SyntheticPairs(
+        cfg.synthetic_samples,
+        image_size=preset.image_size,
+        context_length=preset.context_length,
+        vocab_size=vocab["vocab_size"],
+        eos_token_id=vocab["eos_token_id"],
+        bos_token_id=vocab["bos_token_id"],
+        pad_token_id=vocab["pad_token_id"],
+        seed=cfg.seed,
+    )
+    stream = SyntheticStream(
+        data,
+        global_batch_size=cfg.global_batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        accumulation=accumulation,
+        seed=cfg.seed,
+    )
     return stream, cfg.synthetic_samples, stream.steps_per_epoch
 
 
@@ -63,15 +94,25 @@ def build_model_for(cfg: TrainConfig, ds_config: dict, vocab: dict):
 
     from .model import build_model, reinitialize_partitioned
 
-    zero_init = cfg.zero_init == "on" or (cfg.zero_init == "auto" and cfg.ds.zero_stage == 3
-                                          and cfg.preset in ("ViT-L-14", "ViT-H-14"))
+    zero_init = cfg.zero_init == "on" or (
+        cfg.zero_init == "auto" and cfg.ds.zero_stage == 3 and cfg.preset in ("ViT-L-14", "ViT-H-14")
+    )
     # deepspeed.zero.Init partitions each parameter as it is created, for presets that do not fit one rank
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_init):
-        model = build_model(cfg.preset, vocab_size=vocab["vocab_size"], eos_token_id=vocab["eos_token_id"],
-                            bos_token_id=vocab["bos_token_id"], pad_token_id=vocab["pad_token_id"],
-                            init_tau=cfg.init_tau, tau_min=cfg.tau_min, tau_max=cfg.tau_max, tau_param=cfg.tau_param,
-                            with_bias=cfg.loss == "siglip", grad_checkpointing=cfg.grad_checkpointing,
-                            hf_dir=cfg.pretrained_hf)
+        model = build_model(
+            cfg.preset,
+            vocab_size=vocab["vocab_size"],
+            eos_token_id=vocab["eos_token_id"],
+            bos_token_id=vocab["bos_token_id"],
+            pad_token_id=vocab["pad_token_id"],
+            init_tau=cfg.init_tau,
+            tau_min=cfg.tau_min,
+            tau_max=cfg.tau_max,
+            tau_param=cfg.tau_param,
+            with_bias=cfg.loss == "siglip",
+            grad_checkpointing=cfg.grad_checkpointing,
+            hf_dir=cfg.pretrained_hf,
+        )
     if zero_init and cfg.pretrained_hf is None:
         reinitialize_partitioned(model)
     return model
@@ -98,24 +139,39 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
     resized = saved is not None and saved["world_size"] != info.world_size
     load_dir = checkpoint.to_universal(resume_dir) if resized else resume_dir
     model = build_model_for(cfg, build_ds_config(cfg, info.world_size), vocab)
-    eng = NeuCLIPEngine(cfg, model, info, total_steps=total_steps, dataset_size=cfg.dataset_size or dataset_size,
-                        load_universal=resized)
+    eng = NeuCLIPEngine(
+        cfg, model, info, total_steps=total_steps, dataset_size=cfg.dataset_size or dataset_size, load_universal=resized
+    )
 
-    state = checkpoint.TrainState(eng, stream, config=dict(cfg.to_dict(), zero_stage=cfg.ds.zero_stage),
-                                  seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    state = checkpoint.TrainState(
+        eng,
+        stream,
+        config=dict(cfg.to_dict(), zero_stage=cfg.ds.zero_stage),
+        seed=cfg.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+    )
     start_step = 0
     if saved is None:
         seed_everything(cfg.seed * 1000 + info.rank)  # per-rank random streams from here on (augmentation)
     else:
-        checkpoint.check_files_are_data(resume_dir, load_dir)   # a refused file stops every rank alike
+        checkpoint.check_files_are_data(resume_dir, load_dir)  # a refused file stops every rank alike
         checkpoint.load_engine(eng.engine, load_dir)
         start_step = state.load_state_dict(saved, resume_dir)
 
     probe = build_norm_err_probe(cfg, info, stream, tokenizer) if cfg.norm_err_every else None
 
-    logger = MetricsLogger(out_dir, rank=info.rank, total_steps=total_steps, report_to=cfg.report_to,
-                           config=cfg.to_dict(), wandb_project=cfg.wandb_project, wandb_offline=cfg.wandb_offline,
-                           initial_step=start_step, resume=saved is not None)
+    logger = MetricsLogger(
+        out_dir,
+        rank=info.rank,
+        total_steps=total_steps,
+        report_to=cfg.report_to,
+        config=cfg.to_dict(),
+        wandb_project=cfg.wandb_project,
+        wandb_offline=cfg.wandb_offline,
+        initial_step=start_step,
+        resume=saved is not None,
+    )
 
     # the newest checkpoint with no skipped step since the one before it: an abort after skipped steps points at
     # it and rotation keeps it (a later checkpoint may hold weights already on their way to overflow)
@@ -127,8 +183,15 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
         if refusal is not None:
             logger.note(f"neuclip-train: step {step} not saved: {refusal}")
             return None
-        tag_dir = checkpoint.save(eng.engine, out_dir, step=step, run_id=run_id, state=state.state_dict(),
-                                  keep_last=cfg.keep_last, keep=last_clean)
+        tag_dir = checkpoint.save(
+            eng.engine,
+            out_dir,
+            step=step,
+            run_id=run_id,
+            state=state.state_dict(),
+            keep_last=cfg.keep_last,
+            keep=last_clean,
+        )
         if eng.skipped_steps == skipped_at_last_save:
             last_clean = tag_dir
         skipped_at_last_save = eng.skipped_steps
@@ -146,15 +209,24 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
                 m = eng.train_step(micro_batches, step=step, epoch=epoch)
             except TooManySkippedSteps as e:
                 raise TooManySkippedSteps(f"{e}; {where_to_restart(last_clean)}") from None
-            bad = stream.check_bad_samples()   # past --max-bad-fraction: TooManyBadSamplesError on every rank alike
+            bad = stream.check_bad_samples()  # past --max-bad-fraction: TooManyBadSamplesError on every rank alike
             elapsed = time.perf_counter() - t0
             times = eng.timer.times
-            record = {"step": step + 1, "epoch": epoch, "loss": m["loss"], "tau": m["tau"],
-                      "lr": eng.scheduler.get_last_lr()[0], "samples_per_s": cfg.global_batch_size / elapsed,
-                      "step_time_s": elapsed, "npn_time_frac": times["npn"] / elapsed,
-                      "skipped_steps": eng.skipped_steps, "optimizer_steps": eng.engine.global_steps, "bad_samples": bad,
-                      **{f"time_{k}": v for k, v in times.items()},
-                      **{k: v for k, v in m.items() if k not in ("loss", "tau", "skipped")}}
+            record = {
+                "step": step + 1,
+                "epoch": epoch,
+                "loss": m["loss"],
+                "tau": m["tau"],
+                "lr": eng.scheduler.get_last_lr()[0],
+                "samples_per_s": cfg.global_batch_size / elapsed,
+                "step_time_s": elapsed,
+                "npn_time_frac": times["npn"] / elapsed,
+                "skipped_steps": eng.skipped_steps,
+                "optimizer_steps": eng.engine.global_steps,
+                "bad_samples": bad,
+                **{f"time_{k}": v for k, v in times.items()},
+                **{k: v for k, v in m.items() if k not in ("loss", "tau", "skipped")},
+            }
             if probe is not None and ((step + 1) % cfg.norm_err_every == 0 or step + 1 == total_steps):
                 record.update(measure_norm_err(probe, eng, cfg, info))
             if cfg.val_data and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
@@ -172,16 +244,19 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
             else:  # resumed a finished run: nothing to train, report it as it is
                 ckpt = resume_dir
                 if info.rank == 0:
-                    print(f"neuclip-train: {ckpt} is already at step {total_steps}; nothing to train",
-                          file=sys.stderr)
+                    print(f"neuclip-train: {ckpt} is already at step {total_steps}; nothing to train", file=sys.stderr)
     finally:
         logger.close()
     if not record and info.rank == 0 and files.metrics.exists():
         rows = read_metrics(files.metrics)
         record = rows[-1] if rows else {}
-    summary = {"final": record, "checkpoint": str(ckpt) if ckpt else None, "metrics": str(files.metrics),
-               "stopped_by": stopped_by}
-    if cfg.val_data is not None and stopped_by is None:   # a preempted run keeps its grace period for the save
+    summary = {
+        "final": record,
+        "checkpoint": str(ckpt) if ckpt else None,
+        "metrics": str(files.metrics),
+        "stopped_by": stopped_by,
+    }
+    if cfg.val_data is not None and stopped_by is None:  # a preempted run keeps its grace period for the save
         summary.update(final_evaluation(eng, cfg, tokenizer, info, files.eval_results))
     if hasattr(eng.estimator, "npn"):  # E8: the replicas must be identical; say so, and fail loudly if not
         summary["npn_checksums"] = checkpoint.gather_objects(eng.estimator.npn.checksum())
@@ -196,8 +271,10 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
 def where_to_restart(last_clean: Path | None) -> str:
     if last_clean is None:
         return "no checkpoint was saved before the first skipped step: start over with a lower --lr, or check the data"
-    return (f"the last checkpoint saved before the first skipped step is {last_clean}: --resume {last_clean} with a "
-            f"lower --lr, or check the data")
+    return (
+        f"the last checkpoint saved before the first skipped step is {last_clean}: --resume {last_clean} with a "
+        f"lower --lr, or check the data"
+    )
 
 
 def start_output_dir(cfg: TrainConfig, out_dir: Path) -> None:
@@ -216,7 +293,6 @@ def start_output_dir(cfg: TrainConfig, out_dir: Path) -> None:
 
 def build_norm_err_probe(cfg: TrainConfig, info, stream, tokenizer):
     """Fixed anchors (the first S training samples) and this rank's share of the training set."""
-    import torch
 
     from .diagnostics import NormErrProbe
 
@@ -238,13 +314,16 @@ def build_norm_err_probe(cfg: TrainConfig, info, stream, tokenizer):
 def measure_norm_err(probe, eng, cfg: TrainConfig, info) -> dict:
     """norm_err = the run's own estimator's error (NeuCLIP: NPN; FastCLIP: u; others: a mini-batch's log g_hat),
     plus norm_err_<method> for each estimate available (the mini-batch one always)."""
-    import torch
 
-    tau = torch.tensor([eng.temperature.tau])   # what the next step's forward uses (read after the step)
-    errors = probe.measure(eng.encode, device=info.device, tau=tau.to(info.device),
-                           npn=getattr(eng.estimator, "npn", None),
-                           fastclip_loss=eng.loss_fn if cfg.loss == "fastclip" else None,
-                           batch=eng.last_global_batch)
+    tau = torch.tensor([eng.temperature.tau])  # what the next step's forward uses (read after the step)
+    errors = probe.measure(
+        eng.encode,
+        device=info.device,
+        tau=tau.to(info.device),
+        npn=getattr(eng.estimator, "npn", None),
+        fastclip_loss=eng.loss_fn if cfg.loss == "fastclip" else None,
+        batch=eng.last_global_batch,
+    )
     own = {"neuclip": "neuclip", "fastclip": "fastclip"}.get(cfg.loss, "mbcl")
     out = {f"norm_err_{k}": v for k, v in errors.items()}
     out["norm_err"] = errors.get(own)
@@ -262,9 +341,15 @@ def _evaluate_now(eng, cfg: TrainConfig, tokenizer, info, *, progress: bool) -> 
 
     results = None
     if cfg.ds.zero_stage == 3 or info.rank == 0:
-        results = evaluate(eng.engine.module, val_data=cfg.val_data, tokenizer=tokenizer,
-                           dataset_dir=cfg.dataset_dir, device=info.device, batch_size=256,
-                           progress=progress and info.rank == 0)
+        results = evaluate(
+            eng.engine.module,
+            val_data=cfg.val_data,
+            tokenizer=tokenizer,
+            dataset_dir=cfg.dataset_dir,
+            device=info.device,
+            batch_size=256,
+            progress=progress and info.rank == 0,
+        )
     dist.barrier()
     return results if info.rank == 0 else None
 
@@ -314,12 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     from .data.bad_samples import TooManyBadSamplesError
     from .engine import TrainingAborted, init_distributed
 
-    stop_signals = StopSignals()   # from here on a SIGTERM is a request to save and stop, honoured at step 1 at least
+    stop_signals = StopSignals()  # from here on a SIGTERM is a request to save and stop, honoured at step 1 at least
     try:
         info = init_distributed()
         watchdog = FaultWatchdog()
         summary = run(cfg, info, resume_dir, stop_signals)
-    except BaseException as e:   # no barrier, no teardown: the other ranks may be waiting for this one (stopping.py)
+    except BaseException as e:  # no barrier, no teardown: the other ranks may be waiting for this one (stopping.py)
         return report_failure(e, debug=cfg.debug, expected=(TrainingAborted, CheckpointError, TooManyBadSamplesError))
     watchdog.stop()
     shutdown_distributed()
@@ -328,14 +413,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done: step {final.get('step')} loss {final.get('loss')} tau {final.get('tau')}")
         if "eval_table" in summary:
             print(summary["eval_table"])
-        print(f"metrics:    {summary['metrics']}\nplot:       {summary['plot']}\n"
-              f"checkpoint: {summary['checkpoint'] or 'not saved at the end (see above)'}")
+        print(
+            f"metrics:    {summary['metrics']}\nplot:       {summary['plot']}\n"
+            f"checkpoint: {summary['checkpoint'] or 'not saved at the end (see above)'}"
+        )
         if "eval_results" in summary:
             print(f"evaluation: {summary['eval_results']}")
         if summary["stopped_by"]:
             saved = "with a checkpoint" if summary["checkpoint"] else "without a checkpoint (see above)"
-            print(f"neuclip-train: stopped by {summary['stopped_by']} at step {final.get('step')} {saved}; "
-                  f"--resume auto continues the run", file=sys.stderr)
+            print(
+                f"neuclip-train: stopped by {summary['stopped_by']} at step {final.get('step')} {saved}; "
+                f"--resume auto continues the run",
+                file=sys.stderr,
+            )
     return 0
 
 

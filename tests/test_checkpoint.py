@@ -6,14 +6,43 @@ import signal
 import sys
 
 import pytest
-
-from _launch import (ROOT, free_port, kill_after_step, launch, launch_script, metrics, run_command,
-                     signal_after_step, summary)
+from _launch import (
+    ROOT,
+    free_port,
+    kill_after_step,
+    launch,
+    launch_script,
+    metrics,
+    run_command,
+    signal_after_step,
+    summary,
+)
 
 STEPS = 8
-BASE = ["--synthetic-samples", "160", "--steps", str(STEPS), "--global-batch-size", "16", "--npn-prototypes", "32",
-        "--npn-inner-steps", "3", "--npn-restart-every", "3", "--lr", "1e-3", "--warmup", "1", "--save-every", "2",
-        "--keep-last", "10", "--ds-config", "ds_configs/zero2.json"]
+BASE = [
+    "--synthetic-samples",
+    "160",
+    "--steps",
+    str(STEPS),
+    "--global-batch-size",
+    "16",
+    "--npn-prototypes",
+    "32",
+    "--npn-inner-steps",
+    "3",
+    "--npn-restart-every",
+    "3",
+    "--lr",
+    "1e-3",
+    "--warmup",
+    "1",
+    "--save-every",
+    "2",
+    "--keep-last",
+    "10",
+    "--ds-config",
+    "ds_configs/zero2.json",
+]
 KEYS = ("loss", "tau", "lr")
 
 
@@ -30,6 +59,7 @@ def reference(tmp_path_factory):
             launch([*BASE, "--loss", loss, "--output-dir", str(out)], nproc=nproc)
             cache[key] = metrics(out)
         return cache[key]
+
     return get
 
 
@@ -58,9 +88,20 @@ def test_sigkill_then_resume_is_bit_exact(reference, tmp_path, small_set, loss, 
     webdataset case also restores the loader position (shard order, shuffle buffer, crops) and the u tables."""
     kill_step = random.Random().randint(3, STEPS - 1)
     out = tmp_path / "run"
-    extra = [] if data == "synthetic" else ["--train-data", f"{small_set}/train/{{00000..00007}}.tar",
-                                            "--train-num-samples", "256", "--dataset-size", "256",
-                                            "--tokenizer", str(small_set / "tokenizer")]
+    extra = (
+        []
+        if data == "synthetic"
+        else [
+            "--train-data",
+            f"{small_set}/train/{{00000..00007}}.tar",
+            "--train-num-samples",
+            "256",
+            "--dataset-size",
+            "256",
+            "--tokenizer",
+            str(small_set / "tokenizer"),
+        ]
+    )
     args = [*BASE, "--loss", loss, *extra, "--output-dir", str(out)]
     kill_after_step(args, 2, out, kill_step)
     assert (out / "checkpoints" / "latest").is_file(), f"killed at step {kill_step} before any checkpoint"
@@ -84,7 +125,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(reference, tmp_path):
         del os.environ["KILL_SAVE_STEP"]
     assert proc.returncode != 0
     ckpts = out / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "step00000002"   # `latest` did not move
+    assert (ckpts / "latest").read_text().strip() == "step00000002"  # `latest` did not move
     assert (ckpts / "step00000004").is_dir() and not (ckpts / "step00000004" / "COMPLETE").exists()
     # asking for the half-written one explicitly: one clear line, exit 2, nothing touched
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
@@ -117,15 +158,19 @@ def test_resume_bad_inputs_are_one_line_and_touch_nothing(tmp_path):
     args = [*BASE, "--steps", "2", "--output-dir", str(out)]
     launch(args, nproc=1)
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
-    cases = [(["--resume", str(tmp_path / "nowhere")], "does not exist"),
-             (["--resume", "auto", "--preset", "ViT-B-32"], "--preset 'tiny', this run has 'ViT-B-32'"),
-             (["--resume", "auto", "--loss", "mbcl"], "--loss 'neuclip', this run has 'mbcl'"),
-             (["--resume", "auto", "--ds-config", "ds_configs/zero3.json"], "ZeRO stage 2, this run uses stage 3")]
+    cases = [
+        (["--resume", str(tmp_path / "nowhere")], "does not exist"),
+        (["--resume", "auto", "--preset", "ViT-B-32"], "--preset 'tiny', this run has 'ViT-B-32'"),
+        (["--resume", "auto", "--loss", "mbcl"], "--loss 'neuclip', this run has 'mbcl'"),
+        (["--resume", "auto", "--ds-config", "ds_configs/zero3.json"], "ZeRO stage 2, this run uses stage 3"),
+    ]
     for extra, needle in cases:
         proc = launch([*args, *extra], nproc=1, check=False)
         lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and needle in lines[-1] and lines[-1].startswith("neuclip-train: error:"), \
-            (extra, proc.stderr[-500:])
+        assert proc.returncode == 2 and needle in lines[-1] and lines[-1].startswith("neuclip-train: error:"), (
+            extra,
+            proc.stderr[-500:],
+        )
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
 
 
@@ -136,8 +181,13 @@ def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint_and_resume_c
     args = [*BASE, "--steps", str(steps), "--save-every", "0"]
     launch([*args, "--output-dir", str(tmp_path / "ref")], nproc=2)
     out = tmp_path / "run"
-    stopped = signal_after_step(["bash", "launchers/single_node.sh", "2", *args, "--output-dir", str(out)], out,
-                                signal.SIGTERM, step=1, extra_env={"PYTHON": sys.executable})
+    stopped = signal_after_step(
+        ["bash", "launchers/single_node.sh", "2", *args, "--output-dir", str(out)],
+        out,
+        signal.SIGTERM,
+        step=1,
+        extra_env={"PYTHON": sys.executable},
+    )
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     k = len(metrics(out))
     assert 1 <= k < steps
@@ -158,18 +208,36 @@ def test_slurm_time_limit_signal_saves_requeues_and_the_requeued_job_finishes(tm
     same script run again (the requeued job) continues from that checkpoint to the end, each step logged once."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n'
-                                  'export SLURM_PROCID=0 SLURM_LOCALID=0\nexec "$@"\n')
-    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\nif [ "$1" = show ]; then echo 127.0.0.1; '
-                                      f'else echo "$@" >> {tmp_path / "scontrol.log"}; fi\n')
+    (bin_dir / "srun").write_text(
+        '#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexport SLURM_PROCID=0 SLURM_LOCALID=0\nexec "$@"\n'
+    )
+    (bin_dir / "scontrol").write_text(
+        '#!/usr/bin/env bash\nif [ "$1" = show ]; then echo 127.0.0.1; '
+        f'else echo "$@" >> {tmp_path / "scontrol.log"}; fi\n'
+    )
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     steps, out = 30, tmp_path / "run"
-    job = ["bash", "launchers/slurm.sbatch", *BASE, "--steps", str(steps), "--save-every", "0", "--output-dir",
-           str(out)]
-    slurm_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "SLURM_JOB_ID": "4242",
-                 "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "node1", "SLURM_SUBMIT_DIR": str(ROOT),
-                 "MASTER_PORT": str(free_port())}
+    job = [
+        "bash",
+        "launchers/slurm.sbatch",
+        *BASE,
+        "--steps",
+        str(steps),
+        "--save-every",
+        "0",
+        "--output-dir",
+        str(out),
+    ]
+    slurm_env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHON": sys.executable,
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NODELIST": "node1",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "MASTER_PORT": str(free_port()),
+    }
     stopped = signal_after_step(job, out, signal.SIGUSR1, step=1, extra_env=slurm_env)
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
@@ -178,4 +246,4 @@ def test_slurm_time_limit_signal_saves_requeues_and_the_requeued_job_finishes(tm
     finished = run_command(job, extra_env=slurm_env)
     assert [r["step"] for r in metrics(out)] == list(range(1, steps + 1))
     assert finished.returncode == 0 and summary(out)["final"]["step"] == steps
-    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"   # finished: not requeued again
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # finished: not requeued again

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from _launch import launch, metrics
 
 TINY = ["--synthetic-samples", "64", "--global-batch-size", "16", "--npn-prototypes", "32", "--npn-inner-steps", "2"]
@@ -75,15 +74,18 @@ def command(kind: str, run: Path, request) -> tuple[list[str], str]:
         return train_args(run, steps=3, extra=["--resume", "auto"]), "neuclip_ds.train"
     if kind == "export":
         return ["--checkpoint", str(run), "--out", str(run.parent / "hf")], "neuclip_ds.export"
-    return (["--checkpoint", str(run), "--dataset-dir", str(request.getfixturevalue("dataset")), "--no-progress"],
-            "neuclip_ds.evaluate")
+    return (
+        ["--checkpoint", str(run), "--dataset-dir", str(request.getfixturevalue("dataset")), "--no-progress"],
+        "neuclip_ds.evaluate",
+    )
 
 
 def refusal_lines(stderr: str, path: Path) -> list[str]:
     """The stderr lines that name `path`; each must be a refusal."""
     lines = [line for line in stderr.splitlines() if str(path) in line]
-    assert lines and all("refused: it names io.open, which is not on the allow-list" in line for line in lines), \
-        stderr[-3000:]
+    assert lines and all("refused: it names io.open, which is not on the allow-list" in line for line in lines), stderr[
+        -3000:
+    ]
     return lines
 
 
@@ -130,7 +132,7 @@ def test_another_world_size_refuses_a_file_of_the_universal_checkpoint(trained, 
     from neuclip_ds.checkpoint import to_universal
 
     run, marker = copy_of(trained, tmp_path), tmp_path / "MARKER"
-    universal = to_universal(run / "checkpoints" / TAG)   # the conversion itself reads every file as data
+    universal = to_universal(run / "checkpoints" / TAG)  # the conversion itself reads every file as data
     path = universal / UNIVERSAL_FRAGMENT
     plant(path, marker)
     proc = launch(train_args(run, steps=3, extra=["--resume", "auto"]), nproc=2, check=False)

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch.distributed as dist
-
 from _launch import launch
+
 from neuclip_ds import config
 from neuclip_ds.config import ConfigError, TrainConfig, parse_config
 from neuclip_ds.train import main
@@ -25,28 +25,31 @@ def run_main(capsys, args, world_size=None, monkeypatch=None):
     return code, err
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--preset", "ViT-Z-99"], "--preset: unknown preset 'ViT-Z-99'"),
-    (["--npn-prototypes", "0"], "--npn-prototypes: must be > 0"),
-    (["--npn-prototypes", "-5"], "--npn-prototypes: must be > 0"),
-    (["--train-data", "/nonexistent/{00000..00003}.tar", "--train-num-samples", "10"], "--train-data: no shard"),
-    (["--loss", "infonce"], "--loss: must be one of neuclip, fastclip, mbcl, siglip, got 'infonce'"),
-    (["--ds-config", "/nonexistent.json"], "--ds-config: file not found"),
-    (["--tau-min", "0.5", "--init-tau", "0.07"], "--init-tau: must lie in"),
-    (["--precision", "fp8"], "--precision: must be one of"),
-    (["--lr-tau", "0"], "--lr-tau: must be > 0"),
-    (["--lr-tau=-1e-3"], "--lr-tau: must be > 0"),
-    (["--lr-tau", "nan"], "--lr-tau: must be a finite number"),
-    (["--lr-tau", "inf"], "--lr-tau: must be a finite number"),
-    (["--lr", "inf"], "--lr: must be a finite number"),
-    (["--tau-min", "0.5", "--tau-max", "0.5", "--init-tau", "0.5"], "--tau-min: must be below --tau-max"),
-    (["--tau-min", "0.6", "--tau-max", "0.5"], "--tau-min: must be below --tau-max"),
-    (["--init-tau", "2.0"], "--init-tau: must lie in"),
-    (["--tau-param", "exp"], "--tau-param: must be log or raw"),
-    (["--lr-tau-schedule", "linear"], "--lr-tau-schedule: must be cosine or step_thresh"),
-    (["--lr", "ten"], "--lr: expected a number, got 'ten'"),
-    (["--seed", "1.5"], "--seed: expected an integer, got '1.5'"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--preset", "ViT-Z-99"], "--preset: unknown preset 'ViT-Z-99'"),
+        (["--npn-prototypes", "0"], "--npn-prototypes: must be > 0"),
+        (["--npn-prototypes", "-5"], "--npn-prototypes: must be > 0"),
+        (["--train-data", "/nonexistent/{00000..00003}.tar", "--train-num-samples", "10"], "--train-data: no shard"),
+        (["--loss", "infonce"], "--loss: must be one of neuclip, fastclip, mbcl, siglip, got 'infonce'"),
+        (["--ds-config", "/nonexistent.json"], "--ds-config: file not found"),
+        (["--tau-min", "0.5", "--init-tau", "0.07"], "--init-tau: must lie in"),
+        (["--precision", "fp8"], "--precision: must be one of"),
+        (["--lr-tau", "0"], "--lr-tau: must be > 0"),
+        (["--lr-tau=-1e-3"], "--lr-tau: must be > 0"),
+        (["--lr-tau", "nan"], "--lr-tau: must be a finite number"),
+        (["--lr-tau", "inf"], "--lr-tau: must be a finite number"),
+        (["--lr", "inf"], "--lr: must be a finite number"),
+        (["--tau-min", "0.5", "--tau-max", "0.5", "--init-tau", "0.5"], "--tau-min: must be below --tau-max"),
+        (["--tau-min", "0.6", "--tau-max", "0.5"], "--tau-min: must be below --tau-max"),
+        (["--init-tau", "2.0"], "--init-tau: must lie in"),
+        (["--tau-param", "exp"], "--tau-param: must be log or raw"),
+        (["--lr-tau-schedule", "linear"], "--lr-tau-schedule: must be cosine or step_thresh"),
+        (["--lr", "ten"], "--lr: expected a number, got 'ten'"),
+        (["--seed", "1.5"], "--seed: expected an integer, got '1.5'"),
+    ],
+)
 def test_config_errors_are_one_line_exit_2(capsys, args, needle):
     code, err = run_main(capsys, OK + args)
     assert code == 2
@@ -54,21 +57,21 @@ def test_config_errors_are_one_line_exit_2(capsys, args, needle):
 
 
 def test_batch_not_divisible_by_ranks(capsys, monkeypatch):
-    code, err = run_main(capsys, OK + ["--global-batch-size", "15"], world_size=2, monkeypatch=monkeypatch)
+    code, err = run_main(capsys, [*OK, "--global-batch-size", "15"], world_size=2, monkeypatch=monkeypatch)
     assert code == 2 and "--global-batch-size: 15 is not divisible by ranks x accumulation = 2 x 1" in err[0]
 
 
 def test_unknown_zero_stage(capsys, tmp_path):
     bad = tmp_path / "z7.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 7}}))
-    code, err = run_main(capsys, OK + ["--ds-config", str(bad)])
+    code, err = run_main(capsys, [*OK, "--ds-config", str(bad)])
     assert code == 2 and len(err) == 1 and "unknown ZeRO stage 7" in err[0]
 
 
 def test_batch_not_divisible_by_ranks_times_accumulation(capsys, tmp_path, monkeypatch):
     acc = tmp_path / "acc.json"
     acc.write_text(json.dumps({"gradient_accumulation_steps": 3, "zero_optimization": {"stage": 2}}))
-    code, err = run_main(capsys, OK + ["--ds-config", str(acc)], world_size=2, monkeypatch=monkeypatch)
+    code, err = run_main(capsys, [*OK, "--ds-config", str(acc)], world_size=2, monkeypatch=monkeypatch)
     assert code == 2 and "not divisible by ranks x accumulation = 2 x 3" in err[0]
 
 
@@ -90,11 +93,13 @@ def test_yaml_with_command_line_overrides(tmp_path):
 
 
 def test_cli_exit_code_and_grouped_help():
-    proc = subprocess.run([sys.executable, "-m", "neuclip_ds.train", "--npn-prototypes", "0", *OK[:2]],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "neuclip_ds.train", "--npn-prototypes", "0", *OK[:2]], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    help_text = subprocess.run([sys.executable, "-m", "neuclip_ds.train", "--help"], capture_output=True,
-                               text=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "neuclip_ds.train", "--help"], capture_output=True, text=True
+    ).stdout
     for group in ("model:", "loss:", "NPN (NeuCLIP):", "data:", "optimization:", "system:"):
         assert group in help_text
 
@@ -106,16 +111,22 @@ def yaml_config(tmp_path, text: str) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("text,message", [
-    ("lr: ten", "--lr: expected a number, got 'ten'"),
-    ("seed: [1, 2]", "--seed: expected an integer, got [1, 2]"),
-    ("steps: 2.5", "--steps: expected an integer, got 2.5"),
-    ("npn_prototypes: true", "--npn-prototypes: expected an integer, got True"),
-    ("grad_checkpointing: maybe", "--grad-checkpointing: expected true or false, got 'maybe'"),
-    ("train_data: [a.tar, b.tar]", "--train-data: expected a string, got ['a.tar', 'b.tar']"),
-    ("lr:", "--lr: expected a number, got None"),
-    ("zero_init: on", "--zero-init: expected a string, got True (YAML reads on/off/yes/no as true/false: quote it)"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("lr: ten", "--lr: expected a number, got 'ten'"),
+        ("seed: [1, 2]", "--seed: expected an integer, got [1, 2]"),
+        ("steps: 2.5", "--steps: expected an integer, got 2.5"),
+        ("npn_prototypes: true", "--npn-prototypes: expected an integer, got True"),
+        ("grad_checkpointing: maybe", "--grad-checkpointing: expected true or false, got 'maybe'"),
+        ("train_data: [a.tar, b.tar]", "--train-data: expected a string, got ['a.tar', 'b.tar']"),
+        ("lr:", "--lr: expected a number, got None"),
+        (
+            "zero_init: on",
+            "--zero-init: expected a string, got True (YAML reads on/off/yes/no as true/false: quote it)",
+        ),
+    ],
+)
 def test_yaml_value_of_the_wrong_type_names_the_option(tmp_path, text, message):
     with pytest.raises(ConfigError) as err:
         parse_config(["--config", yaml_config(tmp_path, text + "\n")])
@@ -124,8 +135,12 @@ def test_yaml_value_of_the_wrong_type_names_the_option(tmp_path, text, message):
 
 def test_yaml_numbers_written_as_strings(tmp_path):
     # YAML reads 1e-3 (no dot) as a string; quoted numbers and integral floats are numbers too
-    cfg = parse_config(["--config", yaml_config(tmp_path, "lr: 1e-3\nnpn_lr: '0.1'\nsteps: 1e3\nseed: 7.0\n"
-                                                          "lr_tau: ~\noutput_dir: 2024\n")])
+    cfg = parse_config(
+        [
+            "--config",
+            yaml_config(tmp_path, "lr: 1e-3\nnpn_lr: '0.1'\nsteps: 1e3\nseed: 7.0\nlr_tau: ~\noutput_dir: 2024\n"),
+        ]
+    )
     assert (cfg.lr, cfg.npn_lr, cfg.steps, cfg.seed, cfg.lr_tau, cfg.output_dir) == (1e-3, 0.1, 1000, 7, None, "2024")
     assert [type(v) for v in (cfg.lr, cfg.npn_lr, cfg.steps, cfg.seed)] == [float, float, int, int]
 
@@ -133,8 +148,11 @@ def test_yaml_numbers_written_as_strings(tmp_path):
 # ------------------------------------------------------------------------------------------------ output directory
 def test_output_dir_under_a_file_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(ConfigError, match=r"--output-dir: cannot create .*notes.txt/run: .*notes.txt is not a "
-                                          r"directory"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--output-dir: cannot create .*notes.txt/run: .*notes.txt is not a "
+        r"directory",
+    ):
         parse_config([*OK, "--output-dir", str(tmp_path / "notes.txt" / "run")]).validate()
 
 
@@ -143,7 +161,7 @@ def test_output_dir_without_write_permission_is_refused(tmp_path, monkeypatch):
     locked.mkdir()
     real_mkdir = os.mkdir
 
-    def mkdir(path, *args, **kwargs):   # what a read-only directory does (root would pass chmod 0o500)
+    def mkdir(path, *args, **kwargs):  # what a read-only directory does (root would pass chmod 0o500)
         if os.path.dirname(os.fspath(path)) == str(locked):
             raise PermissionError(13, "Permission denied", path)
         return real_mkdir(path, *args, **kwargs)
@@ -173,16 +191,22 @@ def test_unknown_zero_optimization_key_with_suggestion(tmp_path):
     path = ds_json(tmp_path, {"stage": 2, "overlap_com": True})
     with pytest.raises(ConfigError) as err:
         parse_config([*OK, "--ds-config", path]).validate()
-    assert str(err.value) == (f"--ds-config: unknown key 'overlap_com' in zero_optimization of {path} "
-                              f"(did you mean 'overlap_comm'?)")
-    with pytest.raises(ConfigError, match="unknown key 'frobnicate' in zero_optimization of .*ds.json$"):
+    assert str(err.value) == (
+        f"--ds-config: unknown key 'overlap_com' in zero_optimization of {path} (did you mean 'overlap_comm'?)"
+    )
+    with pytest.raises(ConfigError, match=r"unknown key 'frobnicate' in zero_optimization of .*ds.json$"):
         parse_config([*OK, "--ds-config", ds_json(tmp_path, {"stage": 2, "frobnicate": 1})]).validate()
 
 
 def test_zero_optimization_aliases_and_deprecated_names_pass(tmp_path):
     # the names DeepSpeed itself takes: stage3_* aliases, deprecated cpu_offload
-    zero = {"stage": 3, "stage3_prefetch_bucket_size": 1000, "prefetch_bucket_size": 1000, "cpu_offload": False,
-            "overlap_comm": True}
+    zero = {
+        "stage": 3,
+        "stage3_prefetch_bucket_size": 1000,
+        "prefetch_bucket_size": 1000,
+        "cpu_offload": False,
+        "overlap_comm": True,
+    }
     parse_config([*OK, "--ds-config", ds_json(tmp_path, zero)]).validate()
 
 
@@ -195,8 +219,21 @@ def shard_dir(tmp_path):
 
 
 def with_data(spec: str, *extra: str) -> TrainConfig:
-    return parse_config(["--train-data", spec, "--train-num-samples", "10", "--tokenizer", "data/digits/tokenizer",
-                         "--steps", "2", "--global-batch-size", "16", *extra])
+    return parse_config(
+        [
+            "--train-data",
+            spec,
+            "--train-num-samples",
+            "10",
+            "--tokenizer",
+            "data/digits/tokenizer",
+            "--steps",
+            "2",
+            "--global-batch-size",
+            "16",
+            *extra,
+        ]
+    )
 
 
 def test_shard_glob_is_accepted_and_an_empty_one_refused(shard_dir, default_digits):
@@ -208,8 +245,11 @@ def test_shard_glob_is_accepted_and_an_empty_one_refused(shard_dir, default_digi
 def test_shards_that_are_not_readable_files_are_refused(tmp_path):
     for name in ("00000.tar", "00001.tar"):
         (tmp_path / name).mkdir()
-    with pytest.raises(ConfigError, match=r"--train-data: none of the 3 shard\(s\) of .* is a readable file \(2 of "
-                                          r"them exist"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--train-data: none of the 3 shard\(s\) of .* is a readable file \(2 of "
+        r"them exist",
+    ):
         with_data(f"{tmp_path}/{{00000..00002}}.tar").validate()
 
 
@@ -217,8 +257,10 @@ def test_fewer_shards_than_ranks_times_workers(shard_dir, default_digits):
     spec = f"{shard_dir}/{{00000..00003}}.tar"
     with pytest.raises(ConfigError) as err:
         with_data(spec, "--workers", "3").validate(world_size=2)
-    assert str(err.value) == ("--train-data: 4 readable shard(s) for 2 rank(s) x 3 worker(s): give at least 6 "
-                              "shards, fewer --workers, or --data-resampled")
+    assert str(err.value) == (
+        "--train-data: 4 readable shard(s) for 2 rank(s) x 3 worker(s): give at least 6 "
+        "shards, fewer --workers, or --data-resampled"
+    )
     with_data(spec, "--workers", "3", "--data-resampled").validate(world_size=2)
     with_data(spec, "--workers", "2").validate(world_size=2)
 
@@ -240,19 +282,23 @@ def test_npn_that_cannot_fit_is_refused(host):
     # tiny preset: d = 64; 5 copies (params, grads, AdaGrad sums, the step's snapshot of params and sums) of 2 m d
     with pytest.raises(ConfigError) as err:
         parse_config([*OK, "--npn-prototypes", "1000000"]).validate()
-    assert str(err.value) == ("--npn-prototypes: 1000000 prototypes need ~2.4 GiB per rank, more than the 1.0 GiB "
-                              "of host memory available")
-    parse_config([*OK, "--npn-prototypes", "100000"]).validate()   # 0.24 GiB
-    parse_config([*OK, "--npn-prototypes", "1000000", "--npn-variant", "mlp"]).validate()   # no prototypes
+    assert str(err.value) == (
+        "--npn-prototypes: 1000000 prototypes need ~2.4 GiB per rank, more than the 1.0 GiB of host memory available"
+    )
+    parse_config([*OK, "--npn-prototypes", "100000"]).validate()  # 0.24 GiB
+    parse_config([*OK, "--npn-prototypes", "1000000", "--npn-variant", "mlp"]).validate()  # no prototypes
 
 
 def test_npn_on_gpu_is_compared_with_gpu_memory(host, monkeypatch):
     monkeypatch.setattr(config, "uses_cuda", lambda: True)
     monkeypatch.setattr(config, "_gpu_bytes", lambda: 2 * GiB)
-    with pytest.raises(ConfigError, match=r"--npn-prototypes: 100000 prototypes need ~2.9 GiB per rank, more than "
-                                          r"the 2.0 GiB of GPU memory$"):
-        parse_config([*OK, "--preset", "ViT-L-14", "--npn-prototypes", "100000"]).validate()   # d = 768
-    parse_config([*OK, "--npn-prototypes", "500000"]).validate()   # 1.2 GiB: on the GPU, not the 1 GiB host
+    with pytest.raises(
+        ConfigError,
+        match=r"--npn-prototypes: 100000 prototypes need ~2.9 GiB per rank, more than "
+        r"the 2.0 GiB of GPU memory$",
+    ):
+        parse_config([*OK, "--preset", "ViT-L-14", "--npn-prototypes", "100000"]).validate()  # d = 768
+    parse_config([*OK, "--npn-prototypes", "500000"]).validate()  # 1.2 GiB: on the GPU, not the 1 GiB host
 
 
 def test_fastclip_tables_that_cannot_fit_are_refused(host, monkeypatch):
@@ -261,23 +307,28 @@ def test_fastclip_tables_that_cannot_fit_are_refused(host, monkeypatch):
     parse_config([*args, "10000000"]).validate(world_size=8)
     with pytest.raises(ConfigError) as err:
         parse_config([*args, "1000000000"]).validate(world_size=8)
-    assert str(err.value) == ("--dataset-size: FastCLIP's u tables for 1000000000 samples need ~1.9 GiB per rank, "
-                              "more than the 1.0 GiB of host memory available")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")   # 8 ranks of one host share its memory
+    assert str(err.value) == (
+        "--dataset-size: FastCLIP's u tables for 1000000000 samples need ~1.9 GiB per rank, "
+        "more than the 1.0 GiB of host memory available"
+    )
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 ranks of one host share its memory
     with pytest.raises(ConfigError, match=r"need ~0.1 GiB per rank x 8 ranks on this host, more than the 1.0 GiB"):
         parse_config([*args, "80000000"]).validate(world_size=8)
 
 
 def test_reasonable_sizes_pass_with_this_machines_memory():
     for preset in ("tiny", "ViT-B-32", "ViT-H-14"):
-        parse_config([*OK, "--preset", preset]).validate()          # default m = 4096
+        parse_config([*OK, "--preset", preset]).validate()  # default m = 4096
     parse_config([*OK, "--loss", "fastclip", "--dataset-size", "10000000"]).validate()
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--config", "BAD_YAML"], "--lr: expected a number, got 'ten'"),
-    (["--npn-prototypes", "1000000000"], "--npn-prototypes: 1000000000 prototypes need ~2384.2 GiB per rank"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--config", "BAD_YAML"], "--lr: expected a number, got 'ten'"),
+        (["--npn-prototypes", "1000000000"], "--npn-prototypes: 1000000000 prototypes need ~2384.2 GiB per rank"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2_from_the_command_line(tmp_path, args, needle):
     args = [yaml_config(tmp_path, "lr: ten\n") if a == "BAD_YAML" else a for a in args]
     proc = launch([*OK, "--output-dir", str(tmp_path / "run"), *args], check=False, timeout=120)
@@ -298,7 +349,7 @@ def test_every_choice_option_is_checked_from_its_literal(name):
         parse_config([*OK, flag, "bogus"]).validate()
     assert str(err.value).startswith(f"{flag}: must be ") and str(err.value).endswith(", got 'bogus'")
     assert all(choice in str(err.value) for choice in choices)
-    assert "{" + ",".join(choices) + "}" in config.build_parser().format_help()   # the metavar shows them
+    assert "{" + ",".join(choices) + "}" in config.build_parser().format_help()  # the metavar shows them
 
 
 # ------------------------------------------------------------------------------------------------ resolution
@@ -309,7 +360,7 @@ def test_validate_leaves_the_config_as_given_and_returns_it_resolved(tmp_path, d
     assert given.to_dict() == before and given.ds is None and given.train_data is None
     assert resolved.train_data.endswith(".tar") and resolved.tokenizer and resolved.train_num_samples > 0
     assert (resolved.ds.zero_stage, resolved.ds.gradient_accumulation_steps) == (2, 1)
-    assert resolved.dataset_size == resolved.train_num_samples   # a --dataset-dir fills the size in as well
+    assert resolved.dataset_size == resolved.train_num_samples  # a --dataset-dir fills the size in as well
 
 
 def test_grad_clip_overrides_the_json_and_the_resolved_value_is_what_deepspeed_gets(tmp_path):
@@ -322,14 +373,17 @@ def test_grad_clip_overrides_the_json_and_the_resolved_value_is_what_deepspeed_g
         assert cfg.ds.gradient_clipping == clipping
         assert build_ds_config(cfg, 1)["gradient_clipping"] == clipping
     path.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
-    assert parse_config([*OK, "--ds-config", str(path)]).resolve().ds.gradient_clipping == 0.0   # DeepSpeed's: off
+    assert parse_config([*OK, "--ds-config", str(path)]).resolve().ds.gradient_clipping == 0.0  # DeepSpeed's: off
 
 
-@pytest.mark.parametrize("args,json_clipping,message", [
-    (["--grad-clip", "-1"], 1.0, "--grad-clip: must be >= 0, got -1.0"),
-    ([], "1.0", "--ds-config: gradient_clipping must be a number >= 0, got '1.0'"),
-    ([], -2, "--ds-config: gradient_clipping must be a number >= 0, got -2"),
-])
+@pytest.mark.parametrize(
+    "args,json_clipping,message",
+    [
+        (["--grad-clip", "-1"], 1.0, "--grad-clip: must be >= 0, got -1.0"),
+        ([], "1.0", "--ds-config: gradient_clipping must be a number >= 0, got '1.0'"),
+        ([], -2, "--ds-config: gradient_clipping must be a number >= 0, got -2"),
+    ],
+)
 def test_bad_clipping_is_refused(tmp_path, args, json_clipping, message):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"gradient_clipping": json_clipping, "zero_optimization": {"stage": 2}}))
@@ -343,7 +397,7 @@ def test_build_ds_config_leaves_the_resolved_json_untouched():
 
     cfg = parse_config(OK).validate()
     before = json.dumps(cfg.ds.settings)
-    build_ds_config(cfg, 1)["zero_optimization"]["stage"] = 3   # as benchmarks/memory.py edits its copy
+    build_ds_config(cfg, 1)["zero_optimization"]["stage"] = 3  # as benchmarks/memory.py edits its copy
     assert json.dumps(cfg.ds.settings) == before
 
 

@@ -15,12 +15,19 @@ import pytest
 import torch
 from PIL import Image
 
-from neuclip_ds.data.embedded import (ATTRIBUTES, CLASSNAMES, TEMPLATES, build_embedded_dataset, dataset_paths,
-                                      is_complete, split_sources)
 from neuclip_ds.data.bad_samples import BadSampleTracker, BadSampleWarning, TooManyBadSamplesError
+from neuclip_ds.data.embedded import (
+    ATTRIBUTES,
+    CLASSNAMES,
+    TEMPLATES,
+    build_embedded_dataset,
+    dataset_paths,
+    is_complete,
+    split_sources,
+)
 from neuclip_ds.data.loader import make_eval_loader, make_train_loader
-from neuclip_ds.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 from neuclip_ds.data.tokenizer import TextTokenizer
+from neuclip_ds.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 
 N_TRAIN, N_VAL, PER_SHARD = 240, 60, 40  # 6 train shards, 2 val shards
 
@@ -233,7 +240,7 @@ def test_transforms_shape_and_normalization():
     rng = random.Random(0)
     for _ in range(200):
         top, left, h, w = tr.crop_params(64, 64, rng)
-        assert 0 <= top and 0 <= left and top + h <= 64 and left + w <= 64
+        assert top >= 0 and left >= 0 and top + h <= 64 and left + w <= 64
         assert 0.9 * 64 * 64 * 0.95 <= h * w <= 64 * 64
     grad = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (64, 1, 3))
     crops = {tuple(tr(Image.fromarray(grad), random.Random(s))[0, 0, :3].tolist()) for s in range(5)}
@@ -263,7 +270,7 @@ def test_glob_spec_reads_the_shards_validation_accepted(ds, tok):
     kw = dict(tokenizer=tok, image_size=32, batch_size=8, num_samples=10**6, workers=0)
     braces = make_train_loader(str(ds / "train" / "{00000..00005}.tar"), **kw)
     urls, keys = braces.urls, run_epoch(braces)[1]
-    spaced = f"{ds}/train/0000[0-2].tar :: {ds}/train/0000[3-5].tar"   # spaces around :: are dropped too
+    spaced = f"{ds}/train/0000[0-2].tar :: {ds}/train/0000[3-5].tar"  # spaces around :: are dropped too
     for globbed in (make_train_loader(str(ds / "train" / "*.tar"), **kw), make_train_loader(spaced, **kw)):
         assert globbed.urls == urls and globbed.missing_shards == []
         assert run_epoch(globbed)[1] == keys
@@ -271,11 +278,11 @@ def test_glob_spec_reads_the_shards_validation_accepted(ds, tok):
 
 def test_missing_pattern_is_one_clear_error(tmp_path, tok):
     with pytest.raises(FileNotFoundError, match="nothing"):
-        make_train_loader(str(tmp_path / "nothing-{000..003}.tar"), tokenizer=tok, image_size=32, batch_size=4,
-                          num_samples=100)
+        make_train_loader(
+            str(tmp_path / "nothing-{000..003}.tar"), tokenizer=tok, image_size=32, batch_size=4, num_samples=100
+        )
     with pytest.raises(FileNotFoundError, match="zilch"):
-        make_eval_loader(f"{tmp_path}/zilch.tar::{tmp_path}/zilch2.tar", tokenizer=tok, image_size=32,
-                         batch_size=4)
+        make_eval_loader(f"{tmp_path}/zilch.tar::{tmp_path}/zilch2.tar", tokenizer=tok, image_size=32, batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -308,8 +315,14 @@ def corrupt(ds, tmp_path_factory):
     write_tar(root / "s5.tar", shards[5])
     good += [k for k, _ in shards[5]]
     spec = f"{root}/s{{0..3}}.tar::{root}/missing.tar::{root}/s{{4..5}}.tar"
-    expected = {"shard_error": 1, "missing_caption": 2, "decode_error": 1, "empty_caption": 1,
-                "missing_index": 1, "missing_shard": 1}
+    expected = {
+        "shard_error": 1,
+        "missing_caption": 2,
+        "decode_error": 1,
+        "empty_caption": 1,
+        "missing_index": 1,
+        "missing_shard": 1,
+    }
     return spec, good, expected
 
 
@@ -321,9 +334,20 @@ def test_bad_input_counted_and_good_samples_once_per_epoch(corrupt, tok):
         for rank in range(2):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", BadSampleWarning)
-                loader = make_train_loader(spec, tokenizer=tok, image_size=32, batch_size=8, num_samples=10**6,
-                                           rank=rank, world_size=2, workers=2, seed=5, epoch=epoch,
-                                           shuffle_buffer=50, shuffle_initial=10)
+                loader = make_train_loader(
+                    spec,
+                    tokenizer=tok,
+                    image_size=32,
+                    batch_size=8,
+                    num_samples=10**6,
+                    rank=rank,
+                    world_size=2,
+                    workers=2,
+                    seed=5,
+                    epoch=epoch,
+                    shuffle_buffer=50,
+                    shuffle_initial=10,
+                )
                 tracker = BadSampleTracker()
                 for b in loader:
                     tracker.update(b)
@@ -347,8 +371,7 @@ def test_bad_samples_warn_in_process_and_tracker_threshold(corrupt, tok):
     spec, good, expected = corrupt
     tracker = BadSampleTracker(max_fraction=0.5, min_seen=10)
     with pytest.warns(BadSampleWarning) as record:
-        loader = make_train_loader(spec, tokenizer=tok, image_size=32, batch_size=16, num_samples=10**6,
-                                   workers=0)
+        loader = make_train_loader(spec, tokenizer=tok, image_size=32, batch_size=16, num_samples=10**6, workers=0)
         for b in loader:
             tracker.update(b)
             tracker.check()
@@ -365,8 +388,10 @@ def test_bad_samples_warn_in_process_and_tracker_threshold(corrupt, tok):
 
 
 def test_numeric_key_gives_index_without_json(tmp_path, ds, tok):
-    samples = [(f"{1000 + i:09d}", {"jpg": f["jpg"], "txt": f["txt"]}) for i, (_, f) in
-               enumerate(read_tar(ds / "val" / "00000.tar")[:5])]
+    samples = [
+        (f"{1000 + i:09d}", {"jpg": f["jpg"], "txt": f["txt"]})
+        for i, (_, f) in enumerate(read_tar(ds / "val" / "00000.tar")[:5])
+    ]
     write_tar(tmp_path / "n.tar", samples)
     (b,) = list(make_eval_loader(str(tmp_path / "n.tar"), tokenizer=tok, image_size=32, batch_size=8))
     assert b["index"].tolist() == [1000, 1001, 1002, 1003, 1004] and "labels" not in b
@@ -374,9 +399,19 @@ def test_numeric_key_gives_index_without_json(tmp_path, ds, tok):
 
 @pytest.mark.parametrize("resampled", [False, True])
 def test_data_position_restore_continues_identically(ds, tok, resampled):
-    kw = dict(tokenizer=tok, image_size=32, batch_size=8, num_samples=N_TRAIN if not resampled else 160,
-              rank=1, world_size=2, workers=2, seed=11, resampled=resampled, shuffle_buffer=40,
-              shuffle_initial=10)
+    kw = dict(
+        tokenizer=tok,
+        image_size=32,
+        batch_size=8,
+        num_samples=N_TRAIN if not resampled else 160,
+        rank=1,
+        world_size=2,
+        workers=2,
+        seed=11,
+        resampled=resampled,
+        shuffle_buffer=40,
+        shuffle_initial=10,
+    )
     spec = str(ds / "train" / "{00000..00005}.tar")
 
     def sig(b):
@@ -420,7 +455,7 @@ def test_data_position_restore_continues_identically(ds, tok, resampled):
 def test_num_samples_caps_a_non_resampled_epoch(ds, tok):
     spec = str(ds / "train" / "{00000..00005}.tar")
     loader = make_train_loader(spec, tokenizer=tok, image_size=32, batch_size=8, num_samples=100, workers=0)
-    batches, keys = run_epoch(loader)
+    _batches, keys = run_epoch(loader)
     assert len(keys) == 104 and len(set(keys)) == 104  # stops after the batch that reaches 100
     assert len(loader) == 13 and loader.state_dict() == {"epoch": 1, "batches_in_epoch": 0}
 
@@ -428,8 +463,9 @@ def test_num_samples_caps_a_non_resampled_epoch(ds, tok):
 def test_resampled_all_bad_shards_end_instead_of_hanging(tmp_path, ds, tok):
     samples = [(k, dict(f, jpg=b"garbage")) for k, f in read_tar(ds / "val" / "00000.tar")[:3]]
     write_tar(tmp_path / "bad.tar", samples)
-    loader = make_train_loader(str(tmp_path / "bad.tar"), tokenizer=tok, image_size=32, batch_size=4,
-                               num_samples=40, resampled=True, workers=0)
+    loader = make_train_loader(
+        str(tmp_path / "bad.tar"), tokenizer=tok, image_size=32, batch_size=4, num_samples=40, resampled=True, workers=0
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BadSampleWarning)
         assert list(loader) == []
@@ -453,7 +489,7 @@ def loader_counts(spec: str, tok, **kw) -> tuple[list[dict], Counter]:
 def test_out_of_range_index_is_counted_bad_index(tmp_path, ds, tok):
     """FastCLIP indexes its u tables by the sample index: one outside [0, dataset_size) is skipped and counted."""
     samples = read_tar(ds / "val" / "00000.tar")[:6]
-    indices = [0, 1, 6, -1, 4, 5]   # 6 == dataset_size and -1 are out of range
+    indices = [0, 1, 6, -1, 4, 5]  # 6 == dataset_size and -1 are out of range
     write_tar(tmp_path / "i.tar", [(k, with_index(f, i)) for (k, f), i in zip(samples, indices)])
     batches, bad = loader_counts(str(tmp_path / "i.tar"), tok, dataset_size=6)
     assert [i for b in batches for i in b["index"].tolist()] == [0, 1, 4, 5]
@@ -472,7 +508,7 @@ def png16(levels: np.ndarray) -> bytes:
     channels = 1 if levels.ndim == 2 else levels.shape[2]
     colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
     rows = levels.astype(">u2").reshape(h, -1)
-    raw = b"".join(b"\x00" + row.tobytes() for row in rows)   # filter type 0 on every row
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 on every row
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -484,13 +520,13 @@ def png16(levels: np.ndarray) -> bytes:
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])
 def test_16_bit_png_is_scaled_not_saturated(tmp_path, ds, tok, channels):
     """A mid-grey 16-bit PNG decodes to mid-grey (PIL's convert("RGB") clips 16-bit grey levels to 255)."""
-    grey = np.full((32, 32), 0x8080, dtype=np.uint16)   # 128 at 8 bits
+    grey = np.full((32, 32), 0x8080, dtype=np.uint16)  # 128 at 8 bits
     colour = [grey] * (3 if channels >= 3 else 1)
-    alpha = [np.full_like(grey, 0xFFFF)] if channels in (2, 4) else []   # opaque
+    alpha = [np.full_like(grey, 0xFFFF)] if channels in (2, 4) else []  # opaque
     levels = np.stack(colour + alpha, axis=-1) if channels > 1 else grey
     data = png16(levels)
     with Image.open(io.BytesIO(data)) as im:
-        assert im.mode == {1: "I;16", 2: "RGBA", 3: "RGB", 4: "RGBA"}[channels]   # what PIL makes of it
+        assert im.mode == {1: "I;16", 2: "RGBA", 3: "RGB", 4: "RGBA"}[channels]  # what PIL makes of it
     key, files = read_tar(ds / "val" / "00000.tar")[0]
     files = {"png": data, "txt": files["txt"], "json": files["json"]}
     write_tar(tmp_path / "p.tar", [(key, files)])
@@ -515,7 +551,7 @@ def test_key_seen_twice_in_a_shard_is_counted_and_skipped(tmp_path, ds, tok):
     (a, fa), (b, fb), (c, fc), (d, fd) = samples
     shard = [(a, fa), (b, fb), (a, with_index(fb, 99)), (c, fc), (d, fd), (d, with_index(fc, 98))]
     write_tar(tmp_path / "d.tar", shard)
-    write_tar(tmp_path / "e.tar", samples)   # the same keys again in another shard: not duplicates
+    write_tar(tmp_path / "e.tar", samples)  # the same keys again in another shard: not duplicates
     batches, bad = loader_counts(f"{tmp_path}/d.tar::{tmp_path}/e.tar", tok)
     keys = [k for bt in batches for k in bt["key"]]
     index = [i for bt in batches for i in bt["index"].tolist()]
@@ -523,7 +559,14 @@ def test_key_seen_twice_in_a_shard_is_counted_and_skipped(tmp_path, ds, tok):
     assert bad == {"duplicate_key": 2}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BadSampleWarning)
-        loader = make_train_loader(str(tmp_path / "e.tar"), tokenizer=tok, image_size=32, batch_size=2,
-                                   num_samples=40, resampled=True, workers=0)
+        loader = make_train_loader(
+            str(tmp_path / "e.tar"),
+            tokenizer=tok,
+            image_size=32,
+            batch_size=2,
+            num_samples=40,
+            resampled=True,
+            workers=0,
+        )
         assert len([k for bt in loader for k in bt["key"]]) == 40
     assert not loader.bad_sample_totals

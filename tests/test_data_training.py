@@ -2,13 +2,26 @@
 rank with one clear message (2 ranks: no rank may hang in a collective)."""
 
 import io
+import itertools
 import json
 import tarfile
 
 from _launch import launch, metrics
 
-ARGS = ["--steps", "6", "--global-batch-size", "16", "--npn-prototypes", "32", "--npn-inner-steps", "2",
-        "--ds-config", "ds_configs/zero2.json", "--train-num-samples", "192"]
+ARGS = [
+    "--steps",
+    "6",
+    "--global-batch-size",
+    "16",
+    "--npn-prototypes",
+    "32",
+    "--npn-inner-steps",
+    "2",
+    "--ds-config",
+    "ds_configs/zero2.json",
+    "--train-num-samples",
+    "192",
+]
 
 
 def rewrite(path, damage):
@@ -36,11 +49,23 @@ def test_bad_samples_reach_metrics(small_digits, tmp_path):
     rewrite(data / "00002.tar", lambda n, d: b"not a jpeg" if n.endswith("train_0000070.jpg") else d)
     rewrite(data / "00004.tar", lambda n, d: b" " if n.endswith("train_0000140.txt") else d)
     out = tmp_path / "run"
-    launch([*ARGS, "--train-data", f"{data}/{{00000..00005}}.tar", "--tokenizer", str(small_digits / "tokenizer"),
-            "--output-dir", str(out), "--steps", "24"], nproc=2)  # 2 epochs of 12 steps
+    launch(
+        [
+            *ARGS,
+            "--train-data",
+            f"{data}/{{00000..00005}}.tar",
+            "--tokenizer",
+            str(small_digits / "tokenizer"),
+            "--output-dir",
+            str(out),
+            "--steps",
+            "24",
+        ],
+        nproc=2,
+    )  # 2 epochs of 12 steps
     rows = metrics(out)
     assert rows[-1]["bad_samples"] >= 2  # both seen in the first epoch (counts arrive with the next batch)
-    assert all(a["bad_samples"] <= b["bad_samples"] for a, b in zip(rows, rows[1:]))
+    assert all(a["bad_samples"] <= b["bad_samples"] for a, b in itertools.pairwise(rows))
 
 
 def test_too_many_bad_samples_stop_every_rank(small_digits, tmp_path):
@@ -50,9 +75,24 @@ def test_too_many_bad_samples_stop_every_rank(small_digits, tmp_path):
         (data / f"{i:05d}.tar").write_bytes((small_digits / "train" / f"{i:05d}.tar").read_bytes())
     for i in (0, 3):  # a third of the images undecodable
         rewrite(data / f"{i:05d}.tar", lambda n, d: b"junk" if n.endswith(".jpg") else d)
-    proc = launch([*ARGS, "--train-data", f"{data}/{{00000..00005}}.tar", "--tokenizer",
-                   str(small_digits / "tokenizer"), "--output-dir", str(tmp_path / "run"), "--steps", "40",
-                   "--max-bad-fraction", "0.05"], nproc=2, check=False, timeout=300)
+    proc = launch(
+        [
+            *ARGS,
+            "--train-data",
+            f"{data}/{{00000..00005}}.tar",
+            "--tokenizer",
+            str(small_digits / "tokenizer"),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--steps",
+            "40",
+            "--max-bad-fraction",
+            "0.05",
+        ],
+        nproc=2,
+        check=False,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "samples were bad" in proc.stderr and "--max-bad-fraction 5.0%" in proc.stderr
 
@@ -71,8 +111,23 @@ def test_fastclip_index_outside_dataset_size_is_skipped_not_fatal(small_digits, 
     rewrite(data / "00001.tar", reindex("train_0000040.json", 192))
     rewrite(data / "00004.tar", reindex("train_0000130.json", -1))
     out = tmp_path / "run"
-    proc = launch([*ARGS, "--loss", "fastclip", "--dataset-size", "192", "--train-data",
-                   f"{data}/{{00000..00005}}.tar", "--tokenizer", str(small_digits / "tokenizer"), "--output-dir",
-                   str(out), "--steps", "14"], nproc=2)   # one epoch is 12 steps: every sample was read
+    proc = launch(
+        [
+            *ARGS,
+            "--loss",
+            "fastclip",
+            "--dataset-size",
+            "192",
+            "--train-data",
+            f"{data}/{{00000..00005}}.tar",
+            "--tokenizer",
+            str(small_digits / "tokenizer"),
+            "--output-dir",
+            str(out),
+            "--steps",
+            "14",
+        ],
+        nproc=2,
+    )  # one epoch is 12 steps: every sample was read
     assert "(index 192, the data set has 192)" in proc.stderr and "(index -1, the data set has 192)" in proc.stderr
     assert metrics(out)[-1]["bad_samples"] >= 2

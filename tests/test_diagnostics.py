@@ -7,10 +7,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _dist_utils import run_ranks
-from neuclip_ds.diagnostics import (NormErrProbe, exact_log_normalizers, fastclip_estimate, mbcl_estimate,
-                                    normalizer_errors, npn_estimate)
+
+from neuclip_ds.diagnostics import (
+    NormErrProbe,
+    exact_log_normalizers,
+    fastclip_estimate,
+    mbcl_estimate,
+    normalizer_errors,
+    npn_estimate,
+)
 from neuclip_ds.losses import Features, ShardedLogTable, batch_log_normalizers
 from neuclip_ds.npn import NPN
 
@@ -63,8 +69,8 @@ def brute_force(img, txt, index, anchor_rows, tau, eps):
         for j in range(n):
             if index[j] == index[i]:
                 continue
-            g1 += math.exp((dot(img[i], txt[j]) - s_ii) / tau)   # s_ij: image anchor, text negative
-            g2 += math.exp((dot(img[j], txt[i]) - s_ii) / tau)   # s_ji: text anchor, image negative
+            g1 += math.exp((dot(img[i], txt[j]) - s_ii) / tau)  # s_ij: image anchor, text negative
+            g2 += math.exp((dot(img[j], txt[i]) - s_ii) / tau)  # s_ji: text anchor, image negative
         out1.append(math.log(eps + g1 / (n - 1)))
         out2.append(math.log(eps + g2 / (n - 1)))
     return torch.tensor(out1, dtype=torch.float64), torch.tensor(out2, dtype=torch.float64)
@@ -76,8 +82,14 @@ def test_streamed_exact_matches_brute_force(tau, seed):
     img, txt, index = dataset(seed)
     bounds = chunk_bounds(N, seed + 10)
     rows = middle_anchor_rows(bounds, 6)
-    exact1, exact2 = exact_log_normalizers(img[rows], txt[rows], index[rows], chunks(img, txt, index, bounds),
-                                           torch.tensor([tau], dtype=torch.float64), EPS)
+    exact1, exact2 = exact_log_normalizers(
+        img[rows],
+        txt[rows],
+        index[rows],
+        chunks(img, txt, index, bounds),
+        torch.tensor([tau], dtype=torch.float64),
+        EPS,
+    )
     ref1, ref2 = brute_force(img, txt, index, rows, tau, EPS)
     assert exact1.dtype == torch.float64 and exact1.shape == (6,) and exact2.shape == (6,)
     torch.testing.assert_close(exact1, ref1, rtol=1e-12, atol=1e-12)
@@ -95,8 +107,9 @@ def test_self_pair_excluded_by_index_not_position_or_features():
     img[twin_row], txt[twin_row] = img[anchor_row], txt[anchor_row]
     bounds = chunk_bounds(N, 4)
     tau = 0.05
-    exact1, exact2 = exact_log_normalizers(img[[anchor_row]], txt[[anchor_row]], index[[anchor_row]],
-                                           chunks(img, txt, index, bounds), tau, EPS)
+    exact1, exact2 = exact_log_normalizers(
+        img[[anchor_row]], txt[[anchor_row]], index[[anchor_row]], chunks(img, txt, index, bounds), tau, EPS
+    )
     ref1, ref2 = brute_force(img, txt, index, [anchor_row], tau, EPS)
     torch.testing.assert_close(exact1, ref1, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(exact2, ref2, rtol=1e-12, atol=1e-12)
@@ -111,8 +124,9 @@ def test_self_pair_excluded_by_index_not_position_or_features():
     # negative (the anchor is then held out): n = 40 negatives, the sum gains exactly exp(0) = 1
     relabeled = index.clone()
     relabeled[anchor_row] = 10_000
-    held1, _ = exact_log_normalizers(img[[anchor_row]], txt[[anchor_row]], index[[anchor_row]],
-                                     chunks(img, txt, relabeled, bounds), tau, EPS)
+    held1, _ = exact_log_normalizers(
+        img[[anchor_row]], txt[[anchor_row]], index[[anchor_row]], chunks(img, txt, relabeled, bounds), tau, EPS
+    )
     sum_held = (math.exp(float(held1)) - EPS) * N
     assert sum_held - sum_exact == pytest.approx(1.0, abs=1e-8)
 
@@ -127,17 +141,17 @@ def test_held_out_anchor_divides_by_n_and_duplicates_rejected():
     torch.testing.assert_close(held1, ref.reshape(1), rtol=1e-12, atol=1e-12)
     # an index listed twice in the stream is an error
     with pytest.raises(ValueError, match="more than once"):
-        exact_log_normalizers(img[:1], txt[:1], index[:1], [(img, txt, index), (img[:1], txt[:1], index[:1])],
-                              tau, EPS)
+        exact_log_normalizers(img[:1], txt[:1], index[:1], [(img, txt, index), (img[:1], txt[:1], index[:1])], tau, EPS)
 
 
 def _dist_worker(rank, world_size, tau, eps):
     img, txt, index = dataset(7)
     bounds = chunk_bounds(N, 8)
     rows = middle_anchor_rows(bounds, 6)
-    mine = chunks(img, txt, index, bounds)[rank::world_size]   # each rank streams its own share
-    exact = exact_log_normalizers(img[rows], txt[rows], index[rows], mine, torch.tensor([tau], dtype=torch.float64),
-                                  eps)
+    mine = chunks(img, txt, index, bounds)[rank::world_size]  # each rank streams its own share
+    exact = exact_log_normalizers(
+        img[rows], txt[rows], index[rows], mine, torch.tensor([tau], dtype=torch.float64), eps
+    )
 
     # sharded FastCLIP tables: owner = index % W, row = index // W; fill log u = f(index)
     n_idx = int(index.max()) + 1
@@ -174,9 +188,9 @@ def test_normalizer_errors_on_hand_made_numbers():
     exact_img = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
     exact_txt = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
     estimates = {
-        "neuclip": (exact_img.clone(), exact_txt.clone()),                                    # perfect
-        "fastclip": (torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 0.0, 4.0])),          # |1|+0+0+0+1+3 = 5
-        "mbcl": (torch.tensor([-0.5, 1.5, 2.5]), torch.tensor([0.5, 1.5, 0.5])),             # 6 * 0.5 = 3
+        "neuclip": (exact_img.clone(), exact_txt.clone()),  # perfect
+        "fastclip": (torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 0.0, 4.0])),  # |1|+0+0+0+1+3 = 5
+        "mbcl": (torch.tensor([-0.5, 1.5, 2.5]), torch.tensor([0.5, 1.5, 0.5])),  # 6 * 0.5 = 3
     }
     errs = normalizer_errors(exact_img, exact_txt, estimates)
     assert set(errs) == {"neuclip", "fastclip", "mbcl"}
@@ -192,7 +206,7 @@ def test_fastclip_estimate_single_process():
     t_img, t_txt = ShardedLogTable(n), ShardedLogTable(n)
     t_img.log_u.copy_(torch.linspace(-5, 5, n))
     t_txt.log_u.copy_(torch.linspace(2, -2, n))
-    t_txt.log_u[7] = float("-inf")                     # never visited: u = 0 -> log(eps)
+    t_txt.log_u[7] = float("-inf")  # never visited: u = 0 -> log(eps)
     anchors = torch.tensor([3, 7, 0, 19, 11])
     a1, a2 = fastclip_estimate(t_img, t_txt, anchors, EPS)
     torch.testing.assert_close(a1, torch.log(EPS + torch.exp(t_img.log_u[anchors])))
@@ -207,8 +221,10 @@ def test_mbcl_estimate_batch_and_self():
     a_img, a_txt = img[:6], txt[:6]
     # anchors as their own batch = batch_log_normalizers of that batch
     m1, m2 = mbcl_estimate(a_img, a_txt, tau=tau, eps=0.0)
-    r1, r2 = batch_log_normalizers(Features(a_img.double(), a_txt.double(), a_img.double(), a_txt.double()),
-                                   torch.tensor([tau], dtype=torch.float64))
+    r1, r2 = batch_log_normalizers(
+        Features(a_img.double(), a_txt.double(), a_img.double(), a_txt.double()),
+        torch.tensor([tau], dtype=torch.float64),
+    )
     torch.testing.assert_close(m1, r1)
     torch.testing.assert_close(m2, r2)
     # a batch of other samples: every batch sample is a negative, mean over B
@@ -232,14 +248,14 @@ def test_probe_mbcl_estimate_excludes_an_anchor_that_is_in_the_training_batch():
     (it would add exp(0) to g_hat, ~5 nats off at tau = 0.05 for an anchor with dissimilar negatives)."""
     img, _, index = dataset(seed=3, n=40)
     txt = F.normalize(img + 0.1 * torch.randn(img.shape, generator=torch.Generator().manual_seed(1)), dim=-1)
-    tau = torch.tensor([0.05])   # aligned pairs: each negative term ~exp(-20), the self pair's exp(0) dominates
+    tau = torch.tensor([0.05])  # aligned pairs: each negative term ~exp(-20), the self pair's exp(0) dominates
     anchors = {"index": index[:8], "rows": torch.arange(8)}
     probe = NormErrProbe(anchors, lambda: iter([{"index": index, "rows": torch.arange(40)}]), eps=EPS)
 
-    def encode(b):                       # stands in for the encoders: features by row
+    def encode(b):  # stands in for the encoders: features by row
         return img[b["rows"]], txt[b["rows"]]
 
-    batch_rows = torch.tensor([3, 20, 21, 22, 23, 24, 25, 5])    # anchors 3 and 5 are in the batch
+    batch_rows = torch.tensor([3, 20, 21, 22, 23, 24, 25, 5])  # anchors 3 and 5 are in the batch
     batch = (img[batch_rows], txt[batch_rows], index[batch_rows])
     errors = probe.measure(encode, device=torch.device("cpu"), tau=tau, batch=batch)
     exact = exact_log_normalizers(img[:8], txt[:8], index[:8], [(img, txt, index)], tau, EPS)
@@ -253,7 +269,7 @@ def test_probe_mbcl_estimate_excludes_an_anchor_that_is_in_the_training_batch():
     expected = normalizer_errors(*exact, {"mbcl": tuple(by_hand)})["mbcl"]
     assert errors["mbcl"] == pytest.approx(expected, rel=1e-6)
     counted = normalizer_errors(*exact, {"mbcl": mbcl_estimate(img[:8], txt[:8], *batch[:2], tau, EPS)})["mbcl"]
-    assert counted > expected + 1.0      # counting the self pair is far worse: the defect this guards
+    assert counted > expected + 1.0  # counting the self pair is far worse: the defect this guards
 
 
 def test_npn_estimate_shapes_and_all_three_errors():
@@ -267,11 +283,12 @@ def test_npn_estimate_shapes_and_all_three_errors():
     a1, a2 = npn_estimate(npn, img[rows], txt[rows], tau)
     assert a1.shape == (6,) and a2.shape == (6,)
     assert torch.isfinite(a1).all() and torch.isfinite(a2).all()
-    b1, b2 = npn_estimate(npn, img[rows], txt[rows], 0.1)            # a float tau works too
+    b1, b2 = npn_estimate(npn, img[rows], txt[rows], 0.1)  # a float tau works too
     torch.testing.assert_close(b1, a1)
     torch.testing.assert_close(b2, a2)
 
     exact = exact_log_normalizers(img[rows], txt[rows], index[rows], [(img, txt, index)], tau, EPS)
-    errs = normalizer_errors(*exact, {"neuclip": (a1, a2),
-                                      "mbcl": mbcl_estimate(img[rows], txt[rows], tau=tau, eps=EPS)})
+    errs = normalizer_errors(
+        *exact, {"neuclip": (a1, a2), "mbcl": mbcl_estimate(img[rows], txt[rows], tau=tau, eps=EPS)}
+    )
     assert all(math.isfinite(v) and v >= 0 for v in errs.values())

@@ -6,10 +6,18 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from _dist_utils import run_ranks
-from neuclip_ds.losses import (ClipLoss, FastCLIPLoss, NeuCLIPLoss, ShardedLogTable, SigLipLoss, all_gather_no_grad,
-                               batch_log_normalizers, gather_features)
+
+from neuclip_ds.losses import (
+    ClipLoss,
+    FastCLIPLoss,
+    NeuCLIPLoss,
+    ShardedLogTable,
+    SigLipLoss,
+    all_gather_no_grad,
+    batch_log_normalizers,
+    gather_features,
+)
 from neuclip_ds.npn import NPN
 
 B, D_IN, D, N_DATA = 8, 6, 5, 24
@@ -19,7 +27,7 @@ LOSS_NAMES = ("mbcl", "siglip", "neuclip", "fastclip")
 def global_inputs():
     g = torch.Generator().manual_seed(0)
     return {
-        "x_img": torch.randn(2, B, D_IN, generator=g, dtype=torch.float64),   # two steps
+        "x_img": torch.randn(2, B, D_IN, generator=g, dtype=torch.float64),  # two steps
         "x_txt": torch.randn(2, B, D_IN, generator=g, dtype=torch.float64),
         "w_img": torch.randn(D_IN, D, generator=g, dtype=torch.float64),
         "w_txt": torch.randn(D_IN, D, generator=g, dtype=torch.float64),
@@ -47,9 +55,12 @@ def run_losses(rank, world_size):
             img = F.normalize(inp["x_img"][step, sl] @ w_img, dim=-1)
             txt = F.normalize(inp["x_txt"][step, sl] @ w_txt, dim=-1)
             feats = gather_features(img, txt)
-            aux = {"mbcl": {}, "siglip": {"bias": bias},
-                   "neuclip": {"alpha_img": inp["alpha"][step, 0, sl], "alpha_txt": inp["alpha"][step, 1, sl]},
-                   "fastclip": {"index": inp["index"][step, sl], "epoch": epoch}}[name]
+            aux = {
+                "mbcl": {},
+                "siglip": {"bias": bias},
+                "neuclip": {"alpha_img": inp["alpha"][step, 0, sl], "alpha_txt": inp["alpha"][step, 1, sl]},
+                "fastclip": {"index": inp["index"][step, sl], "epoch": epoch},
+            }[name]
             loss = loss_fn(feats, tau, **aux)
             params = [w_img, w_txt, tau, bias]
             grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -80,8 +91,9 @@ def table_steps():
     """Global batches (index, log g_hat, gamma) with rows seen again and rows first seen at gamma < 1."""
     g = torch.Generator().manual_seed(3)
     indices = ([0, 1, 2, 3, 4, 5, 6, 7], [4, 5, 6, 7, 8, 9, 10, 11], [1, 9, 13, 22, 5, 16, 23, 2])
-    return [(torch.tensor(idx), 3 * torch.randn(B, generator=g), gamma)
-            for idx, gamma in zip(indices, (0.6, 0.6, 0.25))]
+    return [
+        (torch.tensor(idx), 3 * torch.randn(B, generator=g), gamma) for idx, gamma in zip(indices, (0.6, 0.6, 0.25))
+    ]
 
 
 def run_table(rank, world_size):
@@ -105,14 +117,26 @@ def run_npn(rank, world_size, sharded=False):
         feats = gather_features(img, txt)
         lg1, lg2 = batch_log_normalizers(feats, tau)
         before = npn.net.proto_txt.detach().clone()
-        value = npn.fit(feats.img_all, feats.txt_all, all_gather_no_grad(lg1), all_gather_no_grad(lg2), tau,
-                        steps=5, rows=sl if sharded else None)
+        value = npn.fit(
+            feats.img_all,
+            feats.txt_all,
+            all_gather_no_grad(lg1),
+            all_gather_no_grad(lg2),
+            tau,
+            steps=5,
+            rows=sl if sharded else None,
+        )
         checksums.append(npn.checksum())
         fitted = npn.net.proto_txt.detach().clone()
         npn.restart(feats.img_all, feats.txt_all, seed=step)
         checksums.append(npn.checksum())
-    return {"checksums": checksums, "proto": npn.net.proto_txt.detach().clone(), "last_value": value,
-            "fitted": fitted, "moved": float((fitted - before).abs().max())}
+    return {
+        "checksums": checksums,
+        "proto": npn.net.proto_txt.detach().clone(),
+        "last_value": value,
+        "fitted": fitted,
+        "moved": float((fitted - before).abs().max()),
+    }
 
 
 def test_two_rank_gradients_equal_one_rank_full_batch_for_every_loss():
@@ -148,17 +172,18 @@ def test_two_rank_u_table_first_visit_and_update_match_dense_reference():
         seen[index] = True
         want_outs.append(u[index].log())
         first_masks.append(first)
-    assert [int(f.sum()) for f in first_masks] == [8, 4, 4]    # first visits (all at gamma < 1) and second ones
+    assert [int(f.sum()) for f in first_masks] == [8, 4, 4]  # first visits (all at gamma < 1) and second ones
     want_table = torch.where(seen, u.log(), torch.tensor(float("-inf"), dtype=torch.float64))
     for world_size, results in ((1, [run_table(0, 1)]), (2, run_ranks(run_table, world_size=2))):
         for rank, res in enumerate(results):
             for (_, log_g, _), out, want, first in zip(table_steps(), res["outs"], want_outs, first_masks):
-                assert torch.equal(out[first], log_g[first])    # u = g_hat exactly on a first visit
+                assert torch.equal(out[first], log_g[first])  # u = g_hat exactly on a first visit
                 torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
             mine = want_table[rank::world_size]
             assert torch.equal(torch.isneginf(res["log_u"]), torch.isneginf(mine))
-            torch.testing.assert_close(res["log_u"][seen[rank::world_size]].double(), mine[seen[rank::world_size]],
-                                       rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(
+                res["log_u"][seen[rank::world_size]].double(), mine[seen[rank::world_size]], rtol=1e-6, atol=1e-6
+            )
 
 
 def test_npn_replicas_stay_bitwise_identical():
@@ -172,8 +197,8 @@ def test_npn_replicas_stay_bitwise_identical():
 def test_sharded_npn_inner_loop_equals_the_full_batch_one():
     """E8 (b): each rank's E5 on its rows, weighted b/B, gradients summed -> the single-process full-batch NPN."""
     two = run_ranks(run_npn, world_size=2, args=(True,))
-    assert two[0]["checksums"] == two[1]["checksums"]          # replicas identical without running the whole batch
+    assert two[0]["checksums"] == two[1]["checksums"]  # replicas identical without running the whole batch
     one = run_npn(0, 1)
     assert torch.allclose(one["fitted"], two[0]["fitted"], atol=1e-6)
-    assert one["moved"] > 1e-3                                  # the inner steps did move the prototypes
+    assert one["moved"] > 1e-3  # the inner steps did move the prototypes
     assert math.isclose(two[0]["last_value"], one["last_value"], rel_tol=1e-5)  # reported E5 = full-batch value

@@ -4,13 +4,31 @@ NPN replicas, NaN skipping. Tiny model, synthetic data, a few steps; runs are ca
 import math
 
 import pytest
-
 from _launch import launch, launch_script, metrics, summary, write_ds_config
 
 STEPS = 5
-BASE = ["--synthetic-samples", "160", "--steps", str(STEPS), "--global-batch-size", "16", "--npn-prototypes", "32",
-        "--npn-inner-steps", "3", "--npn-restart-every", "3", "--lr", "1e-3", "--warmup", "1",
-        "--precision", "fp32", "--report-to", "jsonl"]
+BASE = [
+    "--synthetic-samples",
+    "160",
+    "--steps",
+    str(STEPS),
+    "--global-batch-size",
+    "16",
+    "--npn-prototypes",
+    "32",
+    "--npn-inner-steps",
+    "3",
+    "--npn-restart-every",
+    "3",
+    "--lr",
+    "1e-3",
+    "--warmup",
+    "1",
+    "--precision",
+    "fp32",
+    "--report-to",
+    "jsonl",
+]
 REL_TOL = 1e-5  # fp32, different reduction orders across world sizes (measured differences are ~1e-7)
 
 
@@ -26,6 +44,7 @@ def runs(tmp_path_factory):
             launch([*BASE, "--ds-config", ds, "--output-dir", str(out), *extra], nproc=nproc)
             cache[name] = out
         return cache[name]
+
     return get
 
 
@@ -42,7 +61,7 @@ def test_two_rank_zero2_and_zero3_match_one_rank(runs):
     assert_same_curve(one, runs("r2_z2", nproc=2, stage=2))
     assert_same_curve(one, runs("r2_z3", nproc=2, stage=3))
     taus = [r["tau"] for r in metrics(one)]
-    assert taus[-1] != taus[0]     # tau is learned
+    assert taus[-1] != taus[0]  # tau is learned
 
 
 def test_npn_replicas_identical_after_training(runs):
@@ -71,8 +90,21 @@ def test_every_loss_trains_under_zero3(runs, loss):
 
 def test_metrics_have_the_time_split(runs):
     row = metrics(runs("r1_z2", nproc=1, stage=2))[-1]
-    for key in ("step", "loss", "tau", "lr", "samples_per_s", "npn_time_frac", "skipped_steps", "time_forward",
-                "time_npn", "time_backward", "time_optimizer", "time_gather", "time_data"):
+    for key in (
+        "step",
+        "loss",
+        "tau",
+        "lr",
+        "samples_per_s",
+        "npn_time_frac",
+        "skipped_steps",
+        "time_forward",
+        "time_npn",
+        "time_backward",
+        "time_optimizer",
+        "time_gather",
+        "time_data",
+    ):
         assert key in row
     assert 0 < row["npn_time_frac"] < 1
     parts = sum(row[f"time_{k}"] for k in ("data", "forward", "gather", "npn", "backward", "optimizer"))
@@ -81,6 +113,7 @@ def test_metrics_have_the_time_split(runs):
 
 def test_nan_batch_is_skipped_and_counted_on_every_rank(tmp_path):
     import os
+
     out = tmp_path / "nan"
     ds = write_ds_config(tmp_path / "z2.json", stage=2)
     script = os.path.join(os.path.dirname(__file__), "scripts", "nan_run.py")
@@ -105,22 +138,42 @@ def test_no_checkpoint_while_diverging_and_the_abort_points_at_the_last_clean_on
     was fine), but rotation keeps step 2, the last checkpoint before the first skipped step; step 6 is not saved
     (its step was skipped); the abort after 3 skipped steps in a row names step 2 as the state to restart from."""
     import os
+
     out = tmp_path / "o"
     ds = write_ds_config(tmp_path / "z2.json", stage=2)
     script = os.path.join(os.path.dirname(__file__), "scripts", "nan_run.py")
     os.environ["NAN_STEPS"], os.environ["NAN_RANK"] = "2,5,6,7", "0"
     try:
-        proc = launch_script(script, [*BASE, "--steps", "8", "--ds-config", ds, "--output-dir", str(out),
-                                      "--save-every", "2", "--keep-last", "1", "--max-skipped-in-a-row", "3"],
-                             nproc=1, check=False)
+        proc = launch_script(
+            script,
+            [
+                *BASE,
+                "--steps",
+                "8",
+                "--ds-config",
+                ds,
+                "--output-dir",
+                str(out),
+                "--save-every",
+                "2",
+                "--keep-last",
+                "1",
+                "--max-skipped-in-a-row",
+                "3",
+            ],
+            nproc=1,
+            check=False,
+        )
     finally:
         os.environ.pop("NAN_STEPS"), os.environ.pop("NAN_RANK")
     assert proc.returncode == 1
     clean = out / "checkpoints" / "step00000002"
     assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step00000002", "step00000004"]
     assert "neuclip-train: step 6 not saved: the last step was skipped" in proc.stderr
-    assert (f"neuclip-train: aborted: 3 steps in a row skipped (non-finite features); the last checkpoint saved "
-            f"before the first skipped step is {clean}: --resume {clean} with a lower --lr") in proc.stderr
+    assert (
+        f"neuclip-train: aborted: 3 steps in a row skipped (non-finite features); the last checkpoint saved "
+        f"before the first skipped step is {clean}: --resume {clean} with a lower --lr"
+    ) in proc.stderr
 
 
 def test_accelerate_launch_runs_the_same_entry_point(runs, tmp_path):
@@ -130,9 +183,20 @@ def test_accelerate_launch_runs_the_same_entry_point(runs, tmp_path):
     from _launch import ROOT, run_command
 
     out = tmp_path / "acc"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "launchers" / "accelerate_deepspeed.yaml"), "--main_process_port", "0",
-           "-m", "neuclip_ds.train", *BASE, "--output-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "launchers" / "accelerate_deepspeed.yaml"),
+        "--main_process_port",
+        "0",
+        "-m",
+        "neuclip_ds.train",
+        *BASE,
+        "--output-dir",
+        str(out),
+    ]
     run_command(cmd, timeout=600)
     assert len(summary(out)["npn_checksums"]) == 2  # two ranks
     assert_same_curve(runs("r2_z2", nproc=2, stage=2), out)

@@ -45,8 +45,14 @@ def tok(ds) -> TextTokenizer:
 
 def tiny_model(tok: TextTokenizer, seed: int = 0, **kwargs):
     torch.manual_seed(seed)
-    return build_model("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id,
-                       bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, **kwargs).eval()
+    return build_model(
+        "tiny",
+        vocab_size=tok.vocab_size,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **kwargs,
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +62,9 @@ def model(tok):
 
 @pytest.fixture(scope="module")
 def results(model, ds, tok):
-    return E.evaluate(model, val_data=dataset_paths(ds)["val"], tokenizer=tok, dataset_dir=ds, batch_size=32,
-                      progress=False)
+    return E.evaluate(
+        model, val_data=dataset_paths(ds)["val"], tokenizer=tok, dataset_dir=ds, batch_size=32, progress=False
+    )
 
 
 def assert_same_results(a: dict, b: dict, tol: float = 1e-9) -> None:
@@ -89,7 +96,7 @@ def test_retrieval_permutation_with_k_of_n_right(n_right):
     assert m["text_to_image_R@1"] == pytest.approx(n_right / n)
     # a wrong pair scores 0 like n-2 other candidates (ties count against) and below one: rank n-1
     assert m["image_to_text_R@5"] == m["text_to_image_R@5"] == pytest.approx(n_right / n)
-    i2t, t2i = E.retrieval_ranks(eye, eye[p])
+    i2t, _t2i = E.retrieval_ranks(eye, eye[p])
     assert i2t.tolist() == [0 if p[i] == i else n - 1 for i in range(n)]
 
 
@@ -100,7 +107,7 @@ def test_retrieval_known_ranks():
     img = torch.zeros(n, n)
     for i in range(n):
         others = [j for j in range(n) if j != i]
-        order = others[:i] + [i] + others[i:]  # best first
+        order = [*others[:i], i, *others[i:]]  # best first
         for pos, j in enumerate(order):
             img[i, j] = float(n - pos)
     i2t, _ = E.retrieval_ranks(img, torch.eye(n))
@@ -214,10 +221,16 @@ def test_zero_shot_classifier_is_the_renormalized_mean_of_normalized_templates()
 
 def test_zero_shot_metrics_known_answers_and_clipping():
     clf = torch.eye(3)  # class c = e_c
-    img = unit(torch.tensor([[1.0, 0.1, 0.0],    # -> 0, 2nd is 1
-                             [0.2, 1.0, 0.3],    # -> 1, then 2, then 0
-                             [0.0, 0.5, 1.0],    # -> 2
-                             [0.9, 1.0, 0.0]]))  # -> 1, then 0
+    img = unit(
+        torch.tensor(
+            [
+                [1.0, 0.1, 0.0],  # -> 0, 2nd is 1
+                [0.2, 1.0, 0.3],  # -> 1, then 2, then 0
+                [0.0, 0.5, 1.0],  # -> 2
+                [0.9, 1.0, 0.0],
+            ]
+        )
+    )  # -> 1, then 0
     labels = torch.tensor([0, 0, 2, 0])
     m = E.zero_shot_metrics(img, clf, labels, ks=(1, 2, 5))
     assert m["top1"] == pytest.approx(2 / 4)
@@ -246,8 +259,9 @@ def test_compute_embeddings_matches_direct_encoding(model, ds, tok):
     assert set(emb["labels"]) == set(CLASSNAMES)
     with torch.no_grad():
         assert torch.allclose(emb["img"][:24], model.encode_image(batches[0]["pixel_values"]), atol=1e-5)
-        assert torch.allclose(emb["txt"][:24], model.encode_text(batches[0]["input_ids"],
-                                                                 batches[0]["attention_mask"]), atol=1e-5)
+        assert torch.allclose(
+            emb["txt"][:24], model.encode_text(batches[0]["input_ids"], batches[0]["attention_mask"]), atol=1e-5
+        )
     assert torch.equal(emb["labels"]["digit"][:24], batches[0]["labels"]["digit"])
     assert torch.allclose(emb["img"].norm(dim=1), torch.ones(N_VAL), atol=1e-5)
 
@@ -262,9 +276,10 @@ def test_compute_embeddings_matches_direct_encoding(model, ds, tok):
 
 # ------------------------------------------------------------------------------------------------ evaluate
 def test_evaluate_end_to_end(results, model, ds, tok, tmp_path):
-    expected = {"num_samples"} | {f"retrieval/{d}_R@{k}" for d in ("image_to_text", "text_to_image")
-                                  for k in (1, 5, 10)}
-    expected |= {f"zeroshot/{a}/top{k}" for a in list(CLASSNAMES) + ["mean"] for k in (1, 5)}
+    expected = {"num_samples"} | {
+        f"retrieval/{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)
+    }
+    expected |= {f"zeroshot/{a}/top{k}" for a in [*list(CLASSNAMES), "mean"] for k in (1, 5)}
     assert set(results) == expected
     assert results["num_samples"] == N_VAL
     for k, v in results.items():
@@ -273,24 +288,40 @@ def test_evaluate_end_to_end(results, model, ds, tok, tmp_path):
     # top5 of attributes with <= 5 classes is clipped to all classes
     assert results["zeroshot/scale/top5"] == results["zeroshot/background/top5"] == 1.0
     assert results["zeroshot/mean/top1"] == pytest.approx(
-        sum(results[f"zeroshot/{a}/top1"] for a in CLASSNAMES) / len(CLASSNAMES))
+        sum(results[f"zeroshot/{a}/top1"] for a in CLASSNAMES) / len(CLASSNAMES)
+    )
 
     # the same numbers from the parts (retrieval over all pairs, classifier from the data set's templates)
-    emb = E.compute_embeddings(model, make_eval_loader(dataset_paths(ds)["val"], tokenizer=tok, image_size=32,
-                                                       batch_size=16), progress=False)
+    emb = E.compute_embeddings(
+        model, make_eval_loader(dataset_paths(ds)["val"], tokenizer=tok, image_size=32, batch_size=16), progress=False
+    )
     for k, v in E.retrieval_metrics(emb["img"], emb["txt"]).items():
         assert results[f"retrieval/{k}"] == pytest.approx(v)
     clf = E.zero_shot_classifier(model.encode_text, CLASSNAMES["digit"], TEMPLATES["digit"], tok)
     assert results["zeroshot/digit/top1"] == pytest.approx(
-        E.zero_shot_metrics(emb["img"], clf, emb["labels"]["digit"])["top1"])
+        E.zero_shot_metrics(emb["img"], clf, emb["labels"]["digit"])["top1"]
+    )
 
     # classnames/templates found from val_data alone (dataset dir inferred), tokenizer given as a path
-    again = E.evaluate(model, val_data=dataset_paths(ds)["val"], tokenizer=dataset_paths(ds)["tokenizer"],
-                       batch_size=64, progress=False)
+    again = E.evaluate(
+        model,
+        val_data=dataset_paths(ds)["val"],
+        tokenizer=dataset_paths(ds)["tokenizer"],
+        batch_size=64,
+        progress=False,
+    )
     assert_same_results(results, again)
     # explicit subset of classnames, max_batches
-    part = E.evaluate(model, val_data=dataset_paths(ds)["val"], tokenizer=tok, classnames={"digit": CLASSNAMES[
-        "digit"]}, templates={"digit": ["{}"]}, batch_size=16, max_batches=2, progress=False)
+    part = E.evaluate(
+        model,
+        val_data=dataset_paths(ds)["val"],
+        tokenizer=tok,
+        classnames={"digit": CLASSNAMES["digit"]},
+        templates={"digit": ["{}"]},
+        batch_size=16,
+        max_batches=2,
+        progress=False,
+    )
     assert part["num_samples"] == 32 and "zeroshot/digit/top1" in part and "zeroshot/colour/top1" not in part
 
     table = E.format_table(results)
@@ -309,8 +340,11 @@ def save_as_hf_clip(model, out_dir: Path) -> Path:
     from transformers import CLIPModel
 
     clip = CLIPModel(model.hf_config())
-    state = {**model.visual.state_dict(), **model.text.state_dict(),
-             "logit_scale": torch.log(1.0 / model.temperature().detach()).reshape(())}
+    state = {
+        **model.visual.state_dict(),
+        **model.text.state_dict(),
+        "logit_scale": torch.log(1.0 / model.temperature().detach()).reshape(()),
+    }
     missing, unexpected = clip.load_state_dict(state, strict=False)
     assert not unexpected and not [k for k in missing if not k.endswith("position_ids")]
     clip.save_pretrained(out_dir)
@@ -320,8 +354,21 @@ def save_as_hf_clip(model, out_dir: Path) -> Path:
 def test_hf_dir_gives_the_same_results_as_the_model(results, model, ds, tmp_path, capsys):
     hf = save_as_hf_clip(model, tmp_path / "hf")
     out = tmp_path / "results.json"
-    rc = E.main(["--hf-dir", str(hf), "--dataset-dir", str(ds), "--batch-size", "32", "--device", "cpu",
-                 "--out", str(out), "--no-progress"])
+    rc = E.main(
+        [
+            "--hf-dir",
+            str(hf),
+            "--dataset-dir",
+            str(ds),
+            "--batch-size",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "zero-shot" in printed and "text -> image" in printed
@@ -349,8 +396,15 @@ def test_model_from_state_dict_reads_a_raw_tau_checkpoint(tok):
 def test_model_from_state_dict_round_trip(tok):
     src = tiny_model(tok, seed=5, with_bias=True, init_tau=0.05)
     state = {k: v.clone() for k, v in src.state_dict().items()}
-    cfg = {"preset": "tiny", "loss": "siglip", "init_tau": 0.07, "tau_min": 0.01, "tau_max": 1.0,
-           "tokenizer": None, "pretrained_hf": None}
+    cfg = {
+        "preset": "tiny",
+        "loss": "siglip",
+        "init_tau": 0.07,
+        "tau_min": 0.01,
+        "tau_max": 1.0,
+        "tokenizer": None,
+        "pretrained_hf": None,
+    }
     m = C.model_from_state_dict(state, cfg, tok)
     assert m.logit_bias is not None and float(m.temperature().detach()) == pytest.approx(0.05)
     assert m.text.config.eos_token_id == tok.eos_token_id
@@ -369,9 +423,16 @@ def test_model_from_state_dict_round_trip(tok):
 
 
 def test_checkpoint_without_zero_shards_and_path_forms(model, results, ds, tok, tmp_path):
-    run = write_run(tmp_path / "run", {k: v.clone() for k, v in model.state_dict().items()},
-                    {"preset": "tiny", "loss": "mbcl", "tokenizer": dataset_paths(ds)["tokenizer"],
-                     "val_data": dataset_paths(ds)["val"]})
+    run = write_run(
+        tmp_path / "run",
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {
+            "preset": "tiny",
+            "loss": "mbcl",
+            "tokenizer": dataset_paths(ds)["tokenizer"],
+            "val_data": dataset_paths(ds)["val"],
+        },
+    )
     for path in (run, run / "checkpoints", run / "checkpoints" / "step00000004"):
         ckpt_dir, tag, run_dir = C.resolve_checkpoint(path)
         assert (ckpt_dir, tag, run_dir) == (run / "checkpoints", "step00000004", run)
@@ -381,8 +442,10 @@ def test_checkpoint_without_zero_shards_and_path_forms(model, results, ds, tok, 
         assert torch.equal(v, model.state_dict()[k])
     # CLI: val data and tokenizer from the run config, class names from the data set found next to the shards
     out = tmp_path / "r.json"
-    assert E.main(["--checkpoint", str(run / "checkpoints"), "--out", str(out), "--no-progress",
-                   "--batch-size", "32"]) == 0
+    assert (
+        E.main(["--checkpoint", str(run / "checkpoints"), "--out", str(out), "--no-progress", "--batch-size", "32"])
+        == 0
+    )
     assert_same_results(json.loads(out.read_text()), results, tol=1e-6)
 
 
@@ -415,18 +478,41 @@ def test_deepspeed_zero2_checkpoint_end_to_end(model, results, ds, tmp_path, cap
     script = tmp_path / "make_ckpt.py"
     script.write_text(DS_SCRIPT)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, str(script), str(run), dataset_paths(ds)["tokenizer"]], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(run), dataset_paths(ds)["tokenizer"]],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert any((run / "checkpoints" / "step00000001").glob("*optim_states.pt"))
-    (run / "config.yaml").write_text(yaml.safe_dump({"preset": "tiny", "loss": "neuclip", "init_tau": 0.07,
-                                                     "tau_min": 0.01, "tau_max": 1.0, "tokenizer": None}))
+    (run / "config.yaml").write_text(
+        yaml.safe_dump(
+            {"preset": "tiny", "loss": "neuclip", "init_tau": 0.07, "tau_min": 0.01, "tau_max": 1.0, "tokenizer": None}
+        )
+    )
     loaded, _, _ = C.load_checkpoint_model(run, tokenizer=TextTokenizer(dataset_paths(ds)["tokenizer"], 32))
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k
     out = tmp_path / "r.json"
-    assert E.main(["--checkpoint", str(run), "--dataset-dir", str(ds), "--out", str(out), "--no-progress",
-                   "--batch-size", "32"]) == 0
+    assert (
+        E.main(
+            [
+                "--checkpoint",
+                str(run),
+                "--dataset-dir",
+                str(ds),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--batch-size",
+                "32",
+            ]
+        )
+        == 0
+    )
     assert "digit" in capsys.readouterr().out
     assert_same_results(json.loads(out.read_text()), results, tol=1e-6)
 
@@ -446,18 +532,21 @@ def test_cli_errors(ds, tmp_path, capsys, model):
     one_line_error(capsys, ["--checkpoint", str(tmp_path / "empty")], "not a DeepSpeed checkpoint")
     hf = save_as_hf_clip(model, tmp_path / "hf")
     capsys.readouterr()  # save_pretrained's progress bar
-    one_line_error(capsys, ["--hf-dir", str(hf), "--val-data", str(tmp_path / "val/{00000..00003}.tar")],
-                   "--val-data")
+    one_line_error(capsys, ["--hf-dir", str(hf), "--val-data", str(tmp_path / "val/{00000..00003}.tar")], "--val-data")
     one_line_error(capsys, ["--hf-dir", str(hf)], "no validation data")
     one_line_error(capsys, ["--hf-dir", str(hf), "--dataset-dir", str(tmp_path / "empty")], "--dataset-dir")
-    one_line_error(capsys, ["--hf-dir", str(hf), "--val-data", dataset_paths(ds)["val"], "--tokenizer",
-                            str(tmp_path / "notok")], "--tokenizer")
+    one_line_error(
+        capsys,
+        ["--hf-dir", str(hf), "--val-data", dataset_paths(ds)["val"], "--tokenizer", str(tmp_path / "notok")],
+        "--tokenizer",
+    )
     with pytest.raises(SystemExit):  # argparse: exactly one of --hf-dir / --checkpoint
         E.main(["--dataset-dir", str(ds)])
     capsys.readouterr()
 
 
 def test_module_entry_point_help():
-    proc = subprocess.run([sys.executable, "-m", "neuclip_ds.evaluate", "--help"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "neuclip_ds.evaluate", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "--checkpoint" in proc.stdout and "--hf-dir" in proc.stdout

@@ -19,7 +19,7 @@ def ext_dir(tmp_path, monkeypatch):
 def test_stale_lock_is_removed_and_a_live_one_kept(ext_dir):
     lock = ext_dir / "lock"
     lock.touch()
-    assert extensions.clear_stale_locks() == []          # a build in progress: wait on it
+    assert extensions.clear_stale_locks() == []  # a build in progress: wait on it
     assert lock.exists()
     old = time.time() - extensions.STALE_LOCK_S - 60
     os.utime(lock, (old, old))
@@ -40,8 +40,16 @@ def shm_buffers(port: int) -> set[Path]:
     return set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
 
 
-RUN = ["--synthetic-samples", "32", "--global-batch-size", "8", "--npn-prototypes", "8", "--ds-config",
-       "ds_configs/zero2.json"]
+RUN = [
+    "--synthetic-samples",
+    "32",
+    "--global-batch-size",
+    "8",
+    "--npn-prototypes",
+    "8",
+    "--ds-config",
+    "ds_configs/zero2.json",
+]
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -52,9 +60,8 @@ def test_cpu_run_leaves_no_shm_buffers(tmp_path, nproc):
     from _launch import free_port, launch
 
     port = free_port()
-    proc = launch([*RUN, "--steps", "2", "--output-dir", str(tmp_path / "run")], nproc=nproc, launcher=True,
-                  port=port)
-    assert "shm_comm_op built successfully" in proc.stdout + proc.stderr   # the op (and its buffers) were in use
+    proc = launch([*RUN, "--steps", "2", "--output-dir", str(tmp_path / "run")], nproc=nproc, launcher=True, port=port)
+    assert "shm_comm_op built successfully" in proc.stdout + proc.stderr  # the op (and its buffers) were in use
     assert shm_buffers(port) == set()
 
 

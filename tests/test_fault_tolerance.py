@@ -6,12 +6,28 @@ import re
 
 import pytest
 import torch
-
 from _launch import ROOT, launch, launch_ranks, metrics
+
 from neuclip_ds import checkpoint
 
-BASE = ["--synthetic-samples", "64", "--global-batch-size", "16", "--npn-prototypes", "32", "--npn-inner-steps", "2",
-        "--warmup", "1", "--save-every", "2", "--keep-last", "10", "--ds-config", "ds_configs/zero2.json"]
+BASE = [
+    "--synthetic-samples",
+    "64",
+    "--global-batch-size",
+    "16",
+    "--npn-prototypes",
+    "32",
+    "--npn-inner-steps",
+    "2",
+    "--warmup",
+    "1",
+    "--save-every",
+    "2",
+    "--keep-last",
+    "10",
+    "--ds-config",
+    "ds_configs/zero2.json",
+]
 
 
 def snapshot(directory):
@@ -45,14 +61,15 @@ def test_used_output_dir_is_refused_and_overwrite_removes_only_the_runs_files(tm
     assert error_line(again) == (
         f"neuclip-train: error: --output-dir: {out} already holds a run (config.yaml, metrics.jsonl, summary.json, "
         f"plots/training.png, checkpoints/); --resume auto to continue it, or --overwrite to start over (removes "
-        f"only those files)")
+        f"only those files)"
+    )
     both = launch([*BASE, "--steps", "2", "--output-dir", str(out), "--overwrite", "--resume", "auto"], check=False)
     assert both.returncode == 2 and "--overwrite: it would remove the checkpoint" in error_line(both)
-    assert snapshot(out) == before    # refused: nothing touched
+    assert snapshot(out) == before  # refused: nothing touched
 
     launch([*BASE, "--steps", "2", "--output-dir", str(out), "--overwrite"])
     assert (out / "notes.txt").read_text() == "the user's" and (out / "plots" / "by_hand.png").is_file()
-    assert [r["step"] for r in metrics(out)] == [1, 2]                       # the new run's lines only
+    assert [r["step"] for r in metrics(out)] == [1, 2]  # the new run's lines only
     assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step00000002"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000002"
 
@@ -74,8 +91,9 @@ class FakeEngine:
 
 
 def save(out, step, run_id, *, keep_last=2, engine=None):
-    return checkpoint.save(engine or FakeEngine(), out, step=step, run_id=run_id, state={"shared": {}, "rank": {}},
-                           keep_last=keep_last)
+    return checkpoint.save(
+        engine or FakeEngine(), out, step=step, run_id=run_id, state={"shared": {}, "rank": {}}, keep_last=keep_last
+    )
 
 
 def test_rotation_deletes_only_the_current_runs_checkpoints(tmp_path):
@@ -83,13 +101,18 @@ def test_rotation_deletes_only_the_current_runs_checkpoints(tmp_path):
     ckpts = tmp_path / "checkpoints"
     for step in (100, 200):
         save(tmp_path, step, "older")
-    legacy = ckpts / "step00000300"          # a checkpoint from before run ids
+    legacy = ckpts / "step00000300"  # a checkpoint from before run ids
     legacy.mkdir()
     (legacy / checkpoint.COMPLETE).write_text("300\n")
     for step in (2, 4, 6):
         save(tmp_path, step, "new")
     assert sorted(p.name for p in ckpts.glob("step*")) == [
-        "step00000004", "step00000006", "step00000100", "step00000200", "step00000300"]
+        "step00000004",
+        "step00000006",
+        "step00000100",
+        "step00000200",
+        "step00000300",
+    ]
     latest = (ckpts / "latest").read_text().strip()
     assert latest == "step00000006" and (ckpts / latest / checkpoint.COMPLETE).is_file()
 
@@ -100,8 +123,10 @@ def test_save_with_a_file_missing_on_disk_is_not_complete(tmp_path):
     save(tmp_path, 2, "run")
     with pytest.raises(checkpoint.CheckpointNotSaved) as e:
         save(tmp_path, 4, "run", engine=FakeEngine(lose="mp_rank_00_model_states.pt"))
-    assert str(e.value) == ("checkpoint step00000004 not saved (mp_rank_00_model_states.pt is not on disk); "
-                            "`latest` still names step00000002")
+    assert str(e.value) == (
+        "checkpoint step00000004 not saved (mp_rank_00_model_states.pt is not on disk); "
+        "`latest` still names step00000002"
+    )
     assert not (ckpts / "step00000004" / checkpoint.COMPLETE).exists()
     assert (ckpts / "latest").read_text().strip() == "step00000002"
 
@@ -126,8 +151,12 @@ def test_a_save_that_fails_on_one_rank_stops_every_rank_and_keeps_latest(tmp_pat
     out = tmp_path / "run"
     os.environ.update(FAIL_SAVE_STEP="4", FAIL_SAVE_RANK="1", FAIL_SAVE_FILE=failing_file)
     try:
-        ranks = launch_ranks([*BASE, "--steps", "6", "--output-dir", str(out)], nproc=2,
-                             script=str(ROOT / "tests" / "scripts" / "fail_save.py"), timeout=240)
+        ranks = launch_ranks(
+            [*BASE, "--steps", "6", "--output-dir", str(out)],
+            nproc=2,
+            script=str(ROOT / "tests" / "scripts" / "fail_save.py"),
+            timeout=240,
+        )
     finally:
         for name in ("FAIL_SAVE_STEP", "FAIL_SAVE_RANK", "FAIL_SAVE_FILE"):
             del os.environ[name]
@@ -140,7 +169,7 @@ def test_a_save_that_fails_on_one_rank_stops_every_rank_and_keeps_latest(tmp_pat
     assert line.startswith("neuclip-train: aborted: checkpoint step00000004 not saved (rank 1: "), line
     assert failing_file in line and "No space left on device (injected)" in line, line
     assert line.endswith("`latest` still names step00000002"), line
-    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]   # stopped at the failed save
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]  # stopped at the failed save
 
 
 def test_an_error_on_one_rank_ends_every_rank_promptly_with_one_line(small_digits, tmp_path):
@@ -151,13 +180,28 @@ def test_an_error_on_one_rank_ends_every_rank_promptly_with_one_line(small_digit
     data.mkdir()
     (data / "00000.tar").write_bytes((small_digits / "train" / "00000.tar").read_bytes())
     (data / "00001.tar").write_bytes(b"not a tar file" * 100)
-    ranks = launch_ranks([*BASE, "--steps", "4", "--train-data", f"{data}/{{00000..00001}}.tar",
-                          "--train-num-samples", "64", "--tokenizer", str(small_digits / "tokenizer"),
-                          "--output-dir", str(tmp_path / "run")], nproc=2, timeout=240)
+    ranks = launch_ranks(
+        [
+            *BASE,
+            "--steps",
+            "4",
+            "--train-data",
+            f"{data}/{{00000..00001}}.tar",
+            "--train-num-samples",
+            "64",
+            "--tokenizer",
+            str(small_digits / "tokenizer"),
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        nproc=2,
+        timeout=240,
+    )
     assert [r.returncode for r in ranks] == [1, 1], [r.stderr[-2000:] for r in ranks]
     line = the_one_error_line(ranks)
-    assert re.fullmatch(r"neuclip-train: error on rank [01]: RuntimeError: data: a whole epoch produced no batch.*",
-                        line), line
+    assert re.fullmatch(
+        r"neuclip-train: error on rank [01]: RuntimeError: data: a whole epoch produced no batch.*", line
+    ), line
     gap = abs(ranks[0].exited_after_s - ranks[1].exited_after_s)
     assert gap < 30, f"the ranks left {gap:.0f} s apart"
 
@@ -168,8 +212,9 @@ def test_a_rank_file_missing_on_resume_ends_every_rank_and_debug_shows_the_trace
     out = tmp_path / "run"
     launch([*BASE, "--steps", "2", "--output-dir", str(out)], nproc=2)
     (out / "checkpoints" / "step00000002" / "neuclip_rank1.pt").unlink()
-    ranks = launch_ranks([*BASE, "--steps", "4", "--output-dir", str(out), "--resume", "auto", "--debug"], nproc=2,
-                         timeout=240)
+    ranks = launch_ranks(
+        [*BASE, "--steps", "4", "--output-dir", str(out), "--resume", "auto", "--debug"], nproc=2, timeout=240
+    )
     assert [r.returncode for r in ranks] == [1, 1], [r.stderr[-2000:] for r in ranks]
     assert re.search(r"^neuclip-train: aborted: .*neuclip_rank1.pt is missing$", ranks[1].stderr, re.M), ranks[1].stderr
     assert "Traceback (most recent call last)" in ranks[1].stderr
@@ -182,8 +227,12 @@ def test_non_finite_weights_on_one_rank_are_never_saved(tmp_path):
     out = tmp_path / "run"
     os.environ.update(POISON_STEP="1", POISON_RANK="1")
     try:
-        ranks = launch_ranks([*BASE, "--steps", "8", "--output-dir", str(out), "--max-skipped-in-a-row", "3"],
-                             nproc=2, script=str(ROOT / "tests" / "scripts" / "poison_weights.py"), timeout=240)
+        ranks = launch_ranks(
+            [*BASE, "--steps", "8", "--output-dir", str(out), "--max-skipped-in-a-row", "3"],
+            nproc=2,
+            script=str(ROOT / "tests" / "scripts" / "poison_weights.py"),
+            timeout=240,
+        )
     finally:
         del os.environ["POISON_STEP"], os.environ["POISON_RANK"]
     assert [r.returncode for r in ranks] == [1, 1], [r.stderr[-2000:] for r in ranks]
@@ -191,6 +240,8 @@ def test_non_finite_weights_on_one_rank_are_never_saved(tmp_path):
     then_skipped = "neuclip-train: step 4 not saved: the last step was skipped"
     assert refusal in ranks[0].stderr.splitlines() and then_skipped in ranks[0].stderr.splitlines()
     assert not list((out / "checkpoints").glob("step*"))
-    assert the_one_error_line(ranks, besides=[refusal, then_skipped]) == ("neuclip-train: aborted: 3 steps in a row skipped (non-finite features); no "
-                                         "checkpoint was saved before the first skipped step: start over with a lower "
-                                         "--lr, or check the data")
+    assert the_one_error_line(ranks, besides=[refusal, then_skipped]) == (
+        "neuclip-train: aborted: 3 steps in a row skipped (non-finite features); no "
+        "checkpoint was saved before the first skipped step: start over with a lower "
+        "--lr, or check the data"
+    )

@@ -25,16 +25,16 @@ REGEN = os.environ.get("NEUCLIP_REGEN_FROZEN") == "1"
 
 @pytest.fixture(autouse=True)
 def fixed_environment(monkeypatch):
-    monkeypatch.chdir(ROOT)   # the configs' paths are relative to the repository
-    monkeypatch.setenv("COLUMNS", "120")   # argparse wraps --help at the terminal's width
-    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)   # would replace --ds-config
+    monkeypatch.chdir(ROOT)  # the configs' paths are relative to the repository
+    monkeypatch.setenv("COLUMNS", "120")  # argparse wraps --help at the terminal's width
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)  # would replace --ds-config
 
 
 def resolved_config(path: Path) -> str:
     """The options and the DeepSpeed settings the run would use, as JSON; paths relative to the repository."""
     cfg = parse_config(["--config", str(path.relative_to(ROOT))]).resolve()
     text = json.dumps({"options": cfg.to_dict(), "deepspeed": dataclasses.asdict(cfg.ds)}, indent=2) + "\n"
-    if cfg.dataset_dir is not None:   # --dataset-dir fills in absolute paths: back to the one given
+    if cfg.dataset_dir is not None:  # --dataset-dir fills in absolute paths: back to the one given
         text = text.replace(str(Path(cfg.dataset_dir).resolve()), cfg.dataset_dir)
     return text
 
@@ -48,8 +48,9 @@ def check_frozen(name: str, current: str) -> None:
     assert path.is_file(), f"tests/frozen/{name} is missing: if this is new, create it with {regen}"
     frozen = path.read_text()
     if current != frozen:
-        diff = "".join(difflib.unified_diff(frozen.splitlines(True), current.splitlines(True),
-                                            f"tests/frozen/{name}", "now"))
+        diff = "".join(
+            difflib.unified_diff(frozen.splitlines(True), current.splitlines(True), f"tests/frozen/{name}", "now")
+        )
         pytest.fail(f"the command line changed:\n{diff}\nIf the change is intended: {regen}", pytrace=False)
 
 

@@ -1,14 +1,25 @@
 """E1/E6/E9 against independent float64 references (single process); FastCLIP against its reference's formulas."""
 
+import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from neuclip_ds.losses import (ClipLoss, FastCLIPLoss, Features, NeuCLIPLoss, ShardedLogTable, SigLipLoss,
-                               batch_log_normalizers, fastclip_gamma, gather_features, neuclip_objective,
-                               rgcl_log_loss)
+from neuclip_ds.losses import (
+    ClipLoss,
+    FastCLIPLoss,
+    Features,
+    NeuCLIPLoss,
+    ShardedLogTable,
+    SigLipLoss,
+    batch_log_normalizers,
+    fastclip_gamma,
+    gather_features,
+    neuclip_objective,
+    rgcl_log_loss,
+)
 
 EPS, RHO = 1e-6, 6.5
 
@@ -92,8 +103,15 @@ def test_neuclip_objective_value_equals_direct_float64(tau_value, noise):
         a2 = lg2 + torch.randn(10, generator=g, dtype=torch.float64)
     expected = direct_e6(img64, txt64, a1, a2, tau_value, EPS, RHO)
     for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 2e-4)):
-        got = neuclip_objective(img64.to(dtype), txt64.to(dtype), a1.to(dtype), a2.to(dtype),
-                                torch.tensor([tau_value], dtype=dtype), EPS, RHO)
+        got = neuclip_objective(
+            img64.to(dtype),
+            txt64.to(dtype),
+            a1.to(dtype),
+            a2.to(dtype),
+            torch.tensor([tau_value], dtype=dtype),
+            EPS,
+            RHO,
+        )
         assert torch.isfinite(got)
         assert math.isclose(float(got), expected, rel_tol=rtol), (dtype, float(got), expected)
 
@@ -161,10 +179,10 @@ def test_fastclip_gamma_schedule_matches_reference():
         got = fastclip_gamma(epoch, 0.2, 10)
         assert got == pytest.approx(reference_gamma(epoch, 0.2, 10), rel=1e-12, abs=1e-15), epoch
         assert got == pytest.approx(value, abs=5e-7), epoch
-    assert fastclip_gamma(0, 0.2, 10) == 1.0 and fastclip_gamma(10, 0.2, 10) == 0.2   # exact at both ends
-    assert round(fastclip_gamma(1, 0.2, 10), 3) == 0.980                            # not 1.0: no extra epoch at 1
+    assert fastclip_gamma(0, 0.2, 10) == 1.0 and fastclip_gamma(10, 0.2, 10) == 0.2  # exact at both ends
+    assert round(fastclip_gamma(1, 0.2, 10), 3) == 0.980  # not 1.0: no extra epoch at 1
     values = [fastclip_gamma(e, 0.2, 10) for e in range(11)]
-    assert all(a > b for a, b in zip(values, values[1:]))
+    assert all(a > b for a, b in itertools.pairwise(values))
     # one decay epoch: 1 in epoch 0, gamma_min from epoch 1 on; other gamma_min / decay lengths
     assert [fastclip_gamma(e, 0.5, 1) for e in range(3)] == [1.0, 0.5, 0.5]
     for e in range(8):
@@ -182,9 +200,9 @@ def test_fastclip_gamma_rejects_bad_arguments(epoch, decay, arg):
 
 def test_fastclip_first_visit_takes_g_hat_then_moving_average():
     table = ShardedLogTable(10)
-    log_g1 = torch.tensor([0.5, -2.0, 3.25, 120.0])            # log g_hat up to ~exp(120) at small tau
+    log_g1 = torch.tensor([0.5, -2.0, 3.25, 120.0])  # log g_hat up to ~exp(120) at small tau
     out = table.update(torch.tensor([1, 4, 7, 9]), log_g1, gamma=0.3)
-    assert torch.equal(out, log_g1)                            # u = g_hat exactly, not 0.3 g_hat
+    assert torch.equal(out, log_g1)  # u = g_hat exactly, not 0.3 g_hat
     assert torch.equal(table.log_u[[1, 4, 7, 9]], log_g1)
     assert torch.isneginf(table.log_u[[0, 2, 3, 5, 6, 8]]).all()
 
@@ -210,10 +228,12 @@ def test_fastclip_u_update_and_loss_match_reference():
     u2 = torch.zeros(n, dtype=torch.float64)
     seen = torch.zeros(n, dtype=torch.bool)
     tau = torch.tensor([0.2], dtype=torch.float64)
-    schedule = [(0, [0, 1, 2, 3, 4, 5]),
-                (1, [3, 4, 5, 6, 7, 8]),      # 3-5 again, 6-8 first seen at gamma = 0.65
-                (2, [6, 7, 8, 9, 10, 0]),     # gamma_min from epoch 2 on
-                (5, [0, 9, 11, 12, 4, 10])]
+    schedule = [
+        (0, [0, 1, 2, 3, 4, 5]),
+        (1, [3, 4, 5, 6, 7, 8]),  # 3-5 again, 6-8 first seen at gamma = 0.65
+        (2, [6, 7, 8, 9, 10, 0]),  # gamma_min from epoch 2 on
+        (5, [0, 9, 11, 12, 4, 10]),
+    ]
     first_at_gamma_below_1 = 0
     for step, (epoch, idx) in enumerate(schedule):
         raw_img, raw_txt = make_pair(B=B, d=5, seed=step)
@@ -231,7 +251,7 @@ def test_fastclip_u_update_and_loss_match_reference():
         seen[index] = True
         expected = direct_e6(img, txt, torch.log(EPS + u1[index]), torch.log(EPS + u2[index]), 0.2, EPS, RHO)
         assert math.isclose(float(loss), expected, rel_tol=1e-6)  # tables are fp32
-    assert first_at_gamma_below_1 == 7       # rows 6-8 at epoch 1, 9, 10 at epoch 2, 11, 12 at epoch 5
+    assert first_at_gamma_below_1 == 7  # rows 6-8 at epoch 1, 9, 10 at epoch 2, 11, 12 at epoch 5
     assert torch.allclose(loss_fn.u_img.log_u[seen].exp(), u1[seen].float(), rtol=1e-5)
     assert torch.allclose(loss_fn.u_txt.log_u[seen].exp(), u2[seen].float(), rtol=1e-5)
     assert torch.isneginf(loss_fn.u_img.log_u[~seen]).all()
@@ -244,17 +264,20 @@ def test_fastclip_rejects_out_of_range_index():
         FastCLIPLoss(num_samples=5)(gather_features(img, img), torch.tensor([0.1]), torch.tensor([0, 1, 2, 7]), 0)
 
 
-@pytest.mark.parametrize("call,arg", [
-    (lambda i, t, a, tau: rgcl_log_loss(i, t[:3], tau, EPS, RHO), "txt"),
-    (lambda i, t, a, tau: rgcl_log_loss(i * 3, t, tau, EPS, RHO), "img"),
-    (lambda i, t, a, tau: rgcl_log_loss(i, t, torch.tensor([0.0]), EPS, RHO), "tau"),
-    (lambda i, t, a, tau: rgcl_log_loss(i, t, torch.tensor(0.1), EPS, RHO), "tau"),
-    (lambda i, t, a, tau: rgcl_log_loss(i, t, tau, -1.0, RHO), "eps"),
-    (lambda i, t, a, tau: neuclip_objective(i, t, a[:2], a, tau, EPS, RHO), "alpha_img"),
-    (lambda i, t, a, tau: neuclip_objective(i, t, a, a[:2], tau, EPS, RHO), "alpha_txt"),
-    (lambda i, t, a, tau: ClipLoss()(Features(i, t, i, t), -tau), "tau"),
-    (lambda i, t, a, tau: NeuCLIPLoss()(Features(i, 2 * t, i, t), tau, a, a), "txt"),
-])
+@pytest.mark.parametrize(
+    "call,arg",
+    [
+        (lambda i, t, a, tau: rgcl_log_loss(i, t[:3], tau, EPS, RHO), "txt"),
+        (lambda i, t, a, tau: rgcl_log_loss(i * 3, t, tau, EPS, RHO), "img"),
+        (lambda i, t, a, tau: rgcl_log_loss(i, t, torch.tensor([0.0]), EPS, RHO), "tau"),
+        (lambda i, t, a, tau: rgcl_log_loss(i, t, torch.tensor(0.1), EPS, RHO), "tau"),
+        (lambda i, t, a, tau: rgcl_log_loss(i, t, tau, -1.0, RHO), "eps"),
+        (lambda i, t, a, tau: neuclip_objective(i, t, a[:2], a, tau, EPS, RHO), "alpha_img"),
+        (lambda i, t, a, tau: neuclip_objective(i, t, a, a[:2], tau, EPS, RHO), "alpha_txt"),
+        (lambda i, t, a, tau: ClipLoss()(Features(i, t, i, t), -tau), "tau"),
+        (lambda i, t, a, tau: NeuCLIPLoss()(Features(i, 2 * t, i, t), tau, a, a), "txt"),
+    ],
+)
 def test_bad_inputs_raise_value_error_naming_the_argument(call, arg):
     img = F.normalize(torch.randn(5, 4), dim=-1)
     txt = F.normalize(torch.randn(5, 4), dim=-1)

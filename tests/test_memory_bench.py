@@ -22,13 +22,12 @@ def _load_benchmark():
 @pytest.fixture(scope="module")
 def zero3():
     bench = _load_benchmark()
-    return {world: bench.measure_zero(3, world, preset="tiny", batch=2, persistence_threshold=0)
-            for world in (1, 2)}
+    return {world: bench.measure_zero(3, world, preset="tiny", batch=2, persistence_threshold=0) for world in (1, 2)}
 
 
 def test_zero3_two_ranks_hold_half_the_params(zero3):
     one = zero3[1][0]
-    assert one["params"] >= 4 * one["total_params"]          # the whole fp32 model lives on the single rank
+    assert one["params"] >= 4 * one["total_params"]  # the whole fp32 model lives on the single rank
     for rank in zero3[2]:
         assert rank["params"] / one["params"] == pytest.approx(0.5, rel=0.1)
 

@@ -1,6 +1,7 @@
 """Presets, the dual encoder, the temperature parameter and loading a local HF CLIP directory."""
 
 import math
+
 import pytest
 import torch
 from transformers import CLIPModel
@@ -22,7 +23,7 @@ def test_presets_match_openclip_sizes(name):
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match="^preset:"):
+    with pytest.raises(ValueError, match=r"^preset:"):
         get_preset("ViT-Z-99")
 
 
@@ -34,7 +35,7 @@ def test_tiny_forward_normalized_with_shape1_tau():
     assert out["img"].shape == (4, p.embed_dim) and out["txt"].shape == (4, p.embed_dim)
     assert torch.allclose(out["img"].norm(dim=-1), torch.ones(4), atol=1e-5)
     assert torch.allclose(out["txt"].norm(dim=-1), torch.ones(4), atol=1e-5)
-    assert model.temperature_parameter.shape == (1,) and out["tau"].shape == (1,)   # never 0-dim (ZeRO-2/3)
+    assert model.temperature_parameter.shape == (1,) and out["tau"].shape == (1,)  # never 0-dim (ZeRO-2/3)
     assert all(prm.dim() > 0 for prm in model.parameters())
     assert "bias" not in out
 
@@ -45,9 +46,9 @@ def test_temperature_range_and_bias():
     assert float(model.temperature().detach()) == pytest.approx(0.07)
     assert model.temperature_bounds() == pytest.approx((math.log(2.0), math.log(100.0)))
     assert model.logit_bias.shape == (1,)
-    with pytest.raises(ValueError, match="^init_tau:"):
+    with pytest.raises(ValueError, match=r"^init_tau:"):
         build_model("tiny", init_tau=2.0, tau_max=1.0)
-    with pytest.raises(ValueError, match="^tau_param:"):
+    with pytest.raises(ValueError, match=r"^tau_param:"):
         build_model("tiny", tau_param="exp")
 
 
@@ -85,5 +86,5 @@ def test_load_local_hf_clip_directory(tmp_path):
     assert torch.allclose(out["img"], ref_img, atol=1e-5)
     assert torch.allclose(out["txt"], ref_txt, atol=1e-5)
     assert float(out["tau"]) == pytest.approx(0.05, rel=1e-5)
-    with pytest.raises(ValueError, match="^hf_dir:"):
+    with pytest.raises(ValueError, match=r"^hf_dir:"):
         load_hf_clip(tmp_path / "missing")

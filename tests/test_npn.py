@@ -110,7 +110,7 @@ def test_state_dict_round_trip():
     assert a.checksum() == b.checksum()
 
 
-@pytest.mark.parametrize("rows", [3, 7])   # B < d and B >= d take different forward paths
+@pytest.mark.parametrize("rows", [3, 7])  # B < d and B >= d take different forward paths
 def test_cosine_scores_match_autograd_through_normalize(rows):
     """The hand-written backward of the NPN's similarity (E4) against autograd of the plain formula, float64,
     prototypes of very different norms; and torch's numerical gradcheck."""
@@ -145,9 +145,16 @@ def test_fused_adagrad_on_cpu_matches_the_loop_and_survives_a_foreign_state():
     assert fused.optimizer.param_groups[0]["fused"] is True and fused.checksum() == loop.checksum()
 
 
-@pytest.mark.parametrize("kwargs,arg", [({"num_prototypes": 0}, "num_prototypes"), ({"num_prototypes": -3},
-                                        "num_prototypes"), ({"lr": 0.0}, "lr"), ({"variant": "x"}, "variant"),
-                                        ({"eps": -1.0}, "eps")])
+@pytest.mark.parametrize(
+    "kwargs,arg",
+    [
+        ({"num_prototypes": 0}, "num_prototypes"),
+        ({"num_prototypes": -3}, "num_prototypes"),
+        ({"lr": 0.0}, "lr"),
+        ({"variant": "x"}, "variant"),
+        ({"eps": -1.0}, "eps"),
+    ],
+)
 def test_bad_npn_arguments(kwargs, arg):
     with pytest.raises(ValueError, match=rf"^{arg}:"):
         NPN(16, **kwargs)
@@ -156,9 +163,9 @@ def test_bad_npn_arguments(kwargs, arg):
 def test_bad_fit_inputs():
     img, txt, tau, targets = batch(B=8)
     npn = NPN(16, num_prototypes=4)
-    with pytest.raises(ValueError, match="^img:"):
+    with pytest.raises(ValueError, match=r"^img:"):
         npn.fit(img[:, :8], txt[:, :8], *targets, tau, steps=1)
-    with pytest.raises(ValueError, match="^tau:"):
+    with pytest.raises(ValueError, match=r"^tau:"):
         npn.fit(img, txt, *targets, torch.tensor([-0.1]), steps=1)
-    with pytest.raises(ValueError, match="^steps:"):
+    with pytest.raises(ValueError, match=r"^steps:"):
         npn.fit(img, txt, *targets, tau, steps=-1)

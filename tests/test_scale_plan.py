@@ -43,19 +43,24 @@ def test_param_count_and_zero_model_states():
     # DeepSpeed's ZeRO-3 formula without offload: 4 L + 18 P / N bytes per GPU
     assert eight / one == pytest.approx((4 * L + 18 * P / 8) / (4 * L + 18 * P), rel=1e-6)
     # the figures are the non-offload rows DeepSpeed's *_all_cold estimators print
-    assert f"{eight / 2**30:6.2f}GB" in _printed_row(estimate_zero3_model_states_mem_needs_all_cold, P, L,
-                                                    options="offload_param=none, offload_optimizer=none, zero_init=1")
+    assert f"{eight / 2**30:6.2f}GB" in _printed_row(
+        estimate_zero3_model_states_mem_needs_all_cold,
+        P,
+        L,
+        options="offload_param=none, offload_optimizer=none, zero_init=1",
+    )
     z2 = plan.model_states_bytes(2, P, L, 8, 1)
-    assert f"{z2 / 2**30:6.2f}GB" in _printed_row(estimate_zero2_model_states_mem_needs_all_cold, P,
-                                                  options="offload_optimizer=none")
+    assert f"{z2 / 2**30:6.2f}GB" in _printed_row(
+        estimate_zero2_model_states_mem_needs_all_cold, P, options="offload_optimizer=none"
+    )
 
 
 def test_memory_probe_counts_new_storages_once():
     w = torch.randn(256, 256, requires_grad=True)  # exists before: never counted, though autograd saves it
     probe = plan.MemoryProbe()
     with probe, torch.autograd.graph.saved_tensors_hooks(probe.pack, lambda t: t):
-        h = torch.ones(4, 256) @ w     # the ones (4 KB) are saved for grad_w; h (4 KB) is kept by this frame
-        y = h.relu().view(-1)          # relu's output (4 KB) is saved; its view is the same storage
+        h = torch.ones(4, 256) @ w  # the ones (4 KB) are saved for grad_w; h (4 KB) is kept by this frame
+        y = h.relu().view(-1)  # relu's output (4 KB) is saved; its view is the same storage
         probe.mark("forward")
     assert probe.marks["forward"] == (3 * 4096, 2 * 4096)  # (alive, saved)
     assert probe.peak == 3 * 4096 and y.numel() == 1024
@@ -70,12 +75,28 @@ def test_checkpointing_needs_less_activation_memory_on_tiny():
     assert act[("peak", False)]["per_sample"] >= no_ckpt  # the peak holds every activation at once
 
 
-@pytest.mark.parametrize("preset, path, stage", [("ViT-L-14", "ds_configs/vit_l14_8xh100.json", 2),
-                                                 ("ViT-H-14", "ds_configs/vit_h14_8xh100.json", 3)])
+@pytest.mark.parametrize(
+    "preset, path, stage",
+    [("ViT-L-14", "ds_configs/vit_l14_8xh100.json", 2), ("ViT-H-14", "ds_configs/vit_h14_8xh100.json", 3)],
+)
 def test_h100_ds_configs_are_valid(preset, path, stage):
     ds = json.loads((ROOT / path).read_text())
     DeepSpeedZeroConfig(**ds["zero_optimization"])  # DeepSpeed's own model: rejects unknown or mistyped keys
-    cfg = parse_config(["--preset", preset, "--ds-config", str(ROOT / path), "--synthetic-samples", "64",
-                        "--steps", "1", "--global-batch-size", "2048", "--precision", "bf16",
-                        "--grad-checkpointing"]).validate(world_size=8)
+    cfg = parse_config(
+        [
+            "--preset",
+            preset,
+            "--ds-config",
+            str(ROOT / path),
+            "--synthetic-samples",
+            "64",
+            "--steps",
+            "1",
+            "--global-batch-size",
+            "2048",
+            "--precision",
+            "bf16",
+            "--grad-checkpointing",
+        ]
+    ).validate(world_size=8)
     assert cfg.ds.zero_stage == stage and cfg.ds.gradient_accumulation_steps == 1

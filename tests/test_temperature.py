@@ -8,9 +8,9 @@ import os
 
 import pytest
 import torch
+from _launch import ROOT, launch_script, metrics, write_ds_config
 from torch import nn
 
-from _launch import ROOT, launch_script, metrics, write_ds_config
 from neuclip_ds.checkpoint import load_checkpoint_state_dict
 from neuclip_ds.config import TrainConfig
 from neuclip_ds.engine import TemperatureKeeper, TemperatureLR, build_optimizer, build_scheduler
@@ -26,7 +26,7 @@ TAU_MIN, TAU_MAX = 0.05, 0.5
 def test_parametrizations_store_what_they_say(tau_param, name, stored):
     model = build_model("tiny", init_tau=0.07, tau_min=TAU_MIN, tau_max=TAU_MAX, tau_param=tau_param)
     p = model.temperature_parameter
-    assert p is getattr(model, name) and p.shape == (1,)           # never 0-dim (ZeRO-2/3)
+    assert p is getattr(model, name) and p.shape == (1,)  # never 0-dim (ZeRO-2/3)
     assert float(p.detach()) == pytest.approx(stored)
     assert float(model.temperature()) == pytest.approx(0.07)
     lo, hi = model.temperature_bounds()
@@ -57,14 +57,14 @@ def test_temperature_has_its_own_group_without_weight_decay():
     others = [p for g in opt.param_groups if not g.get("is_temperature") for p in g["params"]]
     assert all(p is not model.logit_scale for p in others)
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
-    assert TrainConfig(lr=2e-3).tau_lr() == 2e-3                  # default: the encoder lr
+    assert TrainConfig(lr=2e-3).tau_lr() == 2e-3  # default: the encoder lr
 
 
 def test_step_thresh_schedule_is_fastclips():
     """FastCLIP-v3 step_lr_thresh: (step+1)/warmup during warmup, then 1, times 1/3 while tau <= 0.03."""
     f = TemperatureLR("step_thresh", warmup=4, total=100, tau=0.07)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert f(50) == 1.0 and f(99) == 1.0                            # constant: no cosine decay
+    assert f(50) == 1.0 and f(99) == 1.0  # constant: no cosine decay
     f.tau = 0.03
     assert f(50) == pytest.approx(1 / 3)
     f.tau = 0.0301
@@ -85,7 +85,7 @@ def test_scheduler_gives_the_temperature_group_its_factor():
     opt.step()
     sched.step()
     lrs = {bool(g.get("is_temperature")): g["lr"] for g in opt.param_groups}
-    assert lrs[True] == pytest.approx(1e-4)                          # 3e-4 / 3 below the threshold
+    assert lrs[True] == pytest.approx(1e-4)  # 3e-4 / 3 below the threshold
     assert lrs[False] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
 
 
@@ -103,6 +103,7 @@ class _OneTemperature(nn.Module):
 
     def temperature_bounds(self):
         from neuclip_ds.model import parameter_bounds
+
         return parameter_bounds(self.tau_param, self.tau_min, self.tau_max)
 
 
@@ -110,16 +111,16 @@ class _OneTemperature(nn.Module):
 def test_keeper_clamps_the_parameter_and_warns_once_per_episode(tau_param, capsys):
     m = _OneTemperature(tau_param)
     keeper = TemperatureKeeper(m, rank=0, warn_after=50)
-    below = math.log(1 / 0.01) if tau_param == "log" else 0.01        # tau = 0.01 < tau_min
+    below = math.log(1 / 0.01) if tau_param == "log" else 0.01  # tau = 0.01 < tau_min
     for step in range(120):
         with torch.no_grad():
-            m.p.fill_(below)                                          # the optimizer pushes past the bound each step
+            m.p.fill_(below)  # the optimizer pushes past the bound each step
         assert keeper.after_step(step) == pytest.approx(TAU_MIN)
         lo, hi = (float(torch.tensor(b, dtype=torch.float32)) for b in m.temperature_bounds())
         assert lo <= float(m.p.detach()) <= hi
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tau has sat at its lower bound 0.05 for 50 steps (step 51)" in err[0]
-    with torch.no_grad():                                             # leaves the bound: a new episode
+    with torch.no_grad():  # leaves the bound: a new episode
         m.p.fill_(math.log(1 / 0.1) if tau_param == "log" else 0.1)
     assert keeper.after_step(120) == pytest.approx(0.1)
     for step in range(121, 190):
@@ -143,11 +144,38 @@ def test_keeper_inside_the_range_writes_nothing():
 # 2 ranks under ZeRO-2 / ZeRO-3: down onto the bound, back up, checkpoint, resume
 # ---------------------------------------------------------------------------------------------------------------
 STEPS, FLIP, SAVE = 28, 10, 12
-ARGS = ["--loss", "mbcl", "--synthetic-samples", "128", "--steps", str(STEPS), "--global-batch-size", "16",
-        "--lr", "1e-3", "--lr-tau", "0.05",
-        "--lr-tau-schedule", "step_thresh", "--warmup", "1", "--init-tau", "0.07", "--tau-min", str(TAU_MIN),
-        "--tau-max", str(TAU_MAX), "--save-every", str(SAVE), "--keep-last", "3", "--precision", "fp32",
-        "--report-to", "jsonl"]
+ARGS = [
+    "--loss",
+    "mbcl",
+    "--synthetic-samples",
+    "128",
+    "--steps",
+    str(STEPS),
+    "--global-batch-size",
+    "16",
+    "--lr",
+    "1e-3",
+    "--lr-tau",
+    "0.05",
+    "--lr-tau-schedule",
+    "step_thresh",
+    "--warmup",
+    "1",
+    "--init-tau",
+    "0.07",
+    "--tau-min",
+    str(TAU_MIN),
+    "--tau-max",
+    str(TAU_MAX),
+    "--save-every",
+    str(SAVE),
+    "--keep-last",
+    "3",
+    "--precision",
+    "fp32",
+    "--report-to",
+    "jsonl",
+]
 
 
 def _ds_config(tmp_path, name, stage):
@@ -159,23 +187,27 @@ def _ds_config(tmp_path, name, stage):
 def _run(tmp_path, name, stage, extra=()):
     out = tmp_path / name
     ds = _ds_config(tmp_path, name, stage)
-    os.environ["TAU_FLIP_STEP"] = str(FLIP)     # the launcher passes the environment to every rank
+    os.environ["TAU_FLIP_STEP"] = str(FLIP)  # the launcher passes the environment to every rank
     try:
-        launch_script("tests/scripts/tau_push.py", [*ARGS, "--ds-config", ds, "--output-dir", str(out), *extra],
-                      nproc=2, timeout=400)
+        launch_script(
+            "tests/scripts/tau_push.py",
+            [*ARGS, "--ds-config", ds, "--output-dir", str(out), *extra],
+            nproc=2,
+            timeout=400,
+        )
     finally:
         del os.environ["TAU_FLIP_STEP"]
     return out
 
 
 def _check_tau_turns(rows):
-    taus = [r["tau"] for r in rows]                                   # the tau each step's forward used
+    taus = [r["tau"] for r in rows]  # the tau each step's forward used
     assert len(taus) == STEPS
-    assert min(taus) >= TAU_MIN * (1 - 1e-6)                          # never below: the parameter is kept inside
+    assert min(taus) >= TAU_MIN * (1 - 1e-6)  # never below: the parameter is kept inside
     at_bound = [i for i, t in enumerate(taus) if t <= TAU_MIN * (1 + 1e-6)]
-    assert at_bound and at_bound[0] < FLIP, taus                      # driven onto the bound before the turn
-    assert taus[-1] > 1.2 * TAU_MIN, taus                             # ... and back up after it
-    assert all(b >= a for a, b in zip(taus[-6:], taus[-5:])), taus    # rising steadily at the end
+    assert at_bound and at_bound[0] < FLIP, taus  # driven onto the bound before the turn
+    assert taus[-1] > 1.2 * TAU_MIN, taus  # ... and back up after it
+    assert all(b >= a for a, b in zip(taus[-6:], taus[-5:])), taus  # rising steadily at the end
 
 
 @pytest.mark.parametrize("stage", [0, 1, "3-offload"])
@@ -194,11 +226,13 @@ def test_tau_leaves_its_lower_bound_checkpoint_in_range_resume_exact(tmp_path, s
         state = load_checkpoint_state_dict(out / "checkpoints", f"step{step:08d}")
         value = float(state["logit_scale"].detach())
         assert lo - 1e-7 <= value <= hi + 1e-7, (step, value)
-    assert float(load_checkpoint_state_dict(out / "checkpoints", f"step{SAVE:08d}")["logit_scale"].detach()) == \
-        pytest.approx(hi, abs=1e-6)
+    assert float(
+        load_checkpoint_state_dict(out / "checkpoints", f"step{SAVE:08d}")["logit_scale"].detach()
+    ) == pytest.approx(hi, abs=1e-6)
     # resume at step 12 (tau on its bound, momentum pushing outward) continues exactly like the uninterrupted run
-    resumed = _run(tmp_path, f"z{stage}_resumed", stage,
-                   extra=["--resume", str(out / "checkpoints" / f"step{SAVE:08d}")])
+    resumed = _run(
+        tmp_path, f"z{stage}_resumed", stage, extra=["--resume", str(out / "checkpoints" / f"step{SAVE:08d}")]
+    )
     again = metrics(resumed)
     assert [r["step"] for r in again] == list(range(SAVE + 1, STEPS + 1))
     for a, b in zip(rows[SAVE:], again):

@@ -20,15 +20,15 @@ def caption_batch(lengths, generator, context_length=L):
     mask = torch.zeros_like(ids)
     for i, n in enumerate(lengths):
         ids[i, 0], ids[i, n + 1] = BOS, EOS
-        ids[i, 1:n + 1] = torch.randint(2, BOS, (n,), generator=generator)
-        mask[i, :n + 2] = 1
+        ids[i, 1 : n + 1] = torch.randint(2, BOS, (n,), generator=generator)
+        mask[i, : n + 2] = 1
     return ids, mask
 
 
 def test_trim_keeps_the_longest_row():
     ids, mask = caption_batch([3, 9, 5], torch.Generator().manual_seed(0))
     short_ids, short_mask = trim_text_padding(ids, mask)
-    assert short_ids.shape == short_mask.shape == (3, 11)          # bos + 9 tokens + eos
+    assert short_ids.shape == short_mask.shape == (3, 11)  # bos + 9 tokens + eos
     assert torch.equal(short_ids, ids[:, :11]) and torch.equal(short_mask, mask[:, :11])
     assert mask[:, 11:].sum() == 0
 
@@ -51,8 +51,9 @@ def test_trimmed_text_features_and_gradients_match_full_length():
         model.zero_grad(set_to_none=True)
         feats = model.encode_text(*batch)
         (feats * target).sum().backward()
-        results.append((feats.detach(), {n: p.grad.clone() for n, p in model.text.named_parameters()
-                                         if p.grad is not None}))
+        results.append(
+            (feats.detach(), {n: p.grad.clone() for n, p in model.text.named_parameters() if p.grad is not None})
+        )
     (full, full_grads), (short, short_grads) = results
     assert trim_text_padding(ids, mask)[0].shape[1] == 14 < model.context_length
     torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-6)
@@ -68,8 +69,9 @@ def test_trimmed_text_features_and_gradients_match_full_length():
 def test_engine_pads_text_as_configured(padding, width):
     ids, mask = caption_batch([7, 2], torch.Generator().manual_seed(0))
     fake = SimpleNamespace(cfg=TrainConfig(text_padding=padding), info=SimpleNamespace(device=torch.device("cpu")))
-    out = NeuCLIPEngine._to_device(fake, {"pixel_values": torch.zeros(2, 3, 4, 4), "input_ids": ids,
-                                          "attention_mask": mask})
+    out = NeuCLIPEngine._to_device(
+        fake, {"pixel_values": torch.zeros(2, 3, 4, 4), "input_ids": ids, "attention_mask": mask}
+    )
     assert out["input_ids"].shape == out["attention_mask"].shape == (2, width)
 
 

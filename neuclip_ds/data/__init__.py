@@ -15,8 +15,13 @@ importing the package stays cheap.
 from importlib import import_module
 
 _EXPORTS = {
-    "bad_samples": ["BAD_REASONS", "BadSampleTracker", "BadSampleWarning", "TooManyBadSamplesError",
-                    "check_bad_fraction"],
+    "bad_samples": [
+        "BAD_REASONS",
+        "BadSampleTracker",
+        "BadSampleWarning",
+        "TooManyBadSamplesError",
+        "check_bad_fraction",
+    ],
     "embedded": ["build_embedded_dataset", "dataset_paths", "load_classnames", "load_templates", "is_complete"],
     "loader": ["ClipLoader", "make_eval_loader", "make_train_loader"],
     "shards": ["expand_shards"],

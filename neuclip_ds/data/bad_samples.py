@@ -24,10 +24,20 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from typing import Mapping
+from collections.abc import Mapping
 
-BAD_REASONS = ("missing_shard", "shard_error", "missing_image", "decode_error", "missing_caption",
-               "empty_caption", "bad_json", "missing_index", "bad_index", "duplicate_key")
+BAD_REASONS = (
+    "missing_shard",
+    "shard_error",
+    "missing_image",
+    "decode_error",
+    "missing_caption",
+    "empty_caption",
+    "bad_json",
+    "missing_index",
+    "bad_index",
+    "duplicate_key",
+)
 # the bad fraction is judged only after this many samples (good + bad), so one early bad shard does not stop a run
 MIN_SEEN = 100
 _MAX_WARNINGS = 20
@@ -54,8 +64,9 @@ def merge_counts(into: Counter, counts: Mapping[str, int] | None) -> None:
         into[k] += int(v)
 
 
-def check_bad_fraction(good: int, bad: int | Mapping[str, int], max_fraction: float | None, *,
-                       min_seen: int = MIN_SEEN) -> None:
+def check_bad_fraction(
+    good: int, bad: int | Mapping[str, int], max_fraction: float | None, *, min_seen: int = MIN_SEEN
+) -> None:
     """Raise ``TooManyBadSamplesError`` when ``bad / (bad + good)`` exceeds ``max_fraction`` (None: no limit) after
     at least ``min_seen`` samples. ``bad``: a total, or counts per reason (then named in the message)."""
     total = bad if isinstance(bad, int) else int(sum(bad.values()))
@@ -64,8 +75,10 @@ def check_bad_fraction(good: int, bad: int | Mapping[str, int], max_fraction: fl
     if max_fraction is None or seen < min_seen or fraction <= max_fraction:
         return
     detail = "" if isinstance(bad, int) else ": " + ", ".join(f"{k}={v}" for k, v in sorted(bad.items()) if v)
-    raise TooManyBadSamplesError(f"data: {total} of {seen} samples were bad ({fraction:.1%} > --max-bad-fraction "
-                                 f"{max_fraction:.1%}){detail}; see the warnings above for which shards and why")
+    raise TooManyBadSamplesError(
+        f"data: {total} of {seen} samples were bad ({fraction:.1%} > --max-bad-fraction "
+        f"{max_fraction:.1%}){detail}; see the warnings above for which shards and why"
+    )
 
 
 class WorkerBadCounts:
@@ -84,8 +97,9 @@ class WorkerBadCounts:
         if self.warned <= _MAX_WARNINGS:
             warnings.warn(f"data: skipped ({reason}) {msg} [{self.where}]", BadSampleWarning, stacklevel=2)
         elif self.warned == _MAX_WARNINGS + 1:
-            warnings.warn(f"data: more bad samples, further warnings suppressed [{self.where}]",
-                          BadSampleWarning, stacklevel=2)
+            warnings.warn(
+                f"data: more bad samples, further warnings suppressed [{self.where}]", BadSampleWarning, stacklevel=2
+            )
 
     def handler(self, exn: Exception) -> bool:
         """webdataset exception handler: count and continue; one count per shard read (an error inside a tar
@@ -142,12 +156,12 @@ class BadSampleTracker:
 
     def check(self, max_fraction: float | None = None) -> None:
         """``check_bad_fraction`` on this tracker's counts; ``max_fraction`` overrides the tracker's limit."""
-        check_bad_fraction(self.good, self.bad, self.max_fraction if max_fraction is None else max_fraction,
-                           min_seen=self.min_seen)
+        check_bad_fraction(
+            self.good, self.bad, self.max_fraction if max_fraction is None else max_fraction, min_seen=self.min_seen
+        )
 
     def as_dict(self) -> dict[str, float]:
-        out: dict[str, float] = {"bad_samples": self.total, "good_samples": self.good,
-                                 "bad_fraction": self.fraction}
+        out: dict[str, float] = {"bad_samples": self.total, "good_samples": self.good, "bad_fraction": self.fraction}
         for k, v in sorted(self.bad.items()):
             out[f"bad_samples/{k}"] = int(v)
         return out

@@ -70,7 +70,7 @@ VAL_SOURCE_FRACTION = 0.2
 DEFAULT_SAMPLES_PER_SHARD = 1000
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-COLOURS = {   # bright strokes ...
+COLOURS = {  # bright strokes ...
     "red": (235, 45, 45),
     "green": (50, 205, 70),
     "blue": (80, 140, 255),
@@ -78,7 +78,7 @@ COLOURS = {   # bright strokes ...
     "purple": (200, 90, 235),
     "orange": (255, 150, 30),
 }
-BACKGROUNDS = {   # ... on dark backgrounds: one contrast polarity (module docstring)
+BACKGROUNDS = {  # ... on dark backgrounds: one contrast polarity (module docstring)
     "black": (0, 0, 0),
     "grey": (64, 64, 64),
     "brown": (72, 44, 22),
@@ -117,15 +117,16 @@ def _article(word: str) -> str:
 
 def make_caption(attrs: dict[str, str], template_id: int) -> str:
     fields = dict(attrs)
-    fields.update(a_scale=_article(attrs["scale"]), a_background=_article(attrs["background"]),
-                  a_colour=_article(attrs["colour"]))
+    fields.update(
+        a_scale=_article(attrs["scale"]), a_background=_article(attrs["background"]), a_colour=_article(attrs["colour"])
+    )
     return CAPTION_TEMPLATES[template_id].format(**fields)
 
 
 def split_sources(seed: int = 0, n_images: int = 1797) -> tuple[np.ndarray, np.ndarray]:
     """Disjoint (train, val) source-image indices into load_digits, from a permutation fixed by ``seed``."""
     perm = np.random.default_rng([seed, 7919]).permutation(n_images)
-    n_val = int(round(n_images * VAL_SOURCE_FRACTION))
+    n_val = round(n_images * VAL_SOURCE_FRACTION)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
@@ -137,7 +138,7 @@ def render(digit_img: np.ndarray, attrs: dict[str, str], jitter: tuple[int, int]
     x = int(np.clip((CANVAS - size) // 2 + jitter[0], 0, CANVAS - size))
     y = int(np.clip((CANVAS - size) // 2 + jitter[1], 0, CANVAS - size))
     alpha = np.zeros((CANVAS, CANVAS), dtype=np.float32)
-    alpha[y:y + size, x:x + size] = np.asarray(mask, dtype=np.float32) / 255.0
+    alpha[y : y + size, x : x + size] = np.asarray(mask, dtype=np.float32) / 255.0
     bg = np.asarray(BACKGROUNDS[attrs["background"]], dtype=np.float32)
     fg = np.asarray(COLOURS[attrs["colour"]], dtype=np.float32)
     rgb = bg[None, None, :] * (1.0 - alpha[..., None]) + fg[None, None, :] * alpha[..., None]
@@ -168,8 +169,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def generate_split(split: str, n: int, sources: np.ndarray, images: np.ndarray, targets: np.ndarray,
-                   seed: int):
+def generate_split(split: str, n: int, sources: np.ndarray, images: np.ndarray, targets: np.ndarray, seed: int):
     """Yield (key, jpg bytes, caption, json dict) for ``n`` samples of ``split`` drawn from ``sources``."""
     rng = np.random.default_rng([seed, 0 if split == "train" else 1, 104729])
     # Cycle through shuffled sources so every source image is used about equally often.
@@ -184,8 +184,18 @@ def generate_split(split: str, n: int, sources: np.ndarray, images: np.ndarray, 
         attrs = {name: CLASSNAMES[name][labels[name]] for name in ATTRIBUTES}
         caption = make_caption(attrs, template_id)
         key = f"{split}_{index:07d}"
-        meta = {"key": key, "index": index, "split": split, "source_index": src, "caption": caption,
-                "width": CANVAS, "height": CANVAS, "template": template_id, "labels": labels, **attrs}
+        meta = {
+            "key": key,
+            "index": index,
+            "split": split,
+            "source_index": src,
+            "caption": caption,
+            "width": CANVAS,
+            "height": CANVAS,
+            "template": template_id,
+            "labels": labels,
+            **attrs,
+        }
         yield key, _jpeg_bytes(render(images[src], attrs, jitter)), caption, meta
 
 
@@ -207,8 +217,14 @@ def _write_shards(out_dir: Path, split: str, samples, n: int, per_shard: int) ->
                 _add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
                 count += 1
         os.replace(tmp, path)
-        shards.append({"path": f"{split}/{path.name}", "num_samples": count, "bytes": path.stat().st_size,
-                       "sha256": _sha256(path)})
+        shards.append(
+            {
+                "path": f"{split}/{path.name}",
+                "num_samples": count,
+                "bytes": path.stat().st_size,
+                "sha256": _sha256(path),
+            }
+        )
     return shards
 
 
@@ -219,8 +235,14 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _params(seed: int, n_train: int, n_val: int, samples_per_shard: int) -> dict:
-    return {"seed": seed, "n_train": n_train, "n_val": n_val, "samples_per_shard": samples_per_shard,
-            "canvas": CANVAS, "jpeg_quality": JPEG_QUALITY}
+    return {
+        "seed": seed,
+        "n_train": n_train,
+        "n_val": n_val,
+        "samples_per_shard": samples_per_shard,
+        "canvas": CANVAS,
+        "jpeg_quality": JPEG_QUALITY,
+    }
 
 
 def load_manifest(out_dir: str | os.PathLike) -> dict | None:
@@ -246,15 +268,19 @@ def is_complete(out_dir: str | os.PathLike, params: dict | None = None, *, verif
                 return False
             if verify_hashes and _sha256(p) != shard["sha256"]:
                 return False
-    for rel in ("classnames.json", "templates.json", "tokenizer/tokenizer.json"):
-        if not (out / rel).is_file():
-            return False
-    return True
+    return all((out / rel).is_file() for rel in ("classnames.json", "templates.json", "tokenizer/tokenizer.json"))
 
 
-def build_embedded_dataset(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int = 8000, n_val: int = 2000,
-                           samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, force: bool = False,
-                           verbose: bool = False) -> dict:
+def build_embedded_dataset(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    n_train: int = 8000,
+    n_val: int = 2000,
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+    force: bool = False,
+    verbose: bool = False,
+) -> dict:
     """Build (or reuse) the embedded digits data set in ``out_dir``; return its manifest (``dataset.json``).
 
     The manifest has ``splits[split]`` with ``num_samples``, ``num_shards``, ``shards`` (a brace pattern relative
@@ -292,6 +318,7 @@ def build_embedded_dataset(out_dir: str | os.PathLike, *, seed: int = 0, n_train
     splits = {}
     captions_train: list[str] = []
     for split, n, src in (("train", n_train, train_src), ("val", n_val, val_src)):
+
         def samples(split=split, n=n, src=src):
             for key, jpg, caption, meta in generate_split(split, n, src, images, targets, seed):
                 if split == "train":
@@ -300,11 +327,14 @@ def build_embedded_dataset(out_dir: str | os.PathLike, *, seed: int = 0, n_train
 
         files = _write_shards(out, split, samples(), n, samples_per_shard)
         last = len(files) - 1
-        splits[split] = {"num_samples": n, "num_shards": len(files),
-                         "shards": f"{split}/{{00000..{last:05d}}}.tar" if last else f"{split}/00000.tar",
-                         "shard_files": files,
-                         "num_source_images": int(len(src)), "source_images_sha256":
-                             hashlib.sha256(np.asarray(src, dtype=np.int64).tobytes()).hexdigest()}
+        splits[split] = {
+            "num_samples": n,
+            "num_shards": len(files),
+            "shards": f"{split}/{{00000..{last:05d}}}.tar" if last else f"{split}/00000.tar",
+            "shard_files": files,
+            "num_source_images": len(src),
+            "source_images_sha256": hashlib.sha256(np.asarray(src, dtype=np.int64).tobytes()).hexdigest(),
+        }
 
     _write_json(out / "classnames.json", CLASSNAMES)
     _write_json(out / "templates.json", TEMPLATES)
@@ -315,14 +345,19 @@ def build_embedded_dataset(out_dir: str | os.PathLike, *, seed: int = 0, n_train
     train_caption_tokenizer(captions_train + prompts, out / "tokenizer")
 
     manifest = {
-        "name": DATASET_NAME, "version": DATASET_VERSION, "params": params,
-        "image_size": CANVAS, "attributes": ATTRIBUTES, "splits": splits,
-        "classnames": "classnames.json", "templates": "templates.json", "tokenizer": "tokenizer",
+        "name": DATASET_NAME,
+        "version": DATASET_VERSION,
+        "params": params,
+        "image_size": CANVAS,
+        "attributes": ATTRIBUTES,
+        "splits": splits,
+        "classnames": "classnames.json",
+        "templates": "templates.json",
+        "tokenizer": "tokenizer",
         "source": "sklearn.datasets.load_digits",
     }
     _write_json(out / "dataset.json", manifest)  # last, atomically
-    manifest = dict(manifest, root=str(out.resolve()), reused=False,
-                    build_seconds=round(time.perf_counter() - t0, 3))
+    manifest = dict(manifest, root=str(out.resolve()), reused=False, build_seconds=round(time.perf_counter() - t0, 3))
     if verbose:
         print(describe(manifest))
     return manifest
@@ -333,12 +368,19 @@ def dataset_paths(out_dir: str | os.PathLike) -> dict:
     out = Path(out_dir).resolve()
     m = load_manifest(out)
     if m is None:
-        raise FileNotFoundError(f"embedded: no dataset.json in {str(out)!r}; build it with "
-                                f"`python -m neuclip_ds.data.embedded --out {out_dir}`")
-    return {"train": str(out / m["splits"]["train"]["shards"]), "val": str(out / m["splits"]["val"]["shards"]),
-            "tokenizer": str(out / m["tokenizer"]), "classnames": str(out / m["classnames"]),
-            "templates": str(out / m["templates"]), "num_train": m["splits"]["train"]["num_samples"],
-            "num_val": m["splits"]["val"]["num_samples"]}
+        raise FileNotFoundError(
+            f"embedded: no dataset.json in {str(out)!r}; build it with "
+            f"`python -m neuclip_ds.data.embedded --out {out_dir}`"
+        )
+    return {
+        "train": str(out / m["splits"]["train"]["shards"]),
+        "val": str(out / m["splits"]["val"]["shards"]),
+        "tokenizer": str(out / m["tokenizer"]),
+        "classnames": str(out / m["classnames"]),
+        "templates": str(out / m["templates"]),
+        "num_train": m["splits"]["train"]["num_samples"],
+        "num_val": m["splits"]["val"]["num_samples"],
+    }
 
 
 def load_classnames(out_dir: str | os.PathLike) -> dict[str, list[str]]:
@@ -351,16 +393,23 @@ def load_templates(out_dir: str | os.PathLike) -> dict[str, list[str]]:
 
 def describe(manifest: dict) -> str:
     root = manifest.get("root", ".")
-    lines = [f"{manifest['name']} v{manifest['version']} in {root} "
-             f"({'reused existing build' if manifest.get('reused') else 'built'}"
-             + (f" in {manifest['build_seconds']:.1f}s" if "build_seconds" in manifest else "") + ")"]
+    lines = [
+        f"{manifest['name']} v{manifest['version']} in {root} "
+        f"({'reused existing build' if manifest.get('reused') else 'built'}"
+        + (f" in {manifest['build_seconds']:.1f}s" if "build_seconds" in manifest else "")
+        + ")"
+    ]
     for split, s in manifest["splits"].items():
         size = sum(f["bytes"] for f in s["shard_files"])
-        lines.append(f"  {split}: {s['num_samples']} samples in {s['num_shards']} shards "
-                     f"({size / 1e6:.1f} MB) -> {os.path.join(root, s['shards'])}")
+        lines.append(
+            f"  {split}: {s['num_samples']} samples in {s['num_shards']} shards "
+            f"({size / 1e6:.1f} MB) -> {os.path.join(root, s['shards'])}"
+        )
     lines.append(f"  tokenizer: {os.path.join(root, manifest['tokenizer'])}")
-    lines.append(f"  classnames: {os.path.join(root, manifest['classnames'])}, "
-                 f"templates: {os.path.join(root, manifest['templates'])}")
+    lines.append(
+        f"  classnames: {os.path.join(root, manifest['classnames'])}, "
+        f"templates: {os.path.join(root, manifest['templates'])}"
+    )
     return "\n".join(lines)
 
 
@@ -373,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD)
     p.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
     a = p.parse_args(argv)
-    manifest = build_embedded_dataset(a.out, seed=a.seed, n_train=a.n_train, n_val=a.n_val,
-                                      samples_per_shard=a.samples_per_shard, force=a.force)
+    manifest = build_embedded_dataset(
+        a.out, seed=a.seed, n_train=a.n_train, n_val=a.n_val, samples_per_shard=a.samples_per_shard, force=a.force
+    )
     print(describe(manifest))
     return 0
 

@@ -28,7 +28,8 @@ import os
 import random
 import warnings
 from collections import Counter
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -51,9 +52,9 @@ def _open_shards(urls: Iterable[dict], stats: WorkerBadCounts) -> Iterator[dict]
         url = item["url"]
         stats.shard_seq = seq
         try:
-            stream = open(local_path(url), "rb") if is_local(url) else gopen(url)
-        except Exception as exn:  # noqa: BLE001
-            exn.args = exn.args + (url,)
+            stream = open(local_path(url), "rb") if is_local(url) else gopen(url)  # noqa: SIM115 (closed below)
+        except Exception as exn:
+            exn.args = (*exn.args, url)
             stats.handler(exn)
             continue
         try:
@@ -85,8 +86,11 @@ def _skip_repeated_keys(members: Iterable[dict], stats: WorkerBadCounts) -> Iter
                 done.add(current)
             current, exts, skipping = key, set(), key in done
             if skipping:
-                stats.add("duplicate_key", f"{key} in {member.get('__url__', '?')} (a sample of this key came "
-                                           f"earlier in the shard; that one is kept)")
+                stats.add(
+                    "duplicate_key",
+                    f"{key} in {member.get('__url__', '?')} (a sample of this key came "
+                    f"earlier in the shard; that one is kept)",
+                )
         exts.add(ext)
         if not skipping:
             yield member
@@ -114,8 +118,9 @@ def _sample_index(meta: dict, key: str, where: str, dataset_size: int | None) ->
     return index
 
 
-def decode_sample(sample: dict, transform: ImageTransform, rng: random.Random | None,
-                  dataset_size: int | None = None) -> dict:
+def decode_sample(
+    sample: dict, transform: ImageTransform, rng: random.Random | None, dataset_size: int | None = None
+) -> dict:
     """Validate and decode one raw webdataset sample; raises BadSample(reason) when it must be skipped.
     ``dataset_size``: indices must lie in [0, dataset_size) (else only >= 0)."""
     key = str(sample.get("__key__", "?"))
@@ -146,7 +151,7 @@ def decode_sample(sample: dict, transform: ImageTransform, rng: random.Random | 
         with Image.open(io.BytesIO(raw_img)) as im:
             im.load()
             img = to_rgb(im)
-    except Exception as exc:  # noqa: BLE001 - any decoder failure
+    except Exception as exc:
         raise BadSample("decode_error", f"{where}: {exc!r}"[:300]) from None
     out = {"pixel_values": transform(img, rng), "caption": caption, "index": index, "key": key}
     labels = meta.get("labels")
@@ -170,10 +175,24 @@ class ShardStream(IterableDataset):
     share of ``batches_per_epoch`` full batches, the same number on every rank.
     """
 
-    def __init__(self, urls: list[str], *, tokenizer, transform: ImageTransform, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True, resampled: bool = False,
-                 shuffle_buffer: int = 1000, shuffle_initial: int = 100, drop_last: bool = False,
-                 batches_per_epoch: int | None = None, dataset_size: int | None = None):
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        tokenizer,
+        transform: ImageTransform,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        resampled: bool = False,
+        shuffle_buffer: int = 1000,
+        shuffle_initial: int = 100,
+        drop_last: bool = False,
+        batches_per_epoch: int | None = None,
+        dataset_size: int | None = None,
+    ):
         super().__init__()
         if batch_size < 1:
             raise ValueError("data: batch_size must be >= 1")
@@ -201,7 +220,7 @@ class ShardStream(IterableDataset):
         order = list(self.urls)
         if self.shuffle:
             random.Random(f"neuclip:{self.seed}:{self.epoch}:shards").shuffle(order)
-        return order[self.rank::self.world_size][worker::num_workers]
+        return order[self.rank :: self.world_size][worker::num_workers]
 
     def worker_quota(self, worker: int, num_workers: int) -> int | None:
         if not self.resampled:
@@ -218,8 +237,12 @@ class ShardStream(IterableDataset):
         limit = 2 * len(self.urls) + 10
         while True:
             if state["shards_since_good"] >= limit:
-                warnings.warn(f"data: {limit} shards in a row gave no usable sample; ending this worker's epoch "
-                              f"early (rank {self.rank}, worker {worker})", BadSampleWarning)
+                warnings.warn(
+                    f"data: {limit} shards in a row gave no usable sample; ending this worker's epoch "
+                    f"early (rank {self.rank}, worker {worker})",
+                    BadSampleWarning,
+                    stacklevel=2,
+                )
                 return
             state["shards_since_good"] += 1
             yield {"url": rng.choice(self.urls)}
@@ -237,8 +260,7 @@ class ShardStream(IterableDataset):
         if all("labels" in s for s in samples):
             names = samples[0]["labels"].keys()
             if all(s["labels"].keys() == names for s in samples):
-                batch["labels"] = {k: torch.tensor([s["labels"][k] for s in samples], dtype=torch.long)
-                                   for k in names}
+                batch["labels"] = {k: torch.tensor([s["labels"][k] for s in samples], dtype=torch.long) for k in names}
         batch["bad_samples"] = stats.take()
         batch["num_truncated"] = int(truncated)
         return batch
@@ -258,8 +280,7 @@ class ShardStream(IterableDataset):
         members = _skip_repeated_keys(tar_file_expander(streams, handler=stats.handler), stats)
         samples: Iterable[dict] = group_by_keys(members, handler=stats.handler)
         if self.shuffle and self.shuffle_buffer > 1:
-            samples = wds_shuffle(self.shuffle_buffer, self.shuffle_initial,
-                                  rng=self._rng(worker, "samples"))(samples)
+            samples = wds_shuffle(self.shuffle_buffer, self.shuffle_initial, rng=self._rng(worker, "samples"))(samples)
         aug_rng = self._rng(worker, "augment")
         pending: list[dict] = []
         produced = 0
@@ -283,7 +304,6 @@ class ShardStream(IterableDataset):
             yield {"__stats_only__": True, "bad_samples": leftover}
 
 
-
 class ClipLoader:
     """Iterable over one epoch of batches of this rank; keeps the data position and bad-sample totals.
 
@@ -300,9 +320,17 @@ class ClipLoader:
     Iterating the loader runs the current epoch to its end and then advances to the next epoch.
     """
 
-    def __init__(self, stream: ShardStream, *, workers: int = 0, num_samples: int | None = None,
-                 missing_shards: Sequence[str] = (), pin_memory: bool = False, prefetch_factor: int = 2,
-                 epoch: int = 0):
+    def __init__(
+        self,
+        stream: ShardStream,
+        *,
+        workers: int = 0,
+        num_samples: int | None = None,
+        missing_shards: Sequence[str] = (),
+        pin_memory: bool = False,
+        prefetch_factor: int = 2,
+        epoch: int = 0,
+    ):
         self.stream = stream
         self.workers = int(workers)
         self.num_samples = num_samples
@@ -315,11 +343,16 @@ class ClipLoader:
         self._attached: Counter = Counter()  # counts handed out in batches
         self._pending: Counter = Counter()
         if self.missing_shards:
-            warnings.warn(f"data: skipped (missing_shard) {len(self.missing_shards)} of {len(self.urls) + len(self.missing_shards)} "
-                          f"shard file(s) missing or unreadable, skipped: {self.missing_shards[:5]}"
-                          f"{' ...' if len(self.missing_shards) > 5 else ''}", BadSampleWarning, stacklevel=3)
+            warnings.warn(
+                f"data: skipped (missing_shard) {len(self.missing_shards)} of "
+                f"{len(self.urls) + len(self.missing_shards)} "
+                f"shard file(s) missing or unreadable, skipped: {self.missing_shards[:5]}"
+                f"{' ...' if len(self.missing_shards) > 5 else ''}",
+                BadSampleWarning,
+                stacklevel=3,
+            )
             # attribute missing shard i to rank i % world_size, so summing over ranks counts each once
-            mine = len(self.missing_shards[stream.rank::stream.world_size])
+            mine = len(self.missing_shards[stream.rank :: stream.world_size])
             if mine:
                 self._pending["missing_shard"] += mine
         gb = stream.batch_size * stream.world_size
@@ -333,8 +366,11 @@ class ClipLoader:
             self.num_batches = None
             self._sample_cap = None
         if not stream.resampled and len(self.urls) < stream.world_size * max(1, self.workers):
-            warnings.warn(f"data: {len(self.urls)} shard(s) for {stream.world_size} rank(s) x "
-                          f"{max(1, self.workers)} worker(s): some workers get no shard", stacklevel=3)
+            warnings.warn(
+                f"data: {len(self.urls)} shard(s) for {stream.world_size} rank(s) x "
+                f"{max(1, self.workers)} worker(s): some workers get no shard",
+                stacklevel=3,
+            )
 
     @property
     def bad_sample_totals(self) -> Counter:
@@ -372,8 +408,16 @@ class ClipLoader:
         if self.workers <= 0:
             return iter(self.stream)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        return iter(DataLoader(self.stream, batch_size=None, num_workers=self.workers, persistent_workers=False,
-                               pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor))
+        return iter(
+            DataLoader(
+                self.stream,
+                batch_size=None,
+                num_workers=self.workers,
+                persistent_workers=False,
+                pin_memory=self.pin_memory,
+                prefetch_factor=self.prefetch_factor,
+            )
+        )
 
     def _real_batches(self, items: Iterator[dict], counts: Counter) -> Iterator[dict]:
         """Real batches only; stats-only items are merged into ``counts`` (shared with the caller)."""
@@ -393,8 +437,9 @@ class ClipLoader:
         while cur is not None:
             seen += 1
             samples += len(cur["key"])
-            capped = (self.num_batches is not None and self.stream.resampled and seen >= self.num_batches) or \
-                (self._sample_cap is not None and samples >= self._sample_cap)
+            capped = (self.num_batches is not None and self.stream.resampled and seen >= self.num_batches) or (
+                self._sample_cap is not None and samples >= self._sample_cap
+            )
             nxt = None if capped else next(batches, None)  # look ahead: know whether cur ends the epoch
             if seen <= skip:  # already consumed before the checkpoint
                 counts.clear()
@@ -426,12 +471,26 @@ def _check_common(batch_size: int, world_size: int, rank: int, image_size: int, 
         raise ValueError(f"data: rank {rank} / world_size {world_size} invalid")
 
 
-def make_train_loader(shards: str | Sequence[str], *, tokenizer, image_size: int, batch_size: int,
-                      num_samples: int | None, rank: int = 0, world_size: int = 1, workers: int = 0,
-                      seed: int = 0, resampled: bool = False, epoch: int = 0, shuffle_buffer: int = 1000,
-                      shuffle_initial: int = 100, crop_scale: tuple[float, float] = (0.9, 1.0),
-                      drop_last: bool = False, pin_memory: bool = False,
-                      dataset_size: int | None = None) -> ClipLoader:
+def make_train_loader(
+    shards: str | Sequence[str],
+    *,
+    tokenizer,
+    image_size: int,
+    batch_size: int,
+    num_samples: int | None,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+    seed: int = 0,
+    resampled: bool = False,
+    epoch: int = 0,
+    shuffle_buffer: int = 1000,
+    shuffle_initial: int = 100,
+    crop_scale: tuple[float, float] = (0.9, 1.0),
+    drop_last: bool = False,
+    pin_memory: bool = False,
+    dataset_size: int | None = None,
+) -> ClipLoader:
     """Training loader for this rank (``batch_size`` per rank; distribution and determinism: ``ShardStream``).
 
     ``num_samples`` (per epoch, all ranks together): non-resampled, it caps a rank at ``ceil(num_samples /
@@ -447,22 +506,52 @@ def make_train_loader(shards: str | Sequence[str], *, tokenizer, image_size: int
         if not num_samples or num_samples < 1:
             raise ValueError("data: resampled mode needs num_samples >= 1")
         batches = max(1, int(num_samples) // (batch_size * world_size))
-    stream = ShardStream(urls, tokenizer=tokenizer, transform=ImageTransform(image_size, train=True,
-                                                                             scale=crop_scale),
-                         batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, shuffle=True,
-                         resampled=resampled, shuffle_buffer=shuffle_buffer, shuffle_initial=shuffle_initial,
-                         drop_last=drop_last, batches_per_epoch=batches, dataset_size=dataset_size)
-    return ClipLoader(stream, workers=workers, num_samples=num_samples, missing_shards=missing,
-                      pin_memory=pin_memory, epoch=epoch)
+    stream = ShardStream(
+        urls,
+        tokenizer=tokenizer,
+        transform=ImageTransform(image_size, train=True, scale=crop_scale),
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        shuffle=True,
+        resampled=resampled,
+        shuffle_buffer=shuffle_buffer,
+        shuffle_initial=shuffle_initial,
+        drop_last=drop_last,
+        batches_per_epoch=batches,
+        dataset_size=dataset_size,
+    )
+    return ClipLoader(
+        stream, workers=workers, num_samples=num_samples, missing_shards=missing, pin_memory=pin_memory, epoch=epoch
+    )
 
 
-def make_eval_loader(shards: str | Sequence[str], *, tokenizer, image_size: int, batch_size: int,
-                     rank: int = 0, world_size: int = 1, workers: int = 0,
-                     pin_memory: bool = False, dataset_size: int | None = None) -> ClipLoader:
+def make_eval_loader(
+    shards: str | Sequence[str],
+    *,
+    tokenizer,
+    image_size: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+    pin_memory: bool = False,
+    dataset_size: int | None = None,
+) -> ClipLoader:
     """Evaluation loader: no shuffle, no drop, every readable sample once (split over ranks/workers by shard)."""
     _check_common(batch_size, world_size, rank, image_size, dataset_size)
     urls, missing = expand_shards(shards)
-    stream = ShardStream(urls, tokenizer=tokenizer, transform=ImageTransform(image_size, train=False),
-                         batch_size=batch_size, rank=rank, world_size=world_size, shuffle=False,
-                         resampled=False, drop_last=False, dataset_size=dataset_size)
+    stream = ShardStream(
+        urls,
+        tokenizer=tokenizer,
+        transform=ImageTransform(image_size, train=False),
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        shuffle=False,
+        resampled=False,
+        drop_last=False,
+        dataset_size=dataset_size,
+    )
     return ClipLoader(stream, workers=workers, num_samples=None, missing_shards=missing, pin_memory=pin_memory)

@@ -12,16 +12,15 @@ from __future__ import annotations
 import glob
 import os
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def is_local(url: str) -> bool:
-    return not (url.startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url)) or \
-        url.startswith("file://")
+    return not (url.startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url)) or url.startswith("file://")
 
 
 def local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
+    return url[len("file://") :] if url.startswith("file://") else url
 
 
 def _names(shards: str | os.PathLike | Sequence[str]) -> list[str]:
@@ -37,7 +36,7 @@ def _globbed(url: str) -> list[str]:
     path = local_path(url)
     if not is_local(url) or not glob.has_magic(path) or os.path.exists(path):
         return [url]
-    prefix = url[:len(url) - len(path)]
+    prefix = url[: len(url) - len(path)]
     return [prefix + match for match in sorted(glob.glob(path))] or [url]
 
 
@@ -56,7 +55,9 @@ def expand_shards(shards: str | os.PathLike | Sequence[str]) -> tuple[list[str],
     if not usable:
         present = sum(os.path.exists(local_path(u)) for u in unusable)
         if present:
-            raise FileNotFoundError(f"none of the {len(urls)} shard(s) of {shards!r} is a readable file "
-                                    f"({present} of them exist but are not files or cannot be read)")
+            raise FileNotFoundError(
+                f"none of the {len(urls)} shard(s) of {shards!r} is a readable file "
+                f"({present} of them exist but are not files or cannot be read)"
+            )
         raise FileNotFoundError(f"no shard matches {shards!r} ({len(urls)} name(s) after expansion, none exists)")
     return usable, unusable

@@ -25,8 +25,8 @@ from __future__ import annotations
 import json
 import os
 import string
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 
@@ -36,8 +36,9 @@ PAD_TOKEN = "<pad>"
 UNK_TOKEN = "<unk>"
 
 
-def train_caption_tokenizer(captions: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int = 512,
-                            model_max_length: int = 77) -> str:
+def train_caption_tokenizer(
+    captions: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int = 512, model_max_length: int = 77
+) -> str:
     """Train a small lowercase BPE tokenizer on ``captions``; save a HF tokenizer dir at ``out_dir``.
 
     Deterministic for identical input. Returns ``out_dir`` as a string.
@@ -50,8 +51,14 @@ def train_caption_tokenizer(captions: Iterable[str], out_dir: str | os.PathLike,
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.BPEDecoder(suffix="</w>")
     alphabet = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=[UNK_TOKEN, PAD_TOKEN],
-                                  initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=[UNK_TOKEN, PAD_TOKEN],
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
     tok.train_from_iterator(list(captions), trainer=trainer)
     # The trainer's merges are deterministic but its id assignment is not (hash-map order): renumber the vocab
     # canonically (specials, then base symbols sorted, then merge results in merge order) and rebuild the model.
@@ -62,14 +69,20 @@ def train_caption_tokenizer(captions: Iterable[str], out_dir: str | os.PathLike,
     base = {t for t in trained["vocab"] if t not in merged_set and t not in (UNK_TOKEN, PAD_TOKEN)}
     base = sorted(base | set(alphabet) | {c + "</w>" for c in alphabet})  # every char, also word-final
     vocab: dict[str, int] = {}
-    for t in [UNK_TOKEN, PAD_TOKEN] + base + merged:
+    for t in [UNK_TOKEN, PAD_TOKEN, *base, *merged]:
         vocab.setdefault(t, len(vocab))
     tok.model = models.BPE(vocab=vocab, merges=list(merges), unk_token=UNK_TOKEN, end_of_word_suffix="</w>")
     # bos/eos appended after training -> the two largest ids (eos is the max id, as in OpenAI CLIP).
     tok.add_special_tokens([BOS_TOKEN, EOS_TOKEN])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
-                                   pad_token=PAD_TOKEN, unk_token=UNK_TOKEN, model_max_length=model_max_length,
-                                   clean_up_tokenization_spaces=False)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out))
@@ -77,8 +90,9 @@ def train_caption_tokenizer(captions: Iterable[str], out_dir: str | os.PathLike,
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         p = out / name
         if p.is_file():
-            p.write_text(json.dumps(json.loads(p.read_text(encoding="utf-8")), indent=2, sort_keys=True) + "\n",
-                         encoding="utf-8")
+            p.write_text(
+                json.dumps(json.loads(p.read_text(encoding="utf-8")), indent=2, sort_keys=True) + "\n", encoding="utf-8"
+            )
     return str(out)
 
 
@@ -86,20 +100,22 @@ def load_hf_tokenizer(path: str | os.PathLike):
     """Load a local HF tokenizer directory offline; ValueError naming the path if it is not one."""
     p = Path(path)
     if not p.is_dir():
-        raise ValueError(f"tokenizer: {str(path)!r} is not a directory (expected a HF tokenizer directory with "
-                         f"tokenizer.json or vocab.json+merges.txt)")
+        raise ValueError(
+            f"tokenizer: {str(path)!r} is not a directory (expected a HF tokenizer directory with "
+            f"tokenizer.json or vocab.json+merges.txt)"
+        )
     try:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure means "not a tokenizer dir"
+    except Exception as exc:
         fast_file = p / "tokenizer.json"
         if fast_file.is_file():
             try:
                 from transformers import PreTrainedTokenizerFast
 
                 tok = PreTrainedTokenizerFast(tokenizer_file=str(fast_file))
-            except Exception:  # noqa: BLE001
+            except Exception:
                 raise ValueError(f"tokenizer: cannot load a tokenizer from {str(path)!r}: {exc}") from exc
         else:
             raise ValueError(f"tokenizer: {str(path)!r} is not a HF tokenizer directory: {exc}") from exc
@@ -108,8 +124,9 @@ def load_hf_tokenizer(path: str | os.PathLike):
     return tok
 
 
-def trim_text_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def trim_text_padding(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Drop the trailing columns that are padding in every row ("pad to longest", like HF's collators).
 
     Exact for the CLIP text tower: its attention is causal and it pools the EOS position (first eos, or the
@@ -175,8 +192,14 @@ class TextTokenizer:
     # -- encoding --------------------------------------------------------------------------------------------
     def encode_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids without special tokens, not truncated."""
-        enc = self.tokenizer(list(texts), add_special_tokens=False, truncation=False, padding=False,
-                             return_attention_mask=False, verbose=False)
+        enc = self.tokenizer(
+            list(texts),
+            add_special_tokens=False,
+            truncation=False,
+            padding=False,
+            return_attention_mask=False,
+            verbose=False,
+        )
         return [list(ids) for ids in enc["input_ids"]]
 
     def encode_batch(self, texts: Sequence[str]) -> tuple[dict[str, torch.Tensor], int]:
@@ -193,8 +216,8 @@ class TextTokenizer:
                 toks = toks[:room]
                 truncated += 1
             row = ([self._bos] if self._bos is not None else []) + toks + [self._eos]
-            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, :len(row)] = 1
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
         return {"input_ids": ids, "attention_mask": mask}, truncated
 
     def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -214,5 +237,7 @@ class TextTokenizer:
         return [self.decode(row) for row in ids]
 
     def __repr__(self) -> str:
-        return (f"TextTokenizer({self.path!r}, context_length={self._context_length}, vocab_size={self.vocab_size},"
-                f" bos={self._bos}, eos={self._eos}, pad={self._pad})")
+        return (
+            f"TextTokenizer({self.path!r}, context_length={self._context_length}, vocab_size={self.vocab_size},"
+            f" bos={self._bos}, eos={self._eos}, pad={self._pad})"
+        )

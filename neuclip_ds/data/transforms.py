@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -35,9 +35,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
 class ImageTransform:
     """PIL image -> normalized float tensor [3, S, S]. ``train``: random-resized-crop; else resize + center crop."""
 
-    def __init__(self, image_size: int, *, train: bool, scale: tuple[float, float] = (0.9, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), mean: Sequence[float] = CLIP_MEAN,
-                 std: Sequence[float] = CLIP_STD):
+    def __init__(
+        self,
+        image_size: int,
+        *,
+        train: bool,
+        scale: tuple[float, float] = (0.9, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+    ):
         self.image_size = int(image_size)
         self.train = bool(train)
         self.scale = tuple(scale)
@@ -52,15 +59,15 @@ class ImageTransform:
         for _ in range(10):
             target_area = area * rng.uniform(self.scale[0], self.scale[1])
             aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-            w = int(round(math.sqrt(target_area * aspect)))
-            h = int(round(math.sqrt(target_area / aspect)))
+            w = round(math.sqrt(target_area * aspect))
+            h = round(math.sqrt(target_area / aspect))
             if 0 < w <= width and 0 < h <= height:
                 return rng.randint(0, height - h), rng.randint(0, width - w), h, w
         in_ratio = width / height
         if in_ratio < min(self.ratio):
-            w, h = width, int(round(width / min(self.ratio)))
+            w, h = width, round(width / min(self.ratio))
         elif in_ratio > max(self.ratio):
-            h, w = height, int(round(height * max(self.ratio)))
+            h, w = height, round(height * max(self.ratio))
         else:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
@@ -70,10 +77,10 @@ class ImageTransform:
         w, h = img.size
         if min(w, h) != s:
             f = s / min(w, h)
-            nw, nh = max(s, int(round(w * f))), max(s, int(round(h * f)))
+            nw, nh = max(s, round(w * f)), max(s, round(h * f))
             img = img.resize((nw, nh), Image.Resampling.BICUBIC)
             w, h = nw, nh
-        left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+        left, top = round((w - s) / 2.0), round((h - s) / 2.0)
         if (w, h) != (s, s):
             img = img.crop((left, top, left + s, top + s))
         return img
@@ -88,4 +95,3 @@ class ImageTransform:
             img = self._resize_center_crop(img)
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
         return (x - self.mean) / self.std
-
