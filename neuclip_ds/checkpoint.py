@@ -37,7 +37,7 @@ import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,14 @@ import torch.distributed as dist
 
 from .rundir import CHECKPOINTS, RunFiles
 from .stopping import one_line as _one_line
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from .data.stream import StepStream
+    from .data.tokenizer import TextTokenizer
+    from .engine import NeuCLIPEngine
+    from .model import CLIPDualEncoder
 
 CHECKPOINT_DIR = CHECKPOINTS
 COMPLETE = "COMPLETE"
@@ -76,7 +84,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def gather_objects(obj) -> list:
+def gather_objects(obj: Any) -> list:
     if _world() == 1:
         return [obj]
     out = [None] * _world()
@@ -101,7 +109,7 @@ def deepspeed_types() -> list[type]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def load_data(f: str | os.PathLike, map_location: Any = None, *, mmap: bool | None = None, **ignored) -> Any:
+def load_data(f: str | os.PathLike, map_location: Any = None, *, mmap: bool | None = None, **ignored: Any) -> Any:
     """`torch.load` of one checkpoint file as data: `weights_only=True`, allowing `deepspeed_types()` besides
     torch's defaults. It stands in for `torch.load` (see `files_read_as_data`), so it takes its arguments;
     `weights_only`, `pickle_module` and other unpickling options in `ignored` are overridden.
@@ -228,7 +236,9 @@ class TrainState:
     rank its own). `load_state_dict()` restores them, exactly at the same world size; at another one (a universal
     checkpoint) everything but the per-rank RNG streams and the webdataset sample order carries over."""
 
-    def __init__(self, eng, stream, *, config: dict, seed: int, rank: int, world_size: int):
+    def __init__(
+        self, eng: NeuCLIPEngine, stream: StepStream, *, config: dict, seed: int, rank: int, world_size: int
+    ) -> None:
         self.eng, self.stream, self.config, self.seed = eng, stream, config, seed
         self.rank, self.world_size = rank, world_size
 
@@ -342,7 +352,14 @@ def _atomic_write(path: Path, payload, *, text: bool = False) -> None:
 
 
 def save(
-    engine, output_dir: str | Path, *, step: int, run_id: str, state: dict, keep_last: int, keep: Path | None = None
+    engine: DeepSpeedEngine,
+    output_dir: str | Path,
+    *,
+    step: int,
+    run_id: str,
+    state: dict,
+    keep_last: int,
+    keep: Path | None = None,
 ) -> Path:
     """Collective: every rank calls it with its `TrainState.state_dict()`. Returns the checkpoint directory.
 
@@ -635,7 +652,7 @@ def _load_universal_groups_without_local_elements(optimizer, lp_groups_name: str
         group.update({k: v for k, v in loaded.items() if k != "params"})
 
 
-def load_engine(engine, tag_dir: Path) -> None:
+def load_engine(engine: DeepSpeedEngine, tag_dir: Path) -> None:
     opt = engine.optimizer
     if (
         engine.load_universal_checkpoint()
@@ -719,7 +736,9 @@ def read_run_config(
     raise CheckpointError(f"--checkpoint: no config.yaml in {run_dir} (needed to rebuild the model)")
 
 
-def model_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mapping, tokenizer=None):
+def model_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: Mapping, tokenizer: TextTokenizer | None = None
+) -> CLIPDualEncoder:
     """Rebuild the trainer's ``CLIPDualEncoder`` from a run config and load ``state_dict`` (strict).
 
     ``config`` keys used: ``preset``, ``pretrained_hf`` (architecture from that HF dir), ``loss`` (SigLIP adds
@@ -791,7 +810,9 @@ def model_from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Mappin
     return model.eval()
 
 
-def load_checkpoint_model(checkpoint: str | os.PathLike, *, tokenizer=None, tag: str | None = None):
+def load_checkpoint_model(
+    checkpoint: str | os.PathLike, *, tokenizer: TextTokenizer | None = None, tag: str | None = None
+) -> tuple[CLIPDualEncoder, dict, Path]:
     """(model, run config, run dir) of a trainer checkpoint (see ``resolve_checkpoint``)."""
     ckpt_dir, tag, run_dir = resolve_checkpoint(checkpoint, tag)
     config = read_run_config(run_dir, ckpt_dir, tag)

@@ -23,13 +23,17 @@ Under NCCL, pass CUDA tensors (the all-reduces run on the anchors' / `anchor_ind
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .losses import ShardedLogTable, log_eps_plus
+from .losses import FastCLIPLoss, ShardedLogTable, log_eps_plus
+
+if TYPE_CHECKING:
+    from .npn import NPN
 
 __all__ = ["exact_log_normalizers", "fastclip_estimate", "mbcl_estimate", "normalizer_errors", "npn_estimate"]
 
@@ -307,7 +311,7 @@ def fastclip_estimate(
     return out[0], out[1]
 
 
-def npn_estimate(npn, anchor_img: Tensor, anchor_txt: Tensor, tau: Tensor | float) -> tuple[Tensor, Tensor]:
+def npn_estimate(npn: NPN, anchor_img: Tensor, anchor_txt: Tensor, tau: Tensor | float) -> tuple[Tensor, Tensor]:
     """NeuCLIP's estimate: the NPN's alpha (E3/E4), i.e. `npn.predict`, [S] each (detached). The NPN adds its own
     eps (the one it was built with)."""
     if not isinstance(tau, Tensor):
@@ -340,18 +344,18 @@ class NormErrProbe:
     same on every rank; `dataset_chunks()`: a fresh iterable of this rank's share of the training set (batch
     dicts with `index`), every sample on exactly one rank."""
 
-    def __init__(self, anchors: dict, dataset_chunks, *, eps: float):
+    def __init__(self, anchors: dict, dataset_chunks: Callable[[], Iterable[dict]], *, eps: float) -> None:
         self.anchors, self.dataset_chunks, self.eps = anchors, dataset_chunks, eps
 
     @torch.no_grad()
     def measure(
         self,
-        encode,
+        encode: Callable[[dict], tuple[Tensor, Tensor]],
         *,
-        device,
+        device: torch.device,
         tau: Tensor,
-        npn=None,
-        fastclip_loss=None,
+        npn: NPN | None = None,
+        fastclip_loss: FastCLIPLoss | None = None,
         batch: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> dict[str, float]:
         """`encode(batch_dict) -> (img, txt)`; `batch`: the last global training batch (img, txt, dataset index)

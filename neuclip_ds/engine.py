@@ -8,7 +8,7 @@ One optimizer step, as `NeuCLIPEngine.train_step` reads:
      predicts alpha (E7.2, E5; restart every T_r steps, E7.4); FastCLIP updates its u tables (E9); MBCL/SigLIP have
      none. It returns the loss's arguments for this rank's anchors (alpha, detached in the loss: E6);
   4. per micro-batch: its features with graph (A > 1: re-encoded and spliced into the cached global batch), the loss
-     of the local anchors against the global batch, `engine.backward`, `engine.step`.
+     of the local anchors against the global batch, DeepSpeed's `backward` and `step` (`NeuCLIPEngine.ds`).
 The gradients of the A micro-batches are summed (`scale_wrt_gas=False`: each chunk's loss is already the loss of
 the whole step), and tau / the SigLIP bias take their gradient from chunk 0 only, so 2 x b accumulation gives the
 gradients of 1 x 2b. A non-finite step is skipped on every rank with no parameter, NPN or u-table update.
@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -45,7 +45,7 @@ from .losses import (
     gather_features,
     log_eps_plus,
 )
-from .model import temperature_from_parameter
+from .model import CLIPDualEncoder, temperature_from_parameter
 from .npn import NPN
 
 
@@ -124,7 +124,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=True)
 
 
-def cosine_with_warmup(warmup: int, total: int):
+def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -144,7 +144,7 @@ class TemperatureLR:
 
     def __init__(
         self, schedule: str, warmup: int, total: int, tau: float, threshold: float = 0.03, ratio: float = 1 / 3
-    ):
+    ) -> None:
         self.schedule, self.warmup, self.total = schedule, warmup, total
         self.tau, self.threshold, self.ratio = float(tau), threshold, ratio
 
@@ -156,7 +156,9 @@ class TemperatureLR:
         return self.ratio if self.tau <= self.threshold else 1.0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> tuple[torch.optim.lr_scheduler.LambdaLR, TemperatureLR]:
     encoders = cosine_with_warmup(cfg.warmup, total_steps)
     temperature = TemperatureLR(cfg.lr_tau_schedule, cfg.warmup, total_steps, cfg.init_tau)
     factors = [temperature if g.get("is_temperature") else encoders for g in optimizer.param_groups]
@@ -167,13 +169,14 @@ class TemperatureKeeper:
     """Keeps the stored temperature parameter inside [tau_min, tau_max] after every optimizer step.
 
     What OpenCLIP and FastCLIP do (`logit_scale.clamp_` after `optimizer.step()`), under DeepSpeed: the value is
-    written into the fp32 master copy the optimizer updates (ZeRO-1/2/3, CPU offload included; a write to
-    `engine.module` alone would be overwritten from the master by the next step) and into the module's working
-    copy the next forward reads. The parameter itself is clamped, so its gradient stays alive and tau can come
-    back from a bound as soon as the objective asks for it (a clamp inside forward would zero that gradient for
-    good). Collective: every rank calls `after_step` (one all-reduce of one number; a write only when outside)."""
+    written into the fp32 master copy the optimizer updates (ZeRO-1/2/3, CPU offload included; a write to the
+    module (`NeuCLIPEngine.model`) alone would be overwritten from the master by the next step) and into the
+    module's working copy the next forward reads. The parameter itself is clamped, so its gradient stays alive
+    and tau can come back from a bound as soon as the objective asks for it (a clamp inside forward would zero
+    that gradient for good). Collective: every rank calls `after_step` (one all-reduce of one number; a write
+    only when outside)."""
 
-    def __init__(self, module, *, rank: int, warn_after: int = 50):
+    def __init__(self, module: CLIPDualEncoder, *, rank: int, warn_after: int = 50) -> None:
         self.rank, self.warn_after = rank, warn_after
         self.param = module.temperature_parameter
         self.tau_param = module.tau_param
@@ -238,7 +241,7 @@ class PhaseTimer:
 
     PHASES = ("data", "forward", "gather", "npn", "backward", "optimizer")
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.reset()
 
@@ -246,7 +249,7 @@ class PhaseTimer:
         self.times = dict.fromkeys(self.PHASES, 0.0)
 
     @contextmanager
-    def __call__(self, phase: str):
+    def __call__(self, phase: str) -> Iterator[None]:
         if self.cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -333,7 +336,7 @@ class NPNEstimator:
     global batch (its own anchors), NPN gradients are all-reduced and the B alphas all-gathered, so the NPN's work
     per rank is O(b_local) instead of O(B) and the replicas stay identical (checksummed at the end)."""
 
-    def __init__(self, npn: NPN, cfg: TrainConfig):
+    def __init__(self, npn: NPN, cfg: TrainConfig) -> None:
         self.npn, self.cfg = npn, cfg
 
     def _predict(self, batch: StepBatch, rows: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -378,7 +381,7 @@ class NPNEstimator:
 class TableEstimator:
     """FastCLIP: u <- (1-gamma)u + gamma g_hat on the global batch, alpha = log(eps + u) (E9)."""
 
-    def __init__(self, loss_fn: FastCLIPLoss):
+    def __init__(self, loss_fn: FastCLIPLoss) -> None:
         self.loss_fn = loss_fn
 
     def prepare(self, batch: StepBatch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -410,6 +413,11 @@ class TableEstimator:
 # the engine
 # ---------------------------------------------------------------------------------------------------------------
 class NeuCLIPEngine:
+    """One training run's step: the DeepSpeed engine (`ds`) around the CLIP model, the loss and its alpha estimator,
+    the temperature's range and LR factor, per-phase timers and the count of skipped steps."""
+
+    ds: deepspeed.DeepSpeedEngine  # forward, backward, step, save/load_checkpoint, global_steps
+
     def __init__(
         self,
         cfg: TrainConfig,
@@ -419,25 +427,30 @@ class NeuCLIPEngine:
         total_steps: int,
         dataset_size: int | None = None,
         load_universal: bool = False,
-    ):
+    ) -> None:
         self.cfg, self.info = cfg, info
         ds_config = build_ds_config(cfg, info.world_size)
         if load_universal:  # resuming at another world size from a universal checkpoint
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
         optimizer = build_optimizer(model, cfg)
         scheduler, self.temperature_lr = build_scheduler(optimizer, cfg, total_steps)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
         self.temperature = TemperatureKeeper(model, rank=info.rank)
         self.temperature_lr.tau = self.temperature.tau  # --pretrained-hf: the model's own tau, not --init-tau
-        self.accumulation = self.engine.gradient_accumulation_steps()
-        self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
+        self.accumulation = self.ds.gradient_accumulation_steps()
+        self.micro_batch = self.ds.train_micro_batch_size_per_gpu()
         self.timer = PhaseTimer(info.device)
         self.skipped_steps = 0
         self.skipped_in_a_row = 0
         self.last_global_batch = None
         self.loss_fn, self.loss_call, self.estimator = self._build_loss(model, dataset_size)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The CLIP model DeepSpeed wraps (`ds.module`; under ZeRO-3 its parameters are this rank's partitions)."""
+        return self.ds.module
 
     def _build_loss(
         self, model: torch.nn.Module, dataset_size: int | None
@@ -493,7 +506,7 @@ class NeuCLIPEngine:
         return out["img"], out["txt"]
 
     def _encode(self, mb: dict) -> dict:
-        out = self.engine(**self._to_device(mb))
+        out = self.ds(**self._to_device(mb))
         # the losses run in fp32 whatever the encoders' precision (log-domain sums over the global batch)
         return {k: v.float() for k, v in out.items()}
 
@@ -514,7 +527,7 @@ class NeuCLIPEngine:
         """This rank's share of the encoders' state: the module's parameters, the optimizer's (under ZeRO the fp32
         master partitions) and its moments."""
         base = getattr(self.optimizer, "optimizer", self.optimizer)  # ZeRO wraps the torch optimizer
-        tensors = list(self.engine.module.parameters())
+        tensors = list(self.model.parameters())
         tensors += [p for group in base.param_groups for p in group["params"]]
         return tensors + [t for state in base.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
 
@@ -555,9 +568,9 @@ class NeuCLIPEngine:
                         self.estimator.restore(snapshot)
                         return self._skip("non-finite loss")
                     loss_value = loss.detach()
-                self.engine.backward(loss, scale_wrt_gas=False)  # each chunk's loss is the whole step's
+                self.ds.backward(loss, scale_wrt_gas=False)  # each chunk's loss is the whole step's
             with t("optimizer"):
-                self.engine.step()  # updates after the A-th micro-batch only
+                self.ds.step()  # updates after the A-th micro-batch only
         with t("optimizer"):
             # the parameter back inside [tau_min, tau_max]; the tau-LR factor of the next step sees the new tau
             self.temperature_lr.tau = self.temperature.after_step(step)

@@ -30,8 +30,8 @@ uses the same rule over the class scores. "At least" means not lower by more tha
 (similarities computed in float64): the same input encoded in float32 in batches of different shapes differs
 by ~1e-7 (CPU kernels differ by batch shape), which must not decide a tie.
 
-Evaluation runs in one process (no distributed gather); pass ``engine.module`` (or the engine: ``.module``
-is used when present) rather than a DeepSpeed engine's forward.
+Evaluation runs in one process (no distributed gather); pass the model (``NeuCLIPEngine.model``, a DeepSpeed
+engine's ``.module``; an object with a ``.module`` is unwrapped) rather than a DeepSpeed engine's forward.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,9 @@ from .checkpoint import (
     resolve_checkpoint,
 )
 from .data.tokenizer import trim_text_padding
+
+if TYPE_CHECKING:
+    from .data.tokenizer import TextTokenizer
 
 RETRIEVAL_KS = (1, 5, 10)
 ZEROSHOT_KS = (1, 5)
@@ -121,8 +125,8 @@ def retrieval_metrics(
 def zero_shot_classifier(
     encode_text_fn: Callable[..., torch.Tensor],
     classnames: Sequence[str],
-    templates: Sequence[str],
-    tokenizer,
+    templates: Sequence[str | Callable[[str], str]],
+    tokenizer: TextTokenizer,
     *,
     device: str | torch.device | None = None,
     batch_size: int = 256,
@@ -191,7 +195,7 @@ def _param_dtype(model: torch.nn.Module) -> torch.dtype:
 
 @torch.no_grad()
 def compute_embeddings(
-    model,
+    model: torch.nn.Module,
     loader: Iterable[dict],
     device: str | torch.device = "cpu",
     max_batches: int | None = None,
@@ -307,7 +311,7 @@ def _warn_if_collapsed(what: str, x: torch.Tensor, *, pairwise: bool = False, at
             )
 
 
-def _load_tokenizer(tokenizer, context_length: int):
+def _load_tokenizer(tokenizer: TextTokenizer | str | os.PathLike, context_length: int) -> TextTokenizer:
     from .data.tokenizer import TextTokenizer
 
     if isinstance(tokenizer, (str, os.PathLike)):
@@ -319,10 +323,10 @@ def _load_tokenizer(tokenizer, context_length: int):
 
 
 def evaluate(
-    model,
+    model: torch.nn.Module,
     *,
-    val_data,
-    tokenizer,
+    val_data: str | Sequence[str],
+    tokenizer: TextTokenizer | str | os.PathLike,
     image_size: int | None = None,
     dataset_dir: str | os.PathLike | None = None,
     classnames: Mapping[str, Sequence[str]] | None = None,

@@ -36,7 +36,7 @@ class ExportError(ValueError):
     """Reported by the CLI as one line (exit code 2)."""
 
 
-def clip_state_dict(model) -> dict[str, torch.Tensor]:
+def clip_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """CLIPDualEncoder state -> CLIPModel state (rename + tau -> 0-dim logit_scale)."""
     out = {}
     for key, value in model.state_dict().items():

@@ -216,7 +216,7 @@ class ContrastiveLoss(nn.Module):
 
     name = "base"
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self._values_checked = False
 
@@ -266,7 +266,7 @@ class NeuCLIPLoss(ContrastiveLoss):
 
     name = "neuclip"
 
-    def __init__(self, eps: float = 1e-14, rho: float = 6.5):
+    def __init__(self, eps: float = 1e-14, rho: float = 6.5) -> None:
         super().__init__()
         _check_constants(eps, rho)
         self.eps, self.rho = eps, rho
@@ -310,7 +310,9 @@ class ShardedLogTable:
     on CPU by default (`device`); each step moves O(B) numbers, never the table. Stored in the log domain so that
     u = g_hat ~ exp(200) at tau = 0.01 does not overflow."""
 
-    def __init__(self, num_samples: int, *, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu"):
+    def __init__(
+        self, num_samples: int, *, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu"
+    ) -> None:
         if num_samples <= 0:
             raise ValueError(f"num_samples: must be > 0, got {num_samples}")
         self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
@@ -388,7 +390,7 @@ class FastCLIPLoss(NeuCLIPLoss):
         gamma_min: float = 0.2,
         gamma_decay_epochs: int = 10,
         table_device: str | torch.device = "cpu",
-    ):
+    ) -> None:
         super().__init__(eps=eps, rho=rho)
         if not 0 < gamma_min <= 1:
             raise ValueError(f"gamma_min: must be in (0, 1], got {gamma_min}")

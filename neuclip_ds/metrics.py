@@ -27,7 +27,7 @@ class MetricsLogger:
         wandb_offline: bool = False,
         initial_step: int = 0,
         resume: bool = False,
-    ):
+    ) -> None:
         self.rank = rank
         self.path = RunFiles(Path(output_dir)).metrics
         self.file = None

@@ -58,7 +58,7 @@ class CLIPDualEncoder(nn.Module):
         tau_param: str = "log",
         with_bias: bool = False,
         init_bias: float = -10.0,
-    ):
+    ) -> None:
         super().__init__()
         if not 0 < tau_min <= init_tau <= tau_max:
             raise ValueError(f"init_tau: need 0 < tau_min <= init_tau <= tau_max, got {tau_min}, {init_tau}, {tau_max}")

@@ -47,7 +47,7 @@ class CosineScores(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, anchors: Tensor, protos: Tensor, offset: Tensor) -> Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, anchors: Tensor, protos: Tensor, offset: Tensor) -> Tensor:
         norm = torch.linalg.vector_norm(protos, dim=-1)  # one fused reduction, no m x d temporary
         inv_norm = norm.clamp_min(1e-12).reciprocal()  # F.normalize's eps
         ctx.save_for_backward(anchors, protos, inv_norm, norm >= 1e-12)
@@ -56,7 +56,7 @@ class CosineScores(torch.autograd.Function):
         return torch.addmm(offset, anchors, (protos * inv_norm[:, None]).T)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         anchors, protos, inv_norm, norm_used = ctx.saved_tensors
         grad_anchors = grad_protos = None
         if ctx.needs_input_grad[0]:
@@ -75,7 +75,7 @@ class TailoredNPN(nn.Module):
     W1 (`proto_txt`) are m "typical text negatives" for image anchors; W2 (`proto_img`) typical image negatives for
     text anchors. The form mirrors the true log-normalizer with m learned negatives in place of the n-1 real ones."""
 
-    def __init__(self, dim: int, num_prototypes: int, eps: float, generator: torch.Generator):
+    def __init__(self, dim: int, num_prototypes: int, eps: float, generator: torch.Generator) -> None:
         super().__init__()
         self.eps = eps
         self.proto_txt = nn.Parameter(F.normalize(torch.randn(num_prototypes, dim, generator=generator), dim=-1))
@@ -121,7 +121,7 @@ class TailoredNPN(nn.Module):
 class MLPNPN(nn.Module):
     """The generic-MLP variant of the paper's ablation: [e1, e2, log tau] -> hidden -> (alpha1, alpha2)."""
 
-    def __init__(self, dim: int, hidden: int, generator: torch.Generator):
+    def __init__(self, dim: int, hidden: int, generator: torch.Generator) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(2 * dim + 1, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 2)
@@ -179,7 +179,7 @@ class NPN:
         mlp_hidden: int = 256,
         seed: int = 0,
         device: str | torch.device = "cpu",
-    ):
+    ) -> None:
         if dim <= 0:
             raise ValueError(f"dim: must be > 0, got {dim}")
         if num_prototypes <= 0:

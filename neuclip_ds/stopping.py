@@ -94,7 +94,7 @@ class FaultWatchdog:
     that stops answering means rank 0 (its host) is gone, which ends the run as well. `stop()` before the final
     barrier: after it, ranks leave at their own pace."""
 
-    def __init__(self, *, poll_s: float = WATCHDOG_POLL_S, grace_s: float = 10.0):
+    def __init__(self, *, poll_s: float = WATCHDOG_POLL_S, grace_s: float = 10.0) -> None:
         self.poll_s, self.grace_s = poll_s, grace_s
         self._stopped = threading.Event()
         self._store = _rendezvous_store(timeout_s=30)
@@ -129,7 +129,7 @@ class StopSignals:
     """Records SIGTERM / SIGUSR1 / SIGINT instead of dying on them; `agreed()` at a step boundary tells every rank
     alike whether any rank received one. A second SIGINT interrupts at once (Ctrl-C twice)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.received: int | None = None
         for s in STOP_SIGNALS:
             signal.signal(s, self._handle)

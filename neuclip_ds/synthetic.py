@@ -26,7 +26,7 @@ class SyntheticPairs:
         pad_token_id: int = 0,
         num_classes: int = 16,
         seed: int = 0,
-    ):
+    ) -> None:
         if num_samples <= 0:
             raise ValueError(f"num_samples: must be > 0, got {num_samples}")
         g = torch.Generator().manual_seed(seed)
@@ -68,7 +68,7 @@ class SyntheticStream:
         world_size: int,
         accumulation: int,
         seed: int = 0,
-    ):
+    ) -> None:
         self.data, self.B, self.rank, self.world, self.A = data, global_batch_size, rank, world_size, accumulation
         self.seed = seed
         self.steps_per_epoch = data.num_samples // global_batch_size

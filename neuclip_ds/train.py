@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -20,8 +21,15 @@ from .presets import get_preset
 from .rundir import RunFiles
 from .stopping import FaultWatchdog, StopSignals, report_failure
 
+if TYPE_CHECKING:  # imported where used: deepspeed and the data stack load only when a run needs them
+    from .data.stream import StepStream
+    from .data.tokenizer import TextTokenizer
+    from .diagnostics import NormErrProbe
+    from .engine import DistInfo, NeuCLIPEngine
+    from .model import CLIPDualEncoder
 
-def build_tokenizer_vocab(cfg: TrainConfig):
+
+def build_tokenizer_vocab(cfg: TrainConfig) -> tuple[TextTokenizer | None, dict[str, int]]:
     """The tokenizer (None for synthetic data) and the ids the text tower must know."""
     preset = get_preset(cfg.preset)
     if cfg.tokenizer is None:
@@ -42,7 +50,9 @@ def build_tokenizer_vocab(cfg: TrainConfig):
     }
 
 
-def build_data(cfg: TrainConfig, info, accumulation: int, vocab: dict, tokenizer):
+def build_data(
+    cfg: TrainConfig, info: DistInfo, accumulation: int, vocab: dict, tokenizer: TextTokenizer | None
+) -> tuple[StepStream, int | None, int]:
     """The training stream: per optimizer step, this rank's list of micro-batches."""
     preset = get_preset(cfg.preset)
     micro = cfg.global_batch_size // (info.world_size * accumulation)
@@ -89,7 +99,7 @@ def build_data(cfg: TrainConfig, info, accumulation: int, vocab: dict, tokenizer
     return stream, cfg.synthetic_samples, stream.steps_per_epoch
 
 
-def build_model_for(cfg: TrainConfig, ds_config: dict, vocab: dict):
+def build_model_for(cfg: TrainConfig, ds_config: dict, vocab: dict) -> CLIPDualEncoder:
     import deepspeed
 
     from .model import build_model, reinitialize_partitioned
@@ -118,7 +128,7 @@ def build_model_for(cfg: TrainConfig, ds_config: dict, vocab: dict):
     return model
 
 
-def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSignals) -> dict:
+def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals: StopSignals) -> dict:
     """The run on this rank, from an initialized process group to its summary. A stop signal any rank received
     (`stop_signals`) ends it at the next step boundary with a checkpoint of that step, on every rank alike."""
     from . import checkpoint
@@ -156,7 +166,7 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
         seed_everything(cfg.seed * 1000 + info.rank)  # per-rank random streams from here on (augmentation)
     else:
         checkpoint.check_files_are_data(resume_dir, load_dir)  # a refused file stops every rank alike
-        checkpoint.load_engine(eng.engine, load_dir)
+        checkpoint.load_engine(eng.ds, load_dir)
         start_step = state.load_state_dict(saved, resume_dir)
 
     probe = build_norm_err_probe(cfg, info, stream, tokenizer) if cfg.norm_err_every else None
@@ -184,7 +194,7 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
             logger.note(f"neuclip-train: step {step} not saved: {refusal}")
             return None
         tag_dir = checkpoint.save(
-            eng.engine,
+            eng.ds,
             out_dir,
             step=step,
             run_id=run_id,
@@ -222,7 +232,7 @@ def run(cfg: TrainConfig, info, resume_dir: Path | None, stop_signals: StopSigna
                 "step_time_s": elapsed,
                 "npn_time_frac": times["npn"] / elapsed,
                 "skipped_steps": eng.skipped_steps,
-                "optimizer_steps": eng.engine.global_steps,
+                "optimizer_steps": eng.ds.global_steps,
                 "bad_samples": bad,
                 **{f"time_{k}": v for k, v in times.items()},
                 **{k: v for k, v in m.items() if k not in ("loss", "tau", "skipped")},
@@ -291,7 +301,9 @@ def start_output_dir(cfg: TrainConfig, out_dir: Path) -> None:
     RunFiles(out_dir).config.write_text(yaml.safe_dump(run_config, sort_keys=False))
 
 
-def build_norm_err_probe(cfg: TrainConfig, info, stream, tokenizer):
+def build_norm_err_probe(
+    cfg: TrainConfig, info: DistInfo, stream: StepStream, tokenizer: TextTokenizer | None
+) -> NormErrProbe:
     """Fixed anchors (the first S training samples) and this rank's share of the training set."""
 
     from .diagnostics import NormErrProbe
@@ -311,7 +323,7 @@ def build_norm_err_probe(cfg: TrainConfig, info, stream, tokenizer):
     return NormErrProbe(anchors, lambda: iter(share), eps=cfg.eps)
 
 
-def measure_norm_err(probe, eng, cfg: TrainConfig, info) -> dict:
+def measure_norm_err(probe: NormErrProbe, eng: NeuCLIPEngine, cfg: TrainConfig, info: DistInfo) -> dict:
     """norm_err = the run's own estimator's error (NeuCLIP: NPN; FastCLIP: u; others: a mini-batch's log g_hat),
     plus norm_err_<method> for each estimate available (the mini-batch one always)."""
 
@@ -330,7 +342,9 @@ def measure_norm_err(probe, eng, cfg: TrainConfig, info) -> dict:
     return out
 
 
-def _evaluate_now(eng, cfg: TrainConfig, tokenizer, info, *, progress: bool) -> dict | None:
+def _evaluate_now(
+    eng: NeuCLIPEngine, cfg: TrainConfig, tokenizer: TextTokenizer | None, info: DistInfo, *, progress: bool
+) -> dict | None:
     """Zero-shot + retrieval on the held-out split; the results on rank 0, None elsewhere.
 
     ZeRO-3: the module's forward hooks all-gather parameters, so every rank must run the same forwards: all ranks
@@ -342,7 +356,7 @@ def _evaluate_now(eng, cfg: TrainConfig, tokenizer, info, *, progress: bool) -> 
     results = None
     if cfg.ds.zero_stage == 3 or info.rank == 0:
         results = evaluate(
-            eng.engine.module,
+            eng.model,
             val_data=cfg.val_data,
             tokenizer=tokenizer,
             dataset_dir=cfg.dataset_dir,
@@ -354,13 +368,15 @@ def _evaluate_now(eng, cfg: TrainConfig, tokenizer, info, *, progress: bool) -> 
     return results if info.rank == 0 else None
 
 
-def periodic_evaluation(eng, cfg: TrainConfig, tokenizer, info) -> dict:
+def periodic_evaluation(eng: NeuCLIPEngine, cfg: TrainConfig, tokenizer: TextTokenizer | None, info: DistInfo) -> dict:
     """--eval-every: the evaluation's numbers as eval/... keys of the step's metrics line."""
     results = _evaluate_now(eng, cfg, tokenizer, info, progress=False) or {}
     return {f"eval/{k}": v for k, v in results.items() if k != "num_samples"}
 
 
-def final_evaluation(eng, cfg: TrainConfig, tokenizer, info, path: Path) -> dict:
+def final_evaluation(
+    eng: NeuCLIPEngine, cfg: TrainConfig, tokenizer: TextTokenizer | None, info: DistInfo, path: Path
+) -> dict:
     from .evaluate import format_table, write_results
 
     results = _evaluate_now(eng, cfg, tokenizer, info, progress=True)

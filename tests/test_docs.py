@@ -1,9 +1,11 @@
 """The repository documents itself: every docs/*.md path cited in the code, tests, benchmarks and README exists in
-the repository, and every equation tag (E1..E9, E7.2, ...) cited there is defined in docs/method.md.
+the repository, every equation tag (E1..E9, E7.2, ...) cited there is defined in docs/method.md, and every public
+function and method of the package carries type hints.
 
 Convention of docs/method.md: an equation opens with a heading whose first word is its tag (`## E4 — ...`); a
 numbered sub-item is introduced by its tag in bold (`**E7.2**`). Pure file reads, no imports of the package."""
 
+import ast
 import re
 from pathlib import Path
 
@@ -64,3 +66,59 @@ def test_every_cited_equation_is_defined():
 def test_every_sub_item_has_its_equation():
     for tag in _defined_tags():
         assert tag.split(".")[0] in _defined_tags(), f"{tag} is defined but its equation {tag.split('.')[0]} is not"
+
+
+def _public_functions(body: list[ast.stmt], prefix: str = "", in_class: bool = False):
+    """(qualified name, def node, whether it is a method) of each public function of a module or class body:
+    the name does not start with `_`, or it is a special method (`__init__`, `__call__`, ...), and it is not
+    inside a private class. Module-level `if`/`try` blocks are entered; function bodies (closures) are not."""
+    for node in body:
+        if isinstance(node, ast.ClassDef):
+            if not node.name.startswith("_"):
+                yield from _public_functions(node.body, f"{prefix}{node.name}.", in_class=True)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            dunder = node.name.startswith("__") and node.name.endswith("__")
+            if dunder or not node.name.startswith("_"):
+                yield f"{prefix}{node.name}", node, in_class
+        elif isinstance(node, (ast.If, ast.Try)):
+            blocks = [node.body, node.orelse, *(h.body for h in getattr(node, "handlers", []))]
+            for block in [*blocks, getattr(node, "finalbody", [])]:
+                yield from _public_functions(block, prefix, in_class)
+
+
+def _missing_hints(node: ast.FunctionDef | ast.AsyncFunctionDef, is_method: bool) -> list[str]:
+    args = node.args
+    params = [*args.posonlyargs, *args.args, *args.kwonlyargs]
+    static = any(isinstance(d, ast.Name) and d.id == "staticmethod" for d in node.decorator_list)
+    if is_method and not static and params and params[0].arg in ("self", "cls"):
+        params = params[1:]  # the instance or class: its type is the class itself
+    missing = [p.arg for p in params if p.annotation is None]
+    missing += [f"{star}{p.arg}" for star, p in (("*", args.vararg), ("**", args.kwarg)) if p and not p.annotation]
+    return missing + (["return"] if node.returns is None else [])
+
+
+def test_public_functions_have_type_hints():
+    """Every public function and method of neuclip_ds annotates each parameter (self/cls aside) and its return,
+    read from the source (no import: modules that need deepspeed or a GPU are checked alike)."""
+    offenders = []
+    for src in _sources("neuclip_ds", suffixes={".py"}):
+        tree = ast.parse(src.read_text(encoding="utf-8"), filename=str(src))
+        for name, node, is_method in _public_functions(tree.body):
+            if missing := _missing_hints(node, is_method):
+                offenders.append(f"{src.relative_to(ROOT)}:{node.lineno}: {name} ({', '.join(missing)})")
+    assert not offenders, "public functions without type hints:\n" + "\n".join(offenders)
+
+
+def test_type_hint_check_finds_offenders():
+    """The check above catches a missing parameter or return annotation, and exempts self and closures."""
+    tree = ast.parse(
+        "class A:\n"
+        "    def ok(self, x: int) -> int:\n"
+        "        def inner(y): return y\n"
+        "        return x\n"
+        "    def bad(self, x, *args: int) -> None: ...\n"
+        "def f(x: int, **kw): ...\n"
+        "def _private(x): ...\n"
+    )
+    found = {name: _missing_hints(node, is_method) for name, node, is_method in _public_functions(tree.body)}
+    assert found == {"A.ok": [], "A.bad": ["x"], "f": ["**kw", "return"]}

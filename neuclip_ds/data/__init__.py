@@ -12,7 +12,10 @@ Names are re-exported lazily (PEP 562), so ``python -m neuclip_ds.data.embedded`
 importing the package stays cheap.
 """
 
+from __future__ import annotations
+
 from importlib import import_module
+from typing import Any
 
 _EXPORTS = {
     "bad_samples": [
@@ -33,11 +36,11 @@ _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name in _WHERE:
         return getattr(import_module(f".{_WHERE[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(list(globals()) + __all__)

@@ -54,7 +54,7 @@ class TooManyBadSamplesError(RuntimeError):
 class BadSample(Exception):
     """Raised by sample decoding: skip this sample and count it under ``reason``."""
 
-    def __init__(self, reason: str, msg: str):
+    def __init__(self, reason: str, msg: str) -> None:
         super().__init__(msg)
         self.reason = reason
 
@@ -84,7 +84,7 @@ def check_bad_fraction(
 class WorkerBadCounts:
     """One loader worker's bad-sample counts and its rate-limited warnings."""
 
-    def __init__(self, where: str):
+    def __init__(self, where: str) -> None:
         self.counts: Counter = Counter()
         self.where = where
         self.warned = 0
@@ -127,7 +127,7 @@ class BadSampleTracker:
     or sum ``as_dict()`` across ranks.
     """
 
-    def __init__(self, max_fraction: float | None = None, *, min_seen: int = MIN_SEEN):
+    def __init__(self, max_fraction: float | None = None, *, min_seen: int = MIN_SEEN) -> None:
         self.max_fraction = max_fraction
         self.min_seen = int(min_seen)
         self.good = 0

@@ -55,6 +55,7 @@ import shutil
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -169,7 +170,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def generate_split(split: str, n: int, sources: np.ndarray, images: np.ndarray, targets: np.ndarray, seed: int):
+def generate_split(
+    split: str, n: int, sources: np.ndarray, images: np.ndarray, targets: np.ndarray, seed: int
+) -> Iterator[tuple[str, bytes, str, dict]]:
     """Yield (key, jpg bytes, caption, json dict) for ``n`` samples of ``split`` drawn from ``sources``."""
     rng = np.random.default_rng([seed, 0 if split == "train" else 1, 104729])
     # Cycle through shuffled sources so every source image is used about equally often.

@@ -29,7 +29,7 @@ import random
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -38,6 +38,9 @@ from torch.utils.data import DataLoader, IterableDataset
 from .bad_samples import BadSample, BadSampleWarning, WorkerBadCounts, merge_counts
 from .shards import expand_shards, is_local, local_path
 from .transforms import ImageTransform, to_rgb
+
+if TYPE_CHECKING:
+    from .tokenizer import TextTokenizer
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt", "text", "caption")
@@ -179,7 +182,7 @@ class ShardStream(IterableDataset):
         self,
         urls: list[str],
         *,
-        tokenizer,
+        tokenizer: TextTokenizer,
         transform: ImageTransform,
         batch_size: int,
         seed: int = 0,
@@ -192,7 +195,7 @@ class ShardStream(IterableDataset):
         drop_last: bool = False,
         batches_per_epoch: int | None = None,
         dataset_size: int | None = None,
-    ):
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError("data: batch_size must be >= 1")
@@ -330,7 +333,7 @@ class ClipLoader:
         pin_memory: bool = False,
         prefetch_factor: int = 2,
         epoch: int = 0,
-    ):
+    ) -> None:
         self.stream = stream
         self.workers = int(workers)
         self.num_samples = num_samples
@@ -474,7 +477,7 @@ def _check_common(batch_size: int, world_size: int, rank: int, image_size: int, 
 def make_train_loader(
     shards: str | Sequence[str],
     *,
-    tokenizer,
+    tokenizer: TextTokenizer,
     image_size: int,
     batch_size: int,
     num_samples: int | None,
@@ -530,7 +533,7 @@ def make_train_loader(
 def make_eval_loader(
     shards: str | Sequence[str],
     *,
-    tokenizer,
+    tokenizer: TextTokenizer,
     image_size: int,
     batch_size: int,
     rank: int = 0,

@@ -3,6 +3,8 @@ the epoch they belong to, a resumable position, and bad-sample accounting summed
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.distributed as dist
 
@@ -10,8 +12,29 @@ from .bad_samples import MIN_SEEN, BadSampleTracker, check_bad_fraction
 from .loader import ClipLoader
 
 
+class StepStream(Protocol):
+    """What the trainer and its checkpoints ask of the training data (`LoaderStream`, `synthetic.SyntheticStream`)."""
+
+    epoch: int
+    steps_per_epoch: int
+
+    def next_step(self) -> list[dict]:
+        """This rank's A micro-batches of the next optimizer step."""
+        ...
+
+    def check_bad_samples(self) -> int:
+        """Bad samples skipped so far over all ranks (collective)."""
+        ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 class LoaderStream:
-    def __init__(self, loader: ClipLoader, *, accumulation: int, max_bad_fraction: float, min_seen: int = MIN_SEEN):
+    def __init__(
+        self, loader: ClipLoader, *, accumulation: int, max_bad_fraction: float, min_seen: int = MIN_SEEN
+    ) -> None:
         self.loader, self.A = loader, accumulation
         self.steps_per_epoch = max(1, len(loader) // accumulation)
         self.tracker = BadSampleTracker(max_bad_fraction, min_seen=min_seen)

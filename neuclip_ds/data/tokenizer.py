@@ -27,8 +27,12 @@ import os
 import string
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -96,7 +100,7 @@ def train_caption_tokenizer(
     return str(out)
 
 
-def load_hf_tokenizer(path: str | os.PathLike):
+def load_hf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """Load a local HF tokenizer directory offline; ValueError naming the path if it is not one."""
     p = Path(path)
     if not p.is_dir():
@@ -152,7 +156,7 @@ class TextTokenizer:
     a tokenizer without an eos token is rejected; without bos, none is added.
     """
 
-    def __init__(self, path: str | os.PathLike, context_length: int = 77):
+    def __init__(self, path: str | os.PathLike, context_length: int = 77) -> None:
         self.path = str(path)
         self.tokenizer = load_hf_tokenizer(path)
         tok = self.tokenizer
@@ -225,13 +229,13 @@ class TextTokenizer:
         self.truncated_count += truncated
         return batch
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
         """Text of one row of ids (special tokens and padding dropped)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def batch_decode(self, ids) -> list[str]:
+    def batch_decode(self, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return [self.decode(row) for row in ids]

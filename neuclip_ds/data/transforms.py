@@ -44,7 +44,7 @@ class ImageTransform:
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
-    ):
+    ) -> None:
         self.image_size = int(image_size)
         self.train = bool(train)
         self.scale = tuple(scale)

@@ -16,7 +16,7 @@ def train_step(self, micro_batches, *, step, epoch):
     metrics = original(self, micro_batches, step=step, epoch=epoch)
     if step == POISON_STEP and self.info.rank == POISON_RANK:
         with torch.no_grad():
-            next(self.engine.module.parameters()).view(-1)[0] = float("inf")
+            next(self.model.parameters()).view(-1)[0] = float("inf")
     return metrics
 
 
