@@ -318,8 +318,8 @@ def run_id_of(tag_dir: Path) -> str | None:
 
 def run_id_for(resume_dir: Path | None) -> str:
     """Collective. The id this run writes into its checkpoints. Resuming continues the id of the checkpoint it
-    loads, so that rotation goes on covering that run's earlier tags; a fresh start (or a checkpoint from before
-    run ids) draws a new one."""
+    loads, so that rotation goes on covering that run's earlier tags; a fresh start (or a checkpoint without a
+    run id) draws a new one."""
     return _from_rank0(lambda: (run_id_of(resume_dir) if resume_dir is not None else None) or uuid.uuid4().hex)
 
 
@@ -568,7 +568,7 @@ def check_compatible(saved_config: dict, config: dict, zero_stage: int | None = 
             f"uses stage {zero_stage}; DeepSpeed cannot change the stage on resume (export the "
             f"weights with neuclip-export and start a fresh run from them)"
         )
-    saved_config = {"tau_param": "raw", **saved_config}  # runs before the log parametrization stored raw tau
+    saved_config = {"tau_param": "raw", **saved_config}  # a config without tau_param stores tau raw
     for key in MUST_MATCH:
         if saved_config.get(key) != config.get(key):
             raise CheckpointError(
@@ -743,10 +743,11 @@ def model_from_state_dict(
 
     ``config`` keys used: ``preset``, ``pretrained_hf`` (architecture from that HF dir), ``loss`` (SigLIP adds
     ``logit_bias``), ``init_tau``/``tau_min``/``tau_max``. How tau is stored is read off the weights themselves
-    (``logit_scale``: log 1/tau; ``tau``: tau itself, as runs before the log parametrization stored it). The
-    vocabulary size and special-token ids come from ``tokenizer`` (a ``TextTokenizer``) when its size matches the
-    checkpoint's token embedding; otherwise (runs trained without a tokenizer, e.g. on synthetic data) from the
-    checkpoint's embedding rows with the preset's default ids, with a warning (an error when the run named a tokenizer).
+    (``logit_scale``: log 1/tau; ``tau``: tau itself, as ``--tau-param raw`` and configs without ``tau_param`` store
+    it). The vocabulary size and special-token ids come from ``tokenizer`` (a ``TextTokenizer``) when its size
+    matches the checkpoint's token embedding; otherwise (runs trained without a tokenizer, e.g. on synthetic data)
+    from the checkpoint's embedding rows with the preset's default ids, with a warning (an error when the run named
+    a tokenizer).
     """
     from .model import build_model, load_hf_clip
 

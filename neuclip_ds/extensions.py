@@ -4,7 +4,7 @@ On CPU, `deepspeed.init_distributed` compiles its shared-memory allreduce op (`d
 2 cores) through torch's cpp_extension, which by default builds into ~/.cache/torch_extensions — one folder
 shared by every virtual environment on the machine. Two venvs (a checkout and a clean clone) have different
 source paths, so each one rebuilds the op there in turn, and a process killed during a build leaves a `lock` file
-that makes every later DeepSpeed process wait on it forever (this hung a whole CI run). So:
+that makes every later DeepSpeed process wait on it forever, with no error and no timeout of its own. So:
 
 - each interpreter prefix gets its own extensions folder (`<sys.prefix>/torch_extensions`, unless the user set
   TORCH_EXTENSIONS_DIR), so venvs never share or rebuild each other's ops;
@@ -12,12 +12,12 @@ that makes every later DeepSpeed process wait on it forever (this hung a whole C
 - a lock older than any real build (STALE_LOCK_S) is a leftover of a killed process: it is removed with a warning
   instead of being waited on.
 
-The op's shared-memory buffers (`/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`, 66 MB per rank,
-in RAM) are never unlinked by DeepSpeed 0.19: every CPU run under a launcher left them behind (9 GB after a day of
-tests and benchmarks). DeepSpeed creates them whenever LOCAL_SIZE (set by its launcher) equals the world size, so
-a 1-rank launcher run has one too, although it never all-reduces through it. `release_shm_buffers` unlinks this
-rank's buffer name once every rank has mapped every buffer; the mappings stay valid and the kernel frees the
-memory when the last rank exits, even after a SIGKILL.
+The op's shared-memory buffers (`/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`, 66 MB per rank, in
+RAM) are never unlinked by DeepSpeed 0.19: every CPU run under a launcher leaves them behind, and /dev/shm fills up
+over many runs. DeepSpeed creates them whenever LOCAL_SIZE (set by its launcher) equals the world size, so a 1-rank
+launcher run has one too, although it never all-reduces through it. `release_shm_buffers` unlinks this rank's buffer
+name once every rank has mapped every buffer; the mappings stay valid and the kernel frees the memory when the last
+rank exits, even after a SIGKILL.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ the engine verify it).
 Restart (E7.4): every `restart_every` steps the prototypes are re-drawn from the current global batch with a seed
 that is the same on every rank. The AdaGrad accumulators are KEPT by default (`reset_optimizer=False`): a fresh
 AdaGrad moves every coordinate by ~lr in its first steps (0.4 in norm for d=64, lr=0.05 — more than the unit-norm
-prototypes can take at tau=0.01), which scrambles the just-restarted prototypes. Measured on the tiny preset
-(embedded data, tau at 0.01, m=512, T_u=10, restart every 100 steps): with the reset the NPN's batch error jumped
-from ~0.3 to ~5 nats after the restart and stayed >2.5; without it, it stayed at 0.03-0.1 nats.
+prototypes can take at tau=0.01), which scrambles the just-restarted prototypes. On the tiny preset (embedded
+data, tau at 0.01, m=512, T_u=10, restart every 100 steps) a reset sends the NPN's batch error from ~0.3 to ~5
+nats at the restart, and it stays above 2.5; with the accumulators kept it stays at 0.03-0.1 nats.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ class CosineScores(torch.autograd.Function):
     M = grad.T @ anchors ([m, d], one mm):
         dL/dW_k = r_k (M_k - (W^_k . M_k) W^_k)       (the radial part of M_k removed)
     The forward scales whichever side is smaller: the m columns of the [B, m] product when B < d, the prototypes
-    when B >= d. This made the NPN phase ~2x faster on CPU at m = 4096, d = 512, B = 32 (the phase was mostly
-    normalize's elementwise passes).
+    when B >= d. That halves the NPN phase on CPU at m = 4096, d = 512, B = 32, where normalize's elementwise
+    passes are most of the phase's time.
     """
 
     @staticmethod
@@ -150,8 +150,8 @@ class MLPNPN(nn.Module):
 
     @torch.no_grad()
     def restart(self, img: Tensor, txt: Tensor, generator: torch.Generator) -> None:
-        """No-op: E7.4 re-draws prototypes from the batch and the MLP has none. (Re-initializing it instead was
-        measured on the tiny run: alpha went wild right after the restart and the loss became non-finite.)"""
+        """No-op: E7.4 re-draws prototypes from the batch and the MLP has none. (Re-initializing the MLP instead
+        throws alpha far off right after the restart, and the loss of the tiny run goes non-finite.)"""
 
 
 def npn_objective(

@@ -387,8 +387,8 @@ def final_evaluation(
 
 
 def shutdown_distributed() -> None:
-    """Tear the process group down before interpreter exit: leaving it to static destructors makes gloo abort
-    now and then ('terminate called without an active exception')."""
+    """Tear the process group down before interpreter exit: left to static destructors, gloo can abort the
+    process ('terminate called without an active exception')."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -449,8 +449,9 @@ def cli() -> None:
     """The console script and `python -m neuclip_ds.train`: main(), then leave without C++ static destructors.
 
     After a run that finished, saved and closed everything of ours, gloo/DeepSpeed threads still joinable at static
-    destruction abort the process now and then ('terminate called without an active exception', exit 250) even
-    after `shutdown_distributed`: seen once in about four full test suites. os._exit skips that phase."""
+    destruction can abort the process ('terminate called without an active exception', exit 250) even after
+    `shutdown_distributed`, rarely and at random, turning a finished run into a failed one. os._exit skips that
+    phase."""
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -98,8 +98,8 @@ def test_too_many_bad_samples_stop_every_rank(small_digits, tmp_path):
 
 
 def test_fastclip_index_outside_dataset_size_is_skipped_not_fatal(small_digits, tmp_path):
-    """FastCLIP's u tables have --dataset-size rows: a sample indexed past them (or negative) used to stop both
-    ranks with a ValueError in the loss; it is skipped and counted as bad_index instead."""
+    """FastCLIP's u tables have --dataset-size rows: a sample indexed past them (or negative) would stop both
+    ranks with a ValueError in the loss, so the loader skips it and counts it as bad_index."""
     data = tmp_path / "data"
     data.mkdir()
     for i in range(6):

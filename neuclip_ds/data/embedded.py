@@ -18,7 +18,8 @@ Why these choices (the task must teach the digit itself, README "Data"):
   it does (benchmarks/digit_probe.py);
 - the attributes other than the digit form 48 combinations, so in a batch of 128 every pair shares all of them
   with ~2.7 other pairs that only the digit tells apart: the contrastive loss needs the digit. Position and
-  rotation (earlier versions) made the other attributes nearly unique per batch, and models ignored the digit;
+  rotation are not attributes: they would make the other attributes nearly unique per batch, and models would
+  ignore the digit;
 - 480 attribute combinations over 2,000 val captions (~4 per combination) keep retrieval R@1 meaningful.
 
 Captions use one of four phrasing templates; they are lowercase words separated by single spaces, without
