@@ -108,8 +108,8 @@ def retrieval_metrics(
 ) -> dict[str, float]:
     """Recall@k both ways for N paired embeddings: {"image_to_text_R@1": .., "text_to_image_R@1": .., ...}.
 
-    A query is a hit at k when fewer than k candidates score strictly higher than its partner (ties with the
-    partner count in its favour, see the module docstring).
+    A query is a hit at k when fewer than k other candidates score at least as high as its partner (within
+    ``TIE_TOL``): ties with the partner count against it, see "Ties" in the module docstring.
     """
     if img_emb.shape[0] == 0:
         raise ValueError("retrieval: no samples")
@@ -288,15 +288,17 @@ def find_dataset_dir(*paths: str | os.PathLike | None) -> Path | None:
 
 
 def _warn_if_collapsed(what: str, x: torch.Tensor, *, pairwise: bool = False, atol: float = 1e-5) -> None:
-    """Ties count as hits, so collapsed embeddings score perfectly on one side: say so. ``pairwise`` (small
-    matrices only, e.g. a zero-shot classifier) also reports partly duplicated rows."""
+    """Ties count against the correct candidate, so collapsed embeddings score ~0: say so. ``pairwise`` (small
+    matrices only, e.g. a zero-shot classifier) also reports partly duplicated rows, whose classes lose every tie
+    between them."""
     x = x.detach().double()
     if x.shape[0] < 2:
         return
     if float((x - x[0]).norm(dim=1).max()) <= atol:
         warnings.warn(
             f"eval: all {x.shape[0]} {what} are identical (collapsed model, or a tokenizer that does "
-            f"not match the model); ties count as hits, so the metrics that rank them are meaningless",
+            f"not match the model); ties count against the correct candidate, so the metrics that rank them "
+            f"are ~0 and meaningless",
             stacklevel=3,
         )
     elif pairwise:
@@ -306,7 +308,7 @@ def _warn_if_collapsed(what: str, x: torch.Tensor, *, pairwise: bool = False, at
         if n_dup:
             warnings.warn(
                 f"eval: {n_dup} of the {x.shape[0]} {what} coincide with another one; tied classes "
-                f"count as hits, so the accuracy is optimistic",
+                f"count as misses, so the accuracy is pessimistic",
                 stacklevel=3,
             )
 
