@@ -27,6 +27,7 @@ from .data.shards import expand_shards
 from .presets import PRESETS
 
 ZERO_STAGES = (0, 1, 2, 3)
+SHIPPED_DS_CONFIGS = Path(__file__).resolve().parent / "ds_configs"  # package data: --ds-config NAME
 
 # the --help groups, in their order there (the first option of a group places it)
 MODEL, TEMPERATURE, LOSS, NPN, DATA, OPTIMIZATION, SYSTEM = (
@@ -156,7 +157,10 @@ class TrainConfig:
     max_skipped_in_a_row: int = opt(5, "abort after this many non-finite steps in a row", OPTIMIZATION)
 
     ds_config: str = opt(
-        "ds_configs/zero2.json", "DeepSpeed JSON (ZeRO stage, accumulation, clipping unless --grad-clip)", SYSTEM
+        "zero2",
+        "DeepSpeed JSON (ZeRO stage, accumulation, clipping unless --grad-clip): a path, or the name of one shipped "
+        "with neuclip_ds: " + ", ".join(sorted(p.stem for p in SHIPPED_DS_CONFIGS.glob("*.json"))),
+        SYSTEM,
     )
     precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "fp32, bf16 or fp16", SYSTEM)
     seed: int = opt(0, "random seed (weights, data order, augmentation)", SYSTEM)
@@ -339,10 +343,23 @@ class TrainConfig:
         }
 
 
-def read_ds_config(path: str, grad_clip: float | None) -> DeepSpeedJSON:
-    """The DeepSpeed JSON at path with --grad-clip applied; ConfigError when it is missing or malformed."""
-    if not Path(path).is_file():
-        raise ConfigError(f"--ds-config: file not found: {path}")
+def ds_config_file(value: str) -> Path:
+    """--ds-config's file: a path to a DeepSpeed JSON, or the name of one shipped in the package (`zero2`, also
+    `zero2.json`), so that an installed neuclip-train runs from any directory."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    shipped = SHIPPED_DS_CONFIGS / (value if value.endswith(".json") else f"{value}.json")
+    if Path(value).name == value and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in SHIPPED_DS_CONFIGS.glob("*.json")))
+    raise ConfigError(f"--ds-config: file not found: {value} (a path, or a shipped name: {names})")
+
+
+def read_ds_config(value: str, grad_clip: float | None) -> DeepSpeedJSON:
+    """The DeepSpeed JSON `value` names (`ds_config_file`) with --grad-clip applied; ConfigError when it is missing
+    or malformed."""
+    path = str(ds_config_file(value))
     try:
         with open(path) as f:
             ds = json.load(f)

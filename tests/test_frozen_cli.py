@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from neuclip_ds.config import build_parser, parse_config
+from neuclip_ds.config import SHIPPED_DS_CONFIGS, build_parser, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 FROZEN = ROOT / "tests" / "frozen"
@@ -36,7 +36,7 @@ def resolved_config(path: Path) -> str:
     text = json.dumps({"options": cfg.to_dict(), "deepspeed": dataclasses.asdict(cfg.ds)}, indent=2) + "\n"
     if cfg.dataset_dir is not None:  # --dataset-dir fills in absolute paths: back to the one given
         text = text.replace(str(Path(cfg.dataset_dir).resolve()), cfg.dataset_dir)
-    return text
+    return text.replace(str(SHIPPED_DS_CONFIGS), "<neuclip_ds>/ds_configs")  # wherever the package is installed
 
 
 def check_frozen(name: str, current: str) -> None:

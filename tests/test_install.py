@@ -1,0 +1,70 @@
+"""neuclip_ds as a pip-installed tool: the wheel holds what a run needs (the DeepSpeed JSONs included), and
+`neuclip-train` from a fresh venv runs from a directory outside the repository with its defaults."""
+
+import json
+import shutil
+import site
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from _launch import env
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ("pyproject.toml", "requirements.txt", "README.md", "neuclip_ds")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """A wheel built from a copy of the sources (a build in the checkout would leave build/ and egg-info there)."""
+    src, dist = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, src / name)
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist), "."]
+    subprocess.run(build, cwd=src, check=True, capture_output=True, timeout=300)
+    (whl,) = dist.glob("neuclip_ds-*.whl")
+    return whl
+
+
+def test_wheel_ships_the_deepspeed_configs(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {Path(n).name for n in names if n.startswith("neuclip_ds/ds_configs/")}
+    assert {p.name for p in (ROOT / "neuclip_ds" / "ds_configs").glob("*.json")} == shipped
+    assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+
+
+def test_installed_tool_runs_outside_the_repository(wheel, tmp_path):
+    # A fresh venv; its dependencies are this venv's packages (a path entry: this venv's own .pth files, among
+    # them the editable install of the checkout, are not read), so neuclip_ds can only come from the wheel.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    (purelib,) = venv.glob("lib/python*/site-packages")
+    (purelib / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    install = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps"]
+    subprocess.run([*install, str(wheel)], check=True, capture_output=True, timeout=300)
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    run_env = {k: v for k, v in env().items() if k != "PYTHONPATH"}
+    where = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import neuclip_ds; print(neuclip_ds.__file__)"],
+        cwd=work, env=run_env, capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    assert Path(where.stdout.strip()).is_relative_to(venv), where.stdout
+
+    train = [str(venv / "bin" / "neuclip-train"), "--synthetic-samples", "64", "--steps", "2"]
+    proc = subprocess.run(
+        [*train, "--global-batch-size", "16", "--output-dir", "out"],
+        cwd=work, env=run_env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = (work / "out" / "config.yaml").read_text()
+    assert "ds_config: zero2" in config  # the default names the shipped JSON, found from outside the repository
+    rows = [json.loads(line) for line in (work / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert (work / "out" / "summary.json").is_file()
