@@ -115,14 +115,11 @@ def test_sigkill_then_resume_is_bit_exact(reference, tmp_path, small_set, loss, 
     assert_identical(metrics(out), ref), f"kill step {kill_step}"
 
 
-def test_kill_during_save_keeps_the_previous_checkpoint(reference, tmp_path):
+def test_kill_during_save_keeps_the_previous_checkpoint(reference, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = [*BASE, "--output-dir", str(out)]
-    os.environ["KILL_SAVE_STEP"] = "4"
-    try:
-        proc = launch_script(str(ROOT / "tests" / "scripts" / "kill_during_save.py"), args, nproc=2, check=False)
-    finally:
-        del os.environ["KILL_SAVE_STEP"]
+    monkeypatch.setenv("KILL_SAVE_STEP", "4")  # the launched ranks inherit it
+    proc = launch_script(str(ROOT / "tests" / "scripts" / "kill_during_save.py"), args, nproc=2, check=False)
     assert proc.returncode != 0
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step00000002"  # `latest` did not move
