@@ -111,17 +111,15 @@ def test_metrics_have_the_time_split(runs):
     assert parts <= row["step_time_s"] * 1.001
 
 
-def test_nan_batch_is_skipped_and_counted_on_every_rank(tmp_path):
+def test_nan_batch_is_skipped_and_counted_on_every_rank(tmp_path, monkeypatch):
     import os
 
     out = tmp_path / "nan"
     ds = write_ds_config(tmp_path / "z2.json", stage=2)
     script = os.path.join(os.path.dirname(__file__), "scripts", "nan_run.py")
-    os.environ["NAN_STEPS"], os.environ["NAN_RANK"] = "2", "1"
-    try:
-        launch_script(script, [*BASE, "--ds-config", ds, "--output-dir", str(out)], nproc=2)
-    finally:
-        os.environ.pop("NAN_STEPS"), os.environ.pop("NAN_RANK")
+    monkeypatch.setenv("NAN_STEPS", "2")  # the launched ranks inherit both
+    monkeypatch.setenv("NAN_RANK", "1")
+    launch_script(script, [*BASE, "--ds-config", ds, "--output-dir", str(out)], nproc=2)
     rows = metrics(out)
     assert len(rows) == STEPS
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1]
@@ -133,7 +131,7 @@ def test_nan_batch_is_skipped_and_counted_on_every_rank(tmp_path):
     assert summary(out)["npn_checksums"][0] == summary(out)["npn_checksums"][1]
 
 
-def test_no_checkpoint_while_diverging_and_the_abort_points_at_the_last_clean_one(tmp_path):
+def test_no_checkpoint_while_diverging_and_the_abort_points_at_the_last_clean_one(tmp_path, monkeypatch):
     """Non-finite steps 3, 6, 7, 8 (1-based), a save every 2 steps, --keep-last 1: step 4 is saved (its own step
     was fine), but rotation keeps step 2, the last checkpoint before the first skipped step; step 6 is not saved
     (its step was skipped); the abort after 3 skipped steps in a row names step 2 as the state to restart from."""
@@ -142,30 +140,28 @@ def test_no_checkpoint_while_diverging_and_the_abort_points_at_the_last_clean_on
     out = tmp_path / "o"
     ds = write_ds_config(tmp_path / "z2.json", stage=2)
     script = os.path.join(os.path.dirname(__file__), "scripts", "nan_run.py")
-    os.environ["NAN_STEPS"], os.environ["NAN_RANK"] = "2,5,6,7", "0"
-    try:
-        proc = launch_script(
-            script,
-            [
-                *BASE,
-                "--steps",
-                "8",
-                "--ds-config",
-                ds,
-                "--output-dir",
-                str(out),
-                "--save-every",
-                "2",
-                "--keep-last",
-                "1",
-                "--max-skipped-in-a-row",
-                "3",
-            ],
-            nproc=1,
-            check=False,
-        )
-    finally:
-        os.environ.pop("NAN_STEPS"), os.environ.pop("NAN_RANK")
+    monkeypatch.setenv("NAN_STEPS", "2,5,6,7")
+    monkeypatch.setenv("NAN_RANK", "0")
+    proc = launch_script(
+        script,
+        [
+            *BASE,
+            "--steps",
+            "8",
+            "--ds-config",
+            ds,
+            "--output-dir",
+            str(out),
+            "--save-every",
+            "2",
+            "--keep-last",
+            "1",
+            "--max-skipped-in-a-row",
+            "3",
+        ],
+        nproc=1,
+        check=False,
+    )
     assert proc.returncode == 1
     clean = out / "checkpoints" / "step00000002"
     assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step00000002", "step00000004"]

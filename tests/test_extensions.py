@@ -1,7 +1,11 @@
 """DeepSpeed's JIT op folder: per venv, and a dead build lock is cleared instead of waited on forever."""
 
+import concurrent.futures
+import contextlib
+import json
 import os
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -52,24 +56,59 @@ RUN = [
 ]
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_cpu_run_leaves_no_shm_buffers(tmp_path, nproc):
-    """DeepSpeed's CPU allreduce op maps a 66 MB /dev/shm buffer per rank and never unlinks it; neuclip_ds does,
-    so a finished run leaves no RAM behind (a day of test runs had left 9 GB). Under the deepspeed launcher even a
-    1-rank run creates one (LOCAL_SIZE=1)."""
+SHARED_STEPS = 8  # enough for /dev/shm to be looked at between the first and the last step
+
+
+def _last_step(out: Path) -> int:
+    """The last step metrics.jsonl shows so far (0: none; a line still being written is skipped)."""
+    path = out / "metrics.jsonl"
+    steps = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(ValueError):
+            steps.append(json.loads(line)["step"])
+    return max(steps, default=0)
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(tmp_path_factory):
+    """The one 1-rank run under the deepspeed launcher that both 1-rank tests below use: /dev/shm is looked at
+    while it trains (after its first step, before its last) and after it finished."""
     from _launch import free_port, launch
 
     port = free_port()
-    proc = launch([*RUN, "--steps", "2", "--output-dir", str(tmp_path / "run")], nproc=nproc, launcher=True, port=port)
+    out = tmp_path_factory.mktemp("shm") / "run"
+    args = [*RUN, "--steps", str(SHARED_STEPS), "--output-dir", str(out)]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        run = pool.submit(launch, args, nproc=1, launcher=True, port=port)
+        while _last_step(out) < 1 and not run.done():
+            time.sleep(0.05)
+        assert not run.done(), f"the run ended before /dev/shm was looked at: {run.result().stderr[-2000:]}"
+        while_training = shm_buffers(port)
+        assert _last_step(out) < SHARED_STEPS, "looked at /dev/shm after the last step: raise SHARED_STEPS"
+        proc = run.result()
+    return types.SimpleNamespace(port=port, proc=proc, while_training=while_training)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_cpu_run_leaves_no_shm_buffers(tmp_path, nproc, request):
+    """DeepSpeed's CPU allreduce op maps a 66 MB /dev/shm buffer per rank and never unlinks it; neuclip_ds does,
+    so a finished run leaves no RAM behind (a day of test runs had left 9 GB). Under the deepspeed launcher even a
+    1-rank run creates one (LOCAL_SIZE=1). 1 rank: the run shared with test_killed_run_leaves_no_shm_buffer."""
+    from _launch import free_port, launch
+
+    if nproc == 1:
+        run = request.getfixturevalue("one_rank_run")
+        port, proc = run.port, run.proc
+    else:
+        port = free_port()
+        out = tmp_path / "run"
+        proc = launch([*RUN, "--steps", "2", "--output-dir", str(out)], nproc=nproc, launcher=True, port=port)
     assert "shm_comm_op built successfully" in proc.stdout + proc.stderr  # the op (and its buffers) were in use
     assert shm_buffers(port) == set()
 
 
-def test_killed_run_leaves_no_shm_buffer(tmp_path):
-    """SIGKILL leaves no chance to clean up: the buffer's name is gone from the moment training starts."""
-    from _launch import free_port, kill_after_step
-
-    port = free_port()
-    out = tmp_path / "run"
-    kill_after_step([*RUN, "--steps", "1000", "--output-dir", str(out)], 1, out, 1, launcher=True, port=port)
-    assert shm_buffers(port) == set()
+def test_killed_run_leaves_no_shm_buffer(one_rank_run):
+    """SIGKILL leaves no chance to clean up: the buffer's name is gone from the moment training starts. A kill
+    unlinks nothing, so what /dev/shm held while the run trained (after step 1) is what a SIGKILL then leaves: the
+    1-rank run that test_cpu_run_leaves_no_shm_buffers checks is looked at then, instead of a run of its own."""
+    assert one_rank_run.while_training == set()

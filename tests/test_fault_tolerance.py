@@ -144,22 +144,19 @@ def test_latest_never_names_a_tag_being_rewritten(tmp_path):
 
 
 @pytest.mark.parametrize("failing_file", ["neuclip_rank", "optim_states", "engine"])
-def test_a_save_that_fails_on_one_rank_stops_every_rank_and_keeps_latest(tmp_path, failing_file):
+def test_a_save_that_fails_on_one_rank_stops_every_rank_and_keeps_latest(tmp_path, failing_file, monkeypatch):
     """Rank 1 cannot write a file of the step-4 save (ours, or DeepSpeed's optimizer shard), or DeepSpeed's
     save_checkpoint raises on rank 1 outside any write: no COMPLETE, `latest` still names step 2, and both ranks
     stop (exit 1) with the cause printed once, instead of hanging or moving `latest`."""
     out = tmp_path / "run"
-    os.environ.update(FAIL_SAVE_STEP="4", FAIL_SAVE_RANK="1", FAIL_SAVE_FILE=failing_file)
-    try:
-        ranks = launch_ranks(
-            [*BASE, "--steps", "6", "--output-dir", str(out)],
-            nproc=2,
-            script=str(ROOT / "tests" / "scripts" / "fail_save.py"),
-            timeout=240,
-        )
-    finally:
-        for name in ("FAIL_SAVE_STEP", "FAIL_SAVE_RANK", "FAIL_SAVE_FILE"):
-            del os.environ[name]
+    for name, value in (("FAIL_SAVE_STEP", "4"), ("FAIL_SAVE_RANK", "1"), ("FAIL_SAVE_FILE", failing_file)):
+        monkeypatch.setenv(name, value)  # the launched ranks inherit them
+    ranks = launch_ranks(
+        [*BASE, "--steps", "6", "--output-dir", str(out)],
+        nproc=2,
+        script=str(ROOT / "tests" / "scripts" / "fail_save.py"),
+        timeout=240,
+    )
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step00000002"
     assert (ckpts / "step00000002" / checkpoint.COMPLETE).is_file()
@@ -221,20 +218,18 @@ def test_a_rank_file_missing_on_resume_ends_every_rank_and_debug_shows_the_trace
     assert abs(ranks[0].exited_after_s - ranks[1].exited_after_s) < 30
 
 
-def test_non_finite_weights_on_one_rank_are_never_saved(tmp_path):
+def test_non_finite_weights_on_one_rank_are_never_saved(tmp_path, monkeypatch):
     """Rank 1's weights turn infinite right before the step-2 save: both ranks refuse that save alike, the
     following steps are skipped, and the abort says no checkpoint precedes the first skipped step."""
     out = tmp_path / "run"
-    os.environ.update(POISON_STEP="1", POISON_RANK="1")
-    try:
-        ranks = launch_ranks(
-            [*BASE, "--steps", "8", "--output-dir", str(out), "--max-skipped-in-a-row", "3"],
-            nproc=2,
-            script=str(ROOT / "tests" / "scripts" / "poison_weights.py"),
-            timeout=240,
-        )
-    finally:
-        del os.environ["POISON_STEP"], os.environ["POISON_RANK"]
+    monkeypatch.setenv("POISON_STEP", "1")  # the launched ranks inherit both
+    monkeypatch.setenv("POISON_RANK", "1")
+    ranks = launch_ranks(
+        [*BASE, "--steps", "8", "--output-dir", str(out), "--max-skipped-in-a-row", "3"],
+        nproc=2,
+        script=str(ROOT / "tests" / "scripts" / "poison_weights.py"),
+        timeout=240,
+    )
     assert [r.returncode for r in ranks] == [1, 1], [r.stderr[-2000:] for r in ranks]
     refusal = "neuclip-train: step 2 not saved: the weights or optimizer state hold non-finite values"
     then_skipped = "neuclip-train: step 4 not saved: the last step was skipped"

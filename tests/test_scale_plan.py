@@ -56,7 +56,8 @@ def test_param_count_and_zero_model_states():
 
 
 def test_memory_probe_counts_new_storages_once():
-    w = torch.randn(256, 256, requires_grad=True)  # exists before: never counted, though autograd saves it
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 256, generator=g, requires_grad=True)  # exists before: never counted, though autograd saves it
     probe = plan.MemoryProbe()
     with probe, torch.autograd.graph.saved_tensors_hooks(probe.pack, lambda t: t):
         h = torch.ones(4, 256) @ w  # the ones (4 KB) are saved for grad_w; h (4 KB) is kept by this frame

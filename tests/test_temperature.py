@@ -4,7 +4,6 @@ from its lower bound when the objective turns, that the fp32 master in the check
 that resuming in the middle of it is bit-exact."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -184,19 +183,22 @@ def _ds_config(tmp_path, name, stage):
     return write_ds_config(tmp_path / f"{name}.json", stage=stage)
 
 
+@pytest.fixture
+def tau_flip(monkeypatch):
+    """The step tests/scripts/tau_push.py turns the objective at (the launcher passes the environment to every
+    rank)."""
+    monkeypatch.setenv("TAU_FLIP_STEP", str(FLIP))
+
+
 def _run(tmp_path, name, stage, extra=()):
     out = tmp_path / name
     ds = _ds_config(tmp_path, name, stage)
-    os.environ["TAU_FLIP_STEP"] = str(FLIP)  # the launcher passes the environment to every rank
-    try:
-        launch_script(
-            "tests/scripts/tau_push.py",
-            [*ARGS, "--ds-config", ds, "--output-dir", str(out), *extra],
-            nproc=2,
-            timeout=400,
-        )
-    finally:
-        del os.environ["TAU_FLIP_STEP"]
+    launch_script(
+        "tests/scripts/tau_push.py",
+        [*ARGS, "--ds-config", ds, "--output-dir", str(out), *extra],
+        nproc=2,
+        timeout=400,
+    )
     return out
 
 
@@ -211,11 +213,13 @@ def _check_tau_turns(rows):
 
 
 @pytest.mark.parametrize("stage", [0, 1, "3-offload"])
+@pytest.mark.usefixtures("tau_flip")
 def test_tau_leaves_its_lower_bound_on_every_stage(tmp_path, stage):
     _check_tau_turns(metrics(_run(tmp_path, f"z{stage}", stage)))
 
 
 @pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.usefixtures("tau_flip")
 def test_tau_leaves_its_lower_bound_checkpoint_in_range_resume_exact(tmp_path, stage):
     out = _run(tmp_path, f"z{stage}", stage)
     rows = metrics(out)

@@ -161,7 +161,8 @@ def test_adapter_pads_text_back_and_normalizes():
     out = ad.encode_text(ids, torch.ones_like(ids))
     assert clip.seen.shape == (2, 8) and clip.seen[:, 3:].eq(1).all() and torch.equal(clip.seen[:, :3], ids)
     assert torch.allclose(out.norm(dim=-1), torch.ones(2))
-    assert torch.allclose(ad.encode_image(torch.rand(2, 3, 2, 2)).norm(dim=-1), torch.ones(2))
+    pixels = torch.rand(2, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(ad.encode_image(pixels).norm(dim=-1), torch.ones(2))
     with pytest.raises(ValueError):
         bench.pad_to_context(torch.zeros(1, 9, dtype=torch.long), 8, 1)
 
