@@ -56,7 +56,7 @@ RUN = [
 ]
 
 
-SHARED_STEPS = 8  # enough for /dev/shm to be looked at between the first and the last step
+SHARED_STEPS = 40  # ample margin for /dev/shm to be looked at between the first and the last step
 
 
 def _last_step(out: Path) -> int:
@@ -81,7 +81,7 @@ def one_rank_run(tmp_path_factory):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         run = pool.submit(launch, args, nproc=1, launcher=True, port=port)
         while _last_step(out) < 1 and not run.done():
-            time.sleep(0.05)
+            time.sleep(0.01)
         assert not run.done(), f"the run ended before /dev/shm was looked at: {run.result().stderr[-2000:]}"
         while_training = shm_buffers(port)
         assert _last_step(out) < SHARED_STEPS, "looked at /dev/shm after the last step: raise SHARED_STEPS"
