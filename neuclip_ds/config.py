@@ -27,6 +27,23 @@ from .data.shards import expand_shards
 from .presets import PRESETS
 
 ZERO_STAGES = (0, 1, 2, 3)
+REPORTERS = ("jsonl", "wandb", "none")
+DEFAULT_GLOBAL_BATCH = 64
+# pairs of options that say the same thing two ways: at most one of each is given, and one given on the command
+# line replaces the other from the YAML file (--steps overrides a YAML's epochs)
+EXCLUSIVE = (
+    ("steps", "epochs"),
+    ("global_batch_size", "batch_size"),
+    ("save_every", "save_frequency"),
+    ("eval_every", "zeroshot_frequency"),
+)
+# OpenCLIP's names for values, read as ours
+VALUE_ALIASES = {
+    "precision": {"amp": "fp16", "amp_bf16": "bf16", "amp_bfloat16": "bf16"},
+    "resume": {"latest": "auto"},
+}
+# names that mean different things here and in OpenCLIP: refused with what to use instead
+AMBIGUOUS = {"eps": "ambiguous: NeuCLIP's epsilon of E1 is --normalizer-eps, AdamW's is --adam-eps"}
 SHIPPED_DS_CONFIGS = Path(__file__).resolve().parent / "ds_configs"  # package data: --ds-config NAME
 
 # the --help groups, in their order there (the first option of a group places it)
@@ -45,9 +62,11 @@ class ConfigError(ValueError):
     """A run configuration problem, reported as one line before anything starts."""
 
 
-def opt(default: Any, help: str, group: str) -> Any:
-    """A TrainConfig option; the flag, YAML key and --help entry are made from it (`build_parser`)."""
-    return field(default=default, metadata={"help": help, "group": group})
+def opt(default: Any, help: str, group: str, *, aliases: tuple[str, ...] = ()) -> Any:
+    """A TrainConfig option; the flag, YAML key and --help entry are made from it (`build_parser`). aliases: other
+    names of the same option (OpenCLIP's flag names), accepted as flags and YAML keys alike.
+    A default of None means "unset": the help text says what happens then, and --help shows no default."""
+    return field(default=default, metadata={"help": help, "group": group, "aliases": aliases})
 
 
 @dataclass(frozen=True)
@@ -65,8 +84,10 @@ class DeepSpeedJSON:
 class TrainConfig:
     """The options of a run, one `opt` field each, in their --help order; `ds` once resolved."""
 
-    preset: str = opt("tiny", "model preset: " + ", ".join(PRESETS), MODEL)
-    pretrained_hf: str | None = opt(None, "local transformers CLIPModel directory to fine-tune (no download)", MODEL)
+    preset: str = opt("tiny", "model preset: " + ", ".join(PRESETS), MODEL, aliases=("model",))
+    pretrained_hf: str | None = opt(
+        None, "local transformers CLIPModel directory to fine-tune (no download; unset: random init)", MODEL
+    )
     grad_checkpointing: bool = opt(False, "activation checkpointing in both towers", MODEL)
     zero_init: Literal["auto", "on", "off"] = opt(
         "auto", "build the model under deepspeed.zero.Init (auto: ZeRO-3 with ViT-L/H presets)", MODEL
@@ -82,7 +103,7 @@ class TrainConfig:
         TEMPERATURE,
     )
     lr_tau: float | None = opt(
-        None, "learning rate of the temperature (default: --lr); its own AdamW group without weight decay", TEMPERATURE
+        None, "learning rate of the temperature (unset: --lr); its own AdamW group without weight decay", TEMPERATURE
     )
     lr_tau_schedule: Literal["cosine", "step_thresh"] = opt(
         "cosine",
@@ -94,7 +115,7 @@ class TrainConfig:
     loss: Literal["neuclip", "fastclip", "mbcl", "siglip"] = opt(
         "neuclip", "neuclip (E6 + NPN), fastclip (E9 u tables), mbcl (InfoNCE), siglip", LOSS
     )
-    eps: float = opt(1e-14, "epsilon of E1", LOSS)
+    normalizer_eps: float = opt(1e-14, "NeuCLIP's epsilon inside E1's log (not AdamW's: --adam-eps)", LOSS)
     rho: float = opt(6.5, "rho of E1 (2 rho tau term)", LOSS)
     fastclip_gamma_min: float = opt(0.2, "FastCLIP's final gamma of the u-table moving average (E9)", LOSS)
     fastclip_gamma_decay_epochs: int = opt(10, "epochs over which FastCLIP's gamma decays from 1 to its minimum", LOSS)
@@ -117,9 +138,11 @@ class TrainConfig:
 
     dataset_dir: str | None = opt(None, "a data set built by neuclip_ds (sets train/val data, tokenizer, sizes)", DATA)
     train_data: str | None = opt(None, "webdataset shards, brace-expanded, '::'-joined lists", DATA)
-    train_num_samples: int | None = opt(None, "samples per epoch", DATA)
-    val_data: str | None = opt(None, "held-out webdataset shards", DATA)
-    tokenizer: str | None = opt(None, "local HF tokenizer directory", DATA)
+    train_num_samples: int | None = opt(None, "samples per epoch (required with --train-data)", DATA)
+    val_data: str | None = opt(None, "held-out webdataset shards (unset: no evaluation)", DATA)
+    tokenizer: str | None = opt(
+        None, "local HF tokenizer directory (unset: --pretrained-hf's directory when it holds a tokenizer)", DATA
+    )
     dataset_size: int | None = opt(
         None,
         "number of samples in the data set (FastCLIP u tables); a sample whose index is outside [0, SIZE) is "
@@ -128,7 +151,10 @@ class TrainConfig:
     )
     workers: int = opt(0, "data loader worker processes per rank", DATA)
     data_resampled: bool = opt(
-        False, "draw shards with replacement (no epochs over the shards, no shard count check)", DATA
+        False,
+        "draw shards with replacement (no epochs over the shards, no shard count check)",
+        DATA,
+        aliases=("dataset_resampled",),
     )
     max_bad_fraction: float = opt(0.05, "stop when the fraction of skipped bad samples passes this", DATA)
     text_padding: Literal["longest", "max_length"] = opt(
@@ -139,7 +165,23 @@ class TrainConfig:
     )
     synthetic_samples: int = opt(0, "train on a deterministic synthetic set of N samples (tests, benchmarks)", DATA)
 
-    global_batch_size: int = opt(64, "pairs per optimizer step over all ranks and micro-batches", OPTIMIZATION)
+    global_batch_size: int | None = opt(
+        None,
+        "pairs per optimizer step over all ranks and micro-batches (unset: 64, or from --batch-size)",
+        OPTIMIZATION,
+    )
+    batch_size: int | None = opt(
+        None,
+        "pairs per rank and micro-batch, as OpenCLIP's --batch-size: the global batch is this x ranks x "
+        "accumulation (instead of --global-batch-size)",
+        OPTIMIZATION,
+    )
+    accum_freq: int | None = opt(
+        None,
+        "micro-batches per optimizer step, in place of the DeepSpeed JSON's gradient_accumulation_steps "
+        "(unset: the JSON's, else 1)",
+        OPTIMIZATION,
+    )
     steps: int | None = opt(None, "optimizer steps of the run (or --epochs)", OPTIMIZATION)
     epochs: int | None = opt(None, "epochs of the run (or --steps)", OPTIMIZATION)
     lr: float = opt(5e-4, "peak learning rate of the encoders (warmup, then cosine)", OPTIMIZATION)
@@ -151,8 +193,9 @@ class TrainConfig:
     # the one owner of clipping at run time is `DeepSpeedJSON.gradient_clipping` (resolve())
     grad_clip: float | None = opt(
         None,
-        "gradient clipping norm, in place of the DeepSpeed JSON's gradient_clipping (default: the JSON's; 0: off)",
+        "gradient clipping norm, in place of the DeepSpeed JSON's gradient_clipping (unset: the JSON's; 0: off)",
         OPTIMIZATION,
+        aliases=("grad_clip_norm",),
     )
     max_skipped_in_a_row: int = opt(5, "abort after this many non-finite steps in a row", OPTIMIZATION)
 
@@ -162,10 +205,17 @@ class TrainConfig:
         "with neuclip_ds: " + ", ".join(sorted(p.stem for p in SHIPPED_DS_CONFIGS.glob("*.json"))),
         SYSTEM,
     )
-    precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "fp32, bf16 or fp16", SYSTEM)
+    precision: Literal["fp32", "bf16", "fp16", "pure_bf16"] = opt(
+        "fp32",
+        "fp32; bf16 (= amp_bf16: bf16 compute, fp32 master weights); fp16 (= amp: fp16 compute with loss scaling, "
+        "fp32 master weights); pure_bf16 (bf16 weights, gradients and optimizer states; ZeRO 1-3)",
+        SYSTEM,
+    )
     seed: int = opt(0, "random seed (weights, data order, augmentation)", SYSTEM)
     output_dir: str = opt("runs/neuclip", "run directory: config, metrics, checkpoints, evaluation", SYSTEM)
-    resume: str | None = opt(None, "auto (latest in output dir) or a checkpoint directory", SYSTEM)
+    resume: str | None = opt(
+        None, "auto (= latest: the output dir's latest checkpoint, if any) or a checkpoint directory", SYSTEM
+    )
     overwrite: bool = opt(
         False,
         "start over in an --output-dir that holds a run: remove that run's files (config.yaml, metrics.jsonl, "
@@ -174,10 +224,12 @@ class TrainConfig:
         SYSTEM,
     )
     save_every: int = opt(0, "checkpoint every N steps (0: only at the end)", SYSTEM)
+    save_frequency: int = opt(0, "checkpoint every N epochs, as OpenCLIP (0: as --save-every)", SYSTEM)
     keep_last: int = opt(2, "checkpoints kept in the output dir", SYSTEM)
-    eval_every: int = opt(0, "evaluate every N steps (0: end)", SYSTEM)
-    report_to: Literal["none", "jsonl", "wandb"] = opt(
-        "jsonl", "none, jsonl (metrics.jsonl) or wandb (+ jsonl)", SYSTEM
+    eval_every: int = opt(0, "evaluate every N steps (0: at the end only)", SYSTEM)
+    zeroshot_frequency: int = opt(0, "evaluate every N epochs, as OpenCLIP (0: as --eval-every)", SYSTEM)
+    report_to: str = opt(
+        "jsonl", "comma list of " + ", ".join(REPORTERS) + " (wandb: also jsonl; none: nothing)", SYSTEM
     )
     wandb_project: str = opt("neuclip_ds", "wandb project (--report-to wandb)", SYSTEM)
     wandb_offline: bool = opt(False, "wandb in offline mode (sync later)", SYSTEM)
@@ -204,12 +256,25 @@ class TrainConfig:
         """The options (what config.yaml holds, and --config reads back)."""
         return {f.name: getattr(self, f.name) for f in _OPTIONS}
 
-    def resolve(self) -> TrainConfig:
+    def resolve(self, world_size: int = 1) -> TrainConfig:
         """A copy with what the options point to read once: the data options a --dataset-dir fills (those left
-        unset) and the DeepSpeed JSON (`ds`). Pure: this config is left as given. ConfigError when either cannot
-        be read."""
+        unset), the tokenizer a --pretrained-hf directory holds, the DeepSpeed JSON (`ds`) and the global batch
+        (--batch-size x ranks x accumulation, else 64). Pure: this config is left as given. ConfigError when
+        something cannot be read."""
+        ds = read_ds_config(self.ds_config, self.grad_clip, self.accum_freq)
+        if self.global_batch_size is not None:
+            global_batch = self.global_batch_size
+        elif self.batch_size is not None:
+            global_batch = self.batch_size * world_size * ds.gradient_accumulation_steps
+        else:
+            global_batch = DEFAULT_GLOBAL_BATCH
+        filled = {"tokenizer": self.tokenizer or _hf_tokenizer_dir(self.pretrained_hf), **self._dataset_dir_values()}
         return dataclasses.replace(
-            self, **self._dataset_dir_values(), ds=read_ds_config(self.ds_config, self.grad_clip)
+            self,
+            **filled,
+            global_batch_size=global_batch,
+            batch_size=None,  # the resolved form: one batch option, as config.yaml records and --config reads back
+            ds=ds,
         )
 
     def validate(self, world_size: int | None = None) -> TrainConfig:
@@ -218,7 +283,7 @@ class TrainConfig:
         if world_size is None:
             world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self._check_values()
-        cfg = self.resolve()
+        cfg = self.resolve(world_size)
         cfg._check_data(world_size)
         cfg._check_deepspeed(world_size)
         from .rundir import check_writable  # rundir imports this module
@@ -239,16 +304,34 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(f.name)}: must be {_one_of(choices)}, got {value!r}")
             if isinstance(value, float) and not math.isfinite(value):  # inf/nan is a typo, never a setting
                 raise ConfigError(f"{_flag(f.name)}: must be a finite number, got {value}")
-        for name in ("npn_prototypes", "npn_restart_every", "global_batch_size", "keep_last", "max_skipped_in_a_row"):
-            if getattr(self, name) <= 0:
+        for name in (
+            "npn_prototypes",
+            "npn_restart_every",
+            "global_batch_size",
+            "batch_size",
+            "accum_freq",
+            "keep_last",
+            "max_skipped_in_a_row",
+        ):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{_flag(name)}: must be > 0, got {getattr(self, name)}")
+        for a, b in EXCLUSIVE:
+            if getattr(self, a) not in (None, 0) and getattr(self, b) not in (None, 0):
+                raise ConfigError(f"{_flag(a)}/{_flag(b)}: give one of them, not both")
+        unknown = set(self.report_to.split(",")) - set(REPORTERS)
+        if unknown or ("none" in self.report_to.split(",") and self.report_to != "none"):
+            raise ConfigError(
+                f"--report-to: a comma list of {', '.join(REPORTERS)} (none alone), got {self.report_to!r}"
+            )
         if self.norm_err_anchors < 2:
             raise ConfigError(f"--norm-err-anchors: must be >= 2, got {self.norm_err_anchors}")
         for name in (
             "npn_inner_steps",
             "warmup",
             "save_every",
+            "save_frequency",
             "eval_every",
+            "zeroshot_frequency",
             "synthetic_samples",
             "workers",
             "norm_err_every",
@@ -263,16 +346,16 @@ class TrainConfig:
             raise ConfigError(f"--tau-min: must be below --tau-max, got {self.tau_min} >= {self.tau_max}")
         if not self.tau_min <= self.init_tau <= self.tau_max:
             raise ConfigError(f"--init-tau: must lie in [--tau-min, --tau-max] = [{self.tau_min}, {self.tau_max}]")
-        if self.eps < 0 or self.rho < 0 or self.wd < 0:
-            raise ConfigError("--eps/--rho/--wd: must be >= 0")
+        if self.normalizer_eps < 0 or self.rho < 0 or self.wd < 0:
+            raise ConfigError("--normalizer-eps/--rho/--wd: must be >= 0")
         if self.fastclip_gamma_decay_epochs < 1:
             raise ConfigError(f"--fastclip-gamma-decay-epochs: must be >= 1, got {self.fastclip_gamma_decay_epochs}")
         if not 0 < self.fastclip_gamma_min <= 1:
             raise ConfigError(f"--fastclip-gamma-min: must be in (0, 1], got {self.fastclip_gamma_min}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"--max-bad-fraction: must be in [0, 1], got {self.max_bad_fraction}")
-        if (self.steps is None) == (self.epochs is None):
-            raise ConfigError("--steps/--epochs: give exactly one of them")
+        if self.steps is None and self.epochs is None:
+            raise ConfigError("--steps/--epochs: give one of them")
         if (self.steps is not None and self.steps <= 0) or (self.epochs is not None and self.epochs <= 0):
             raise ConfigError("--steps/--epochs: must be > 0")
 
@@ -298,6 +381,11 @@ class TrainConfig:
 
     def _check_deepspeed(self, world_size: int) -> None:
         _check_zero_keys(self.ds.settings.get("zero_optimization", {}), self.ds.path)
+        if self.precision == "pure_bf16" and self.ds.zero_stage == 0:
+            raise ConfigError(
+                "--precision: pure_bf16 needs ZeRO stage 1, 2 or 3 (DeepSpeed keeps bf16 master weights "
+                f"only in its ZeRO optimizers); {self.ds.path} is stage 0"
+            )
         accum = self.ds.gradient_accumulation_steps
         if self.global_batch_size % (world_size * accum):
             raise ConfigError(
@@ -356,9 +444,9 @@ def ds_config_file(value: str) -> Path:
     raise ConfigError(f"--ds-config: file not found: {value} (a path, or a shipped name: {names})")
 
 
-def read_ds_config(value: str, grad_clip: float | None) -> DeepSpeedJSON:
-    """The DeepSpeed JSON `value` names (`ds_config_file`) with --grad-clip applied; ConfigError when it is missing
-    or malformed."""
+def read_ds_config(value: str, grad_clip: float | None, accum_freq: int | None = None) -> DeepSpeedJSON:
+    """The DeepSpeed JSON `value` names (`ds_config_file`) with --grad-clip and --accum-freq applied; ConfigError
+    when it is missing or malformed."""
     path = str(ds_config_file(value))
     try:
         with open(path) as f:
@@ -371,7 +459,7 @@ def read_ds_config(value: str, grad_clip: float | None) -> DeepSpeedJSON:
     stage = zero.get("stage", 0)
     if stage not in ZERO_STAGES:
         raise ConfigError(f"--ds-config: unknown ZeRO stage {stage!r} in {path} (use 0, 1, 2 or 3)")
-    accum = ds.get("gradient_accumulation_steps", 1)
+    accum = ds.get("gradient_accumulation_steps", 1) if accum_freq is None else accum_freq
     if not isinstance(accum, int) or accum <= 0:
         raise ConfigError(f"--ds-config: gradient_accumulation_steps must be a positive integer, got {accum!r}")
     clipping = ds.get("gradient_clipping", 0.0) if grad_clip is None else grad_clip
@@ -384,6 +472,14 @@ def read_ds_config(value: str, grad_clip: float | None) -> DeepSpeedJSON:
         gradient_accumulation_steps=accum,
         gradient_clipping=float(clipping),
     )
+
+
+def _hf_tokenizer_dir(pretrained_hf: str | None) -> str | None:
+    """--pretrained-hf's directory when it holds a tokenizer (as an OpenAI/OpenCLIP conversion or our export does)."""
+    if pretrained_hf is None:
+        return None
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    return pretrained_hf if any((Path(pretrained_hf) / f).is_file() for f in files) else None
 
 
 def _check_shards(flag: str, pattern: str) -> list[str]:
@@ -511,6 +607,7 @@ def _kind(hint: Any) -> _Kind:
 # get_type_hints: `from __future__ import annotations` leaves the fields' own types as strings
 _HINTS = typing.get_type_hints(TrainConfig)
 _KINDS = {f.name: _kind(_HINTS[f.name]) for f in _OPTIONS}
+_ALIAS_OF = {alias: f.name for f in _OPTIONS for alias in f.metadata["aliases"]}
 _EXPECTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
@@ -535,17 +632,20 @@ def build_parser() -> argparse.ArgumentParser:
         if name not in groups:
             groups[name] = parser.add_argument_group(name)
         group = groups[name]
-        kind, text = _KINDS[f.name], f"{f.metadata['help']} (default {f.default})"
+        kind, text = _KINDS[f.name], f.metadata["help"]
+        if f.default is not None:  # an unset (None) default is described by the help text itself
+            text += f" (default {f.default})"
+        flags = [_flag(name) for name in (f.name, *f.metadata["aliases"])]
         # default None everywhere: only what was given overrides the YAML file
         if kind.type is bool:
-            group.add_argument(
-                _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text
-            )
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
             continue
         # values stay strings here and are converted with the YAML values (`_coerce`), choices checked by
         # validate(): one rule, one-line errors (argparse's own are a usage block)
         metavar = "{" + ",".join(kind.choices) + "}" if kind.choices else f.name.split("_")[-1].upper()
-        group.add_argument(_flag(f.name), dest=f.name, default=None, metavar=metavar, help=text)
+        group.add_argument(*flags, dest=f.name, default=None, metavar=metavar, help=text)
+    for name in AMBIGUOUS:
+        parser.add_argument(_flag(name), dest=f"ambiguous_{name}", default=None, help=argparse.SUPPRESS)
     # DeepSpeed's launcher passes --local_rank unless --no_local_rank is given
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
@@ -554,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
     args.pop("local_rank", None)
+    for name, why in AMBIGUOUS.items():
+        if args.pop(f"ambiguous_{name}") is not None:
+            raise ConfigError(f"{_flag(name)}: {why}")
     values: dict = {}
     config_file = args.pop("config")
     if config_file:
@@ -565,10 +668,17 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             raise ConfigError(f"--config: {config_file} must hold a mapping of options")
         for key, value in loaded.items():
             key = str(key).replace("-", "_")
+            if key in AMBIGUOUS:
+                raise ConfigError(f"--config: {key!r} in {config_file} is {AMBIGUOUS[key]}")
+            key = _ALIAS_OF.get(key, key)
             if key not in _KINDS:
                 raise ConfigError(f"--config: unknown option {key!r} in {config_file}")
             values[key] = value
-    values.update({k: v for k, v in args.items() if v is not None})
+    given = {k: v for k, v in args.items() if v is not None}
+    for a, b in EXCLUSIVE:  # the command line's choice replaces the file's
+        if a in given or b in given:
+            values.pop(b if a in given else a, None)
+    values.update(given)
     # launched by `accelerate launch` with its DeepSpeed plugin: use the plugin's JSON unless one was given
     if "ds_config" not in values and os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
         values["ds_config"] = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
@@ -581,6 +691,8 @@ def _coerce(name: str, value: Any) -> Any:
     kind = _KINDS[name]
     if value is None and kind.optional:
         return None
+    if isinstance(value, str):
+        value = VALUE_ALIASES.get(name, {}).get(value, value)
     try:
         return _CONVERT[kind.type](value)
     except (TypeError, ValueError):

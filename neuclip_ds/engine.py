@@ -97,7 +97,11 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     ds["train_batch_size"] = cfg.global_batch_size
     ds["train_micro_batch_size_per_gpu"] = cfg.global_batch_size // (world_size * accum)
     ds["gradient_accumulation_steps"] = accum
-    ds["bf16"] = {"enabled": cfg.precision == "bf16"}
+    pure = cfg.precision == "pure_bf16"  # no fp32 copy at all: ZeRO's bf16 master weights, gradients and moments
+    ds["bf16"] = {
+        "enabled": cfg.precision in ("bf16", "pure_bf16"),
+        **({"bf16_master_weights_and_grads": True, "bf16_optimizer_states": True} if pure else {}),
+    }
     ds["fp16"] = {
         "enabled": cfg.precision == "fp16",
         **({"initial_scale_power": 12} if cfg.precision == "fp16" else {}),
@@ -463,20 +467,20 @@ class NeuCLIPEngine:
             npn = NPN(
                 dim,
                 num_prototypes=cfg.npn_prototypes,
-                eps=cfg.eps,
+                eps=cfg.normalizer_eps,
                 lr=cfg.npn_lr,
                 variant=cfg.npn_variant,
                 seed=cfg.seed,
                 device=self.info.device,
             )
-            loss_fn = NeuCLIPLoss(eps=cfg.eps, rho=cfg.rho)
+            loss_fn = NeuCLIPLoss(eps=cfg.normalizer_eps, rho=cfg.rho)
             return loss_fn, loss_fn, NPNEstimator(npn, cfg)
         if cfg.loss == "fastclip":
             if not dataset_size:
                 raise ValueError("dataset_size: FastCLIP needs the number of samples in the data set")
             loss_fn = FastCLIPLoss(
                 dataset_size,
-                eps=cfg.eps,
+                eps=cfg.normalizer_eps,
                 rho=cfg.rho,
                 gamma_min=cfg.fastclip_gamma_min,
                 gamma_decay_epochs=cfg.fastclip_gamma_decay_epochs,
@@ -489,7 +493,9 @@ class NeuCLIPEngine:
     # -----------------------------------------------------------------------------------------------------------
     def _to_device(self, mb: dict) -> dict:
         dev = self.info.device
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision, torch.float32)
+        dtype = {"bf16": torch.bfloat16, "pure_bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            self.cfg.precision, torch.float32
+        )
         ids, mask = mb["input_ids"], mb["attention_mask"]
         if self.cfg.text_padding == "longest":
             ids, mask = trim_text_padding(ids, mask)  # exact; the text tower runs only the batch's longest caption
@@ -599,8 +605,8 @@ class NeuCLIPEngine:
             tau,
             log_g_img,
             log_g_txt,
-            log_eps_plus(log_g_img, self.cfg.eps),
-            log_eps_plus(log_g_txt, self.cfg.eps),
+            log_eps_plus(log_g_img, self.cfg.normalizer_eps),
+            log_eps_plus(log_g_txt, self.cfg.normalizer_eps),
             index,
             slice(cache.offset, cache.offset + cache.local_size),
             step,

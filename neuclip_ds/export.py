@@ -131,7 +131,7 @@ def _export_npn(tag_dir: Path, out: Path) -> str | None:
     config = shared.get("config", {})
     meta = {
         "variant": npn.get("variant"),
-        "eps": config.get("eps"),
+        "eps": config.get("normalizer_eps", config.get("eps")),  # an older config.yaml names it eps
         "num_prototypes": config.get("npn_prototypes"),
         "equation": "E4: alpha1_i = log(eps + 1/m sum_k exp((cos(e1_i, W1_k) - s_ii)/tau)); "
         "W1 = proto_txt, W2 = proto_img",

@@ -40,7 +40,7 @@ class MetricsLogger:
             self._truncate_after(initial_step)
         self.file = open(self.path, "a" if resume else "w", buffering=1)  # noqa: SIM115 (closed in close())
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
-        if report_to == "wandb":
+        if "wandb" in report_to.split(","):
             if wandb_offline:
                 os.environ["WANDB_MODE"] = "offline"
             import wandb

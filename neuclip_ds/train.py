@@ -145,6 +145,8 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
     tokenizer, vocab = build_tokenizer_vocab(cfg)
     stream, dataset_size, steps_per_epoch = build_data(cfg, info, accumulation, vocab, tokenizer)
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    save_every = cfg.save_every or cfg.save_frequency * steps_per_epoch  # OpenCLIP's frequencies count epochs
+    eval_every = cfg.eval_every or cfg.zeroshot_frequency * steps_per_epoch
     saved = checkpoint.read_shared(resume_dir) if resume_dir is not None else None
     resized = saved is not None and saved["world_size"] != info.world_size
     load_dir = checkpoint.to_universal(resume_dir) if resized else resume_dir
@@ -239,14 +241,14 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
             }
             if probe is not None and ((step + 1) % cfg.norm_err_every == 0 or step + 1 == total_steps):
                 record.update(measure_norm_err(probe, eng, cfg, info))
-            if cfg.val_data and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
+            if cfg.val_data and eval_every and (step + 1) % eval_every == 0 and step + 1 < total_steps:
                 record.update(periodic_evaluation(eng, cfg, tokenizer, info))
             logger.log(record)
             stopped_by = stop_signals.agreed(info.device)
             if stopped_by is not None:
                 ckpt = save(step + 1)
                 break
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+            if save_every and (step + 1) % save_every == 0 and step + 1 < total_steps:
                 save(step + 1)
         else:  # the last step, not a stop signal
             if start_step < total_steps:
@@ -313,14 +315,14 @@ def build_norm_err_probe(
         data = stream.data
         anchors = data.batch(torch.arange(min(S, data.num_samples)))
         mine = torch.arange(info.rank, data.num_samples, info.world_size)
-        return NormErrProbe(anchors, lambda: (data.batch(i) for i in mine.split(256)), eps=cfg.eps)
+        return NormErrProbe(anchors, lambda: (data.batch(i) for i in mine.split(256)), eps=cfg.normalizer_eps)
     from .data.loader import make_eval_loader
 
     preset = get_preset(cfg.preset)
     common = dict(tokenizer=tokenizer, image_size=preset.image_size, dataset_size=cfg.dataset_size)
     anchors = next(iter(make_eval_loader(cfg.train_data, batch_size=S, **common)))
     share = make_eval_loader(cfg.train_data, batch_size=256, rank=info.rank, world_size=info.world_size, **common)
-    return NormErrProbe(anchors, lambda: iter(share), eps=cfg.eps)
+    return NormErrProbe(anchors, lambda: iter(share), eps=cfg.normalizer_eps)
 
 
 def measure_norm_err(probe: NormErrProbe, eng: NeuCLIPEngine, cfg: TrainConfig, info: DistInfo) -> dict:
