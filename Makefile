@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install lint test train data clean openclip-venv
+.PHONY: install lint test test-transformers4 train data clean openclip-venv
 
 $(STAMP): pyproject.toml requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,20 @@ lint: install
 # pytest exits 5 when nothing was collected; that is not a failure.
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+# An exported model loaded by transformers 4.x users (the venv has 5.x): the oldest release requirements.txt allows
+# and the last 4.x, each with its tokenizers, installed beside the venv and used only by the round-trip script that
+# tests/test_export.py runs in a process of its own. A CI step of its own (.ci/run).
+define roundtrip_under
+	test -f $(VENV)/transformers-$(1)/.installed || { $(PY) -m pip install -q --no-deps \
+		--target $(VENV)/transformers-$(1) "transformers==$(1)" "tokenizers$(2)" "huggingface_hub>=0.34,<1.0" \
+		&& touch $(VENV)/transformers-$(1)/.installed; }
+	NEUCLIP_TRANSFORMERS_PATH=$(CURDIR)/$(VENV)/transformers-$(1) $(PY) -m pytest -q tests/test_export.py -k user_gets
+endef
+
+test-transformers4: install
+	$(call roundtrip_under,4.45.2,~=0.20.0)
+	$(call roundtrip_under,4.57.6,==0.22.*)
 
 clean:
 	rm -rf $(RUN_DIR)

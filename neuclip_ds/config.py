@@ -231,9 +231,7 @@ class TrainConfig:
     report_to: str = opt(
         "jsonl", "comma list of " + ", ".join(REPORTERS) + " (wandb: also jsonl; none: nothing)", SYSTEM
     )
-    wandb_project: str = opt(
-        "neuclip_ds", "wandb project (--report-to wandb)", SYSTEM, aliases=("wandb_project_name",)
-    )
+    wandb_project: str = opt("neuclip_ds", "wandb project (--report-to wandb)", SYSTEM, aliases=("wandb_project_name",))
     wandb_offline: bool = opt(False, "wandb in offline mode (sync later)", SYSTEM)
     norm_err_every: int = opt(
         0,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -99,12 +100,24 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, tag: str | None = None
     }
     info["npn"] = _export_npn(tag_dir, out)
     (out / "neuclip_export.json").write_text(json.dumps(info, indent=2))
+    _readable_by_others(out)
     return info
+
+
+def _readable_by_others(out: Path) -> None:
+    """safetensors writes its files 0600; a model directory is for others to load, so every file gets the mode a
+    plain write would have given it (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _export_tokenizer(src: str, out: Path, *, context_length: int) -> None:
     """The run's tokenizer, made to add bos/eos by itself (the trainer's TextTokenizer adds them explicitly; a
     plain `AutoTokenizer` user must get the same ids, since CLIPTextModel pools at the eos position)."""
+    from tokenizers import pre_tokenizers
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
@@ -112,8 +125,19 @@ def _export_tokenizer(src: str, out: Path, *, context_length: int) -> None:
     specials = [(t, tok.convert_tokens_to_ids(t)) for t in (tok.bos_token, tok.eos_token) if t is not None]
     template = f"{tok.bos_token} $A {tok.eos_token}" if tok.bos_token is not None else f"$A {tok.eos_token}"
     tok.backend_tokenizer.post_processor = TemplateProcessing(single=template, special_tokens=specials)
+    # transformers 4.x's CLIPProcessor loads the tokenizer as CLIPTokenizerFast, which refuses a pre-tokenizer that
+    # is not a Sequence; a Sequence of the one step splits text the same way
+    if not isinstance(tok.backend_tokenizer.pre_tokenizer, pre_tokenizers.Sequence):
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([tok.backend_tokenizer.pre_tokenizer])
     tok.model_max_length = context_length
     tok.save_pretrained(out)
+    # transformers 5 records its own class name (TokenizersBackend), which 4.x cannot load;
+    # PreTrainedTokenizerFast is the name both read as "the tokenizer in tokenizer.json"
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("backend", None)
+    config.update(tokenizer_class="PreTrainedTokenizerFast", model_input_names=["input_ids", "attention_mask"])
+    config_path.write_text(json.dumps(config, indent=2))
 
 
 def _export_npn(tag_dir: Path, out: Path) -> str | None:

@@ -1,10 +1,16 @@
 """neuclip-export: a 2-rank ZeRO-3 checkpoint -> transformers.CLIPModel directory with the trained embeddings; eval of
 the exported model equals eval of the checkpoint and the in-training evaluation."""
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from _launch import launch
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
@@ -12,6 +18,11 @@ from neuclip_ds.checkpoint import load_checkpoint_model
 from neuclip_ds.data.embedded import build_embedded_dataset
 from neuclip_ds.data.loader import make_eval_loader
 from neuclip_ds.data.tokenizer import TextTokenizer
+from neuclip_ds.data.transforms import ImageTransform
+
+ROUNDTRIP = Path(__file__).parent / "scripts" / "hf_roundtrip.py"
+# `make test-transformers4` points this at a transformers 4.x install: the round trip then runs under it
+OTHER_TRANSFORMERS = os.environ.get("NEUCLIP_TRANSFORMERS_PATH")
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +115,46 @@ def test_export_bad_inputs(trained, tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("neuclip-export: error:")
     proc = launch(["--checkpoint", str(out), "--out", str(hf)], module="neuclip_ds.export", check=False)
     assert proc.returncode == 2 and "not empty" in proc.stderr
+
+
+def test_a_transformers_user_gets_the_trainers_embeddings(trained, tmp_path):
+    """CLIPModel, AutoProcessor and the zero-shot pipeline on the export, in a process of their own (under
+    transformers 4.x when NEUCLIP_TRANSFORMERS_PATH names one), give the ids, pixels, embeddings and
+    probabilities of the trainer's own tokenizer, eval transform and model, on non-square images."""
+    data, out, hf = trained
+    env = dict(os.environ)
+    if OTHER_TRANSFORMERS:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (OTHER_TRANSFORMERS, env.get("PYTHONPATH")) if p)
+    result_path = tmp_path / "roundtrip.json"
+    subprocess.run([sys.executable, str(ROUNDTRIP), str(hf), str(result_path)], env=env, check=True, timeout=600)
+    got = json.loads(result_path.read_text())
+    if OTHER_TRANSFORMERS:
+        assert got["transformers"].startswith("4."), got["transformers"]
+    else:
+        assert got["transformers"] == transformers.__version__
+    assert got["processor"] == "CLIPProcessor"
+
+    spec = importlib.util.spec_from_file_location("hf_roundtrip", ROUNDTRIP)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    tokenizer = TextTokenizer(data / "tokenizer", context_length=32)
+    text = tokenizer(script.CAPTIONS)
+    assert got["input_ids"] == [ids[m.bool()].tolist() for ids, m in zip(text["input_ids"], text["attention_mask"])]
+    pixels = torch.stack([ImageTransform(32, train=False)(img) for img in script.images()])
+    assert torch.equal(torch.tensor(got["pixel_values"]), pixels)  # the eval transform is CLIPImageProcessor's
+
+    ours, _, _ = load_checkpoint_model(out, tokenizer=tokenizer)
+    with torch.no_grad():
+        img, txt = ours.encode_image(pixels), ours.encode_text(text["input_ids"], text["attention_mask"])
+        probs = torch.softmax(img @ txt.T / ours.temperature(), dim=1)
+    assert torch.allclose(torch.tensor(got["image_embeds"]), img, atol=1e-5)
+    assert torch.allclose(torch.tensor(got["text_embeds"]), txt, atol=1e-5)
+    for i, scores in enumerate(got["pipeline_scores"]):
+        for j, caption in enumerate(script.CAPTIONS):
+            assert scores[caption] == pytest.approx(float(probs[i, j]), abs=1e-4)
+
+
+def test_exported_files_are_readable_by_others(trained):
+    _, _, hf = trained
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in hf.iterdir()}
+    assert all(int(m, 8) & 0o044 == 0o044 for m in modes.values()), modes

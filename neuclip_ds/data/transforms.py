@@ -73,14 +73,15 @@ class ImageTransform:
         return (height - h) // 2, (width - w) // 2, h, w
 
     def _resize_center_crop(self, img: Image.Image) -> Image.Image:
+        """transformers' CLIPImageProcessor, step for step, so that a user of the exported model embeds an image
+        as this trainer's evaluation did: the long side truncated (int), the crop offset floored (//)."""
         s = self.image_size
         w, h = img.size
         if min(w, h) != s:
-            f = s / min(w, h)
-            nw, nh = max(s, round(w * f)), max(s, round(h * f))
+            nw, nh = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
             img = img.resize((nw, nh), Image.Resampling.BICUBIC)
             w, h = nw, nh
-        left, top = round((w - s) / 2.0), round((h - s) / 2.0)
+        left, top = (w - s) // 2, (h - s) // 2
         if (w, h) != (s, s):
             img = img.crop((left, top, left + s, top + s))
         return img
