@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
-from _launch import launch
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
 from neuclip_ds.checkpoint import load_checkpoint_model
 from neuclip_ds.data.embedded import build_embedded_dataset
 from neuclip_ds.data.loader import make_eval_loader
 from neuclip_ds.data.tokenizer import TextTokenizer
+from neuclip_ds.launch import launch
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ def test_cpu_run_leaves_no_shm_buffers(tmp_path, nproc):
     """DeepSpeed's CPU allreduce op maps a 66 MB /dev/shm buffer per rank and never unlinks it; neuclip_ds does,
     so a finished run leaves no RAM behind (a day of test runs had left 9 GB). Under the deepspeed launcher even a
     1-rank run creates one (LOCAL_SIZE=1)."""
-    from _launch import free_port, launch
+    from neuclip_ds.launch import free_port, launch
 
     port = free_port()
     proc = launch([*RUN, "--steps", "2", "--output-dir", str(tmp_path / "run")], nproc=nproc, launcher=True, port=port)
@@ -67,7 +67,9 @@ def test_cpu_run_leaves_no_shm_buffers(tmp_path, nproc):
 
 def test_killed_run_leaves_no_shm_buffer(tmp_path):
     """SIGKILL leaves no chance to clean up: the buffer's name is gone from the moment training starts."""
-    from _launch import free_port, kill_after_step
+    from _launch import kill_after_step
+
+    from neuclip_ds.launch import free_port
 
     port = free_port()
     out = tmp_path / "run"
