@@ -1,35 +1,24 @@
-"""What the timing benchmarks share: run `neuclip_ds.train` in a subprocess and read its per-phase step times, and
-print + write a result table."""
+"""What the timing benchmarks share: run `neuclip_ds.train` in a subprocess (neuclip_ds.launch) and read its
+per-phase step times, and print + write a result table."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from neuclip_ds.launch import cpu_env, launch, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("data", "forward", "gather", "npn", "backward", "optimizer")  # the engine's timers (metrics.jsonl)
 
 
-def cpu_env(threads: int) -> dict:
-    return dict(
-        os.environ,
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS=str(threads),
-        TOKENIZERS_PARALLELISM="false",
-        CUDA_VISIBLE_DEVICES="",
-    )
-
-
 def train(args: list[str], out: Path, *, threads: int) -> list[dict]:
-    """One 1-rank `neuclip_ds.train` run on synthetic data; its metrics.jsonl rows."""
-    cmd = [sys.executable, "-m", "neuclip_ds.train", *args, "--output-dir", str(out), "--report-to", "jsonl"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(threads), capture_output=True, text=True)
+    """One 1-rank `neuclip_ds.train` run on synthetic data (CPU, `threads` threads, no GPU in sight); its
+    metrics.jsonl rows."""
+    args = [*args, "--output-dir", str(out), "--report-to", "jsonl"]
+    proc = launch(args, env=cpu_env(threads, hide_cuda=True), timeout=None, check=False)
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        raise SystemExit(f"{' '.join(proc.args)} failed:\n{proc.stderr[-3000:]}")
+    return metrics(out)
 
 
 def step_time(row: dict) -> float:

@@ -17,12 +17,11 @@ NeuCLIP − baseline paired over seeds) and the plot (loss, normalizer error, ze
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+from neuclip_ds.launch import cpu_env, launch, metrics, run_command, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = ("neuclip", "fastclip", "mbcl", "siglip")
@@ -80,15 +79,14 @@ def run(name: str, seed: int, extra: list[str], out: Path, *, epochs: int, every
     if run_dir.exists():  # a run of this benchmark that did not finish: start it over
         cmd.append("--overwrite")
     print(f"[compare] {name} seed {seed}", flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = run_command(cmd, cwd=ROOT, env=cpu_env(threads=None), timeout=None, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}")
     return run_dir
 
 
 def load(run_dir: Path) -> tuple[list[dict], dict]:
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    return rows, json.loads((run_dir / "summary.json").read_text())
+    return metrics(run_dir), summary(run_dir)
 
 
 def late_norm_err(rows: list[dict], key: str = "norm_err") -> float | None:
@@ -259,12 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     seeds, epochs = ([0], 1) if args.quick else (args.seeds, args.epochs)
     out, runs = Path(args.out), Path(args.runs) / ("quick" if args.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    subprocess.run(
-        [sys.executable, "-m", "neuclip_ds.data.embedded", "--out", str(ROOT / "data" / "digits")],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
+    launch(
+        ["--out", str(ROOT / "data" / "digits")],
+        module="neuclip_ds.data.embedded",
+        env=cpu_env(threads=None),
+        timeout=None,
     )
     every = STEPS_PER_EPOCH  # normalizer error and evaluation once per epoch
     groups: dict[str, list[Path]] = {}

@@ -42,13 +42,13 @@ import gc
 import json
 import os
 import re
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from neuclip_ds.launch import cpu_env, launch
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20
@@ -268,53 +268,25 @@ def loss_worker(args) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # the driver
 # ---------------------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(worker_args: list[str], nproc: int, timeout: int = 1200) -> list[dict]:
+def run_workers(worker_args: list[str], nproc: int, timeout: int = 1200) -> list[dict]:
     """Run this file as a worker on nproc CPU ranks (1: the interpreter; more: the deepspeed launcher, gloo) and
     return each rank's JSON."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = [__file__, *worker_args, "--json-dir", tmp]
-        cmd = (
-            [sys.executable, *args]
-            if nproc == 1
-            else [
-                str(Path(sys.executable).parent / "deepspeed"),
-                "--num_gpus",
-                str(nproc),
-                "--no_local_rank",
-                "--master_port",
-                str(free_port()),
-                *args,
-            ]
-        )
-        env = dict(
-            os.environ,
-            DS_ACCELERATOR="cpu",
-            OMP_NUM_THREADS="1",
-            TOKENIZERS_PARALLELISM="false",
-            MALLOC_MMAP_THRESHOLD_="65536",
-            PYTHONPATH=str(ROOT),
-        )
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-            env.pop(var, None)
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+        # glibc mmaps every block >= 64 KiB, so that freed tensors leave the RSS at once (module docstring)
+        env = cpu_env(extra_env={"MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)})
+        launch([*worker_args, "--json-dir", tmp], nproc=nproc, script=__file__, env=env, timeout=timeout)
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
 def measure_zero(stage: int, nproc: int, *, preset: str, batch: int, persistence_threshold: int | None = None):
     extra = [] if persistence_threshold is None else ["--persistence-threshold", str(persistence_threshold)]
-    return launch(["--worker", "zero", "--stage", str(stage), "--preset", preset, "--batch", str(batch), *extra], nproc)
+    return run_workers(
+        ["--worker", "zero", "--stage", str(stage), "--preset", preset, "--batch", str(batch), *extra], nproc
+    )
 
 
 def measure_loss(sizes: list[int], nproc: int = 2) -> list[dict]:
-    return launch(["--worker", "loss", "--sizes", *map(str, sizes)], nproc)
+    return run_workers(["--worker", "loss", "--sizes", *map(str, sizes)], nproc)
 
 
 def estimates(stage: int, world: int, P: int, largest: int) -> tuple[float | None, float]:
@@ -438,7 +410,7 @@ def main(argv=None):
         help="global batch sizes of the loss benchmark (default 4096 8192 16384; --quick 1024 2048 4096)",
     )
     p.add_argument("--md", type=Path, default=None, help="also write the results to this markdown file")
-    # worker mode (this file run by `launch`)
+    # worker mode (this file run by `run_workers`)
     p.add_argument("--worker", choices=("zero", "loss"), help=argparse.SUPPRESS)
     p.add_argument("--stage", type=int, help=argparse.SUPPRESS)
     p.add_argument("--persistence-threshold", type=int, default=None, help=argparse.SUPPRESS)

@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from _common import ROOT, cpu_env, report, step_time, train
+from _common import ROOT, report, step_time, train
+
+from neuclip_ds.launch import cpu_env, run_command
 
 OPENCLIP_LINE = re.compile(r"Data \(t\): ([0-9.]+) Batch \(t\): ([0-9.]+),")
 
@@ -114,7 +115,7 @@ def theirs(model: str, batch: int, steps: int, threads: int, out: Path) -> list[
         "--seed",
         "0",
     ]
-    proc = subprocess.run(cmd, cwd=out, env=cpu_env(threads), capture_output=True, text=True)
+    proc = run_command(cmd, cwd=out, env=cpu_env(threads, hide_cuda=True), timeout=None, check=False)
     log = out / "run" / "out.log"
     text = log.read_text() if log.is_file() else proc.stdout + proc.stderr
     if proc.returncode != 0:

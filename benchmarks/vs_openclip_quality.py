@@ -114,7 +114,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -122,7 +121,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import ROOT, cpu_env, markdown_table, mean_std, report, train
+from _common import ROOT, markdown_table, mean_std, report, train
+
+from neuclip_ds.launch import cpu_env, run_command
 
 RUN_OPENCLIP = "--_run-openclip"  # internal: this script as open_clip's launcher
 OPENCLIP_NAME = "run"
@@ -811,7 +812,7 @@ def train_openclip(config_path: Path, argv: list[str], logs: Path, threads: int)
     logs.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), RUN_OPENCLIP, str(config_path), "--", *argv]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(threads), capture_output=True, text=True)
+    proc = run_command(cmd, cwd=ROOT, env=cpu_env(threads, hide_cuda=True), timeout=None, check=False)
     wall = time.time() - t0
     log = logs / OPENCLIP_NAME / "out.log"
     text = log.read_text() if log.is_file() else ""

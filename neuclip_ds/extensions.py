@@ -32,9 +32,14 @@ SHM_OP = "deepspeed_shm_comm"
 STALE_LOCK_S = 600.0  # a build takes ~1 min on 2 cores; a no-op load holds the lock for about a second
 
 
+def default_extensions_dir() -> Path:
+    """This interpreter prefix's own extensions folder (what TORCH_EXTENSIONS_DIR defaults to here)."""
+    return Path(sys.prefix) / "torch_extensions"
+
+
 def extensions_dir() -> Path:
     """The folder torch builds JIT extensions into for this interpreter (sets TORCH_EXTENSIONS_DIR if unset)."""
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default_extensions_dir()))
     return Path(os.environ["TORCH_EXTENSIONS_DIR"])
 
 

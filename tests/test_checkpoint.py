@@ -5,17 +5,9 @@ import signal
 import sys
 
 import pytest
-from _launch import (
-    ROOT,
-    free_port,
-    kill_after_step,
-    launch,
-    launch_script,
-    metrics,
-    run_command,
-    signal_after_step,
-    summary,
-)
+from _launch import ROOT, kill_after_step, launch_script, signal_after_step
+
+from neuclip_ds.launch import free_port, launch, metrics, run_command, summary
 
 STEPS = 8
 BASE = [

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _launch import launch, metrics
+
+from neuclip_ds.launch import launch, metrics
 
 TINY = ["--synthetic-samples", "64", "--global-batch-size", "16", "--npn-prototypes", "32", "--npn-inner-steps", "2"]
 TAG = "step00000002"

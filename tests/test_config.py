@@ -2,15 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch.distributed as dist
-from _launch import launch
 
 from neuclip_ds import config
 from neuclip_ds.config import ConfigError, TrainConfig, parse_config
+from neuclip_ds.launch import launch
 from neuclip_ds.train import main
 
 OK = ["--synthetic-samples", "64", "--steps", "2", "--global-batch-size", "16", "--ds-config", "ds_configs/zero2.json"]
@@ -93,13 +91,9 @@ def test_yaml_with_command_line_overrides(tmp_path):
 
 
 def test_cli_exit_code_and_grouped_help():
-    proc = subprocess.run(
-        [sys.executable, "-m", "neuclip_ds.train", "--npn-prototypes", "0", *OK[:2]], capture_output=True, text=True
-    )
+    proc = launch(["--npn-prototypes", "0", *OK[:2]], check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    help_text = subprocess.run(
-        [sys.executable, "-m", "neuclip_ds.train", "--help"], capture_output=True, text=True
-    ).stdout
+    help_text = launch(["--help"], check=False).stdout
     for group in ("model:", "loss:", "NPN (NeuCLIP):", "data:", "optimization:", "system:"):
         assert group in help_text
 

@@ -6,7 +6,7 @@ import itertools
 import json
 import tarfile
 
-from _launch import launch, metrics
+from neuclip_ds.launch import launch, metrics
 
 ARGS = [
     "--steps",

@@ -4,7 +4,9 @@ NPN replicas, NaN skipping. Tiny model, synthetic data, a few steps; runs are ca
 import math
 
 import pytest
-from _launch import launch, launch_script, metrics, summary, write_ds_config
+from _launch import launch_script, write_ds_config
+
+from neuclip_ds.launch import launch, metrics, summary
 
 STEPS = 5
 BASE = [
@@ -176,7 +178,9 @@ def test_accelerate_launch_runs_the_same_entry_point(runs, tmp_path):
     """accelerate's DeepSpeed plugin (2 processes, its JSON) gives the same run as the deepspeed launcher."""
     import sys
 
-    from _launch import ROOT, run_command
+    from _launch import ROOT
+
+    from neuclip_ds.launch import run_command
 
     out = tmp_path / "acc"
     cmd = [

@@ -4,9 +4,6 @@ the neuclip-eval command line."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -20,9 +17,9 @@ from neuclip_ds import evaluate as E
 from neuclip_ds.data.embedded import CLASSNAMES, TEMPLATES, build_embedded_dataset, dataset_paths
 from neuclip_ds.data.loader import make_eval_loader
 from neuclip_ds.data.tokenizer import TextTokenizer
+from neuclip_ds.launch import launch
 from neuclip_ds.model import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
 N_VAL = 64
 
 
@@ -477,15 +474,7 @@ def test_deepspeed_zero2_checkpoint_end_to_end(model, results, ds, tmp_path, cap
     run.mkdir()
     script = tmp_path / "make_ckpt.py"
     script.write_text(DS_SCRIPT)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(
-        [sys.executable, str(script), str(run), dataset_paths(ds)["tokenizer"]],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = launch([str(run), dataset_paths(ds)["tokenizer"]], script=str(script), timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert any((run / "checkpoints" / "step00000001").glob("*optim_states.pt"))
     (run / "config.yaml").write_text(
@@ -546,7 +535,5 @@ def test_cli_errors(ds, tmp_path, capsys, model):
 
 
 def test_module_entry_point_help():
-    proc = subprocess.run(
-        [sys.executable, "-m", "neuclip_ds.evaluate", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    proc = launch(["--help"], module="neuclip_ds.evaluate", timeout=120, check=False)
     assert proc.returncode == 0 and "--checkpoint" in proc.stdout and "--hf-dir" in proc.stdout

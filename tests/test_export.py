@@ -4,14 +4,12 @@ the exported model equals eval of the checkpoint and the in-training evaluation.
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from _launch import launch
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
 from neuclip_ds.checkpoint import load_checkpoint_model
@@ -19,6 +17,7 @@ from neuclip_ds.data.embedded import build_embedded_dataset
 from neuclip_ds.data.loader import make_eval_loader
 from neuclip_ds.data.tokenizer import TextTokenizer
 from neuclip_ds.data.transforms import ImageTransform
+from neuclip_ds.launch import cpu_env, launch, run_command
 
 ROUNDTRIP = Path(__file__).parent / "scripts" / "hf_roundtrip.py"
 # `make test-transformers4` points this at a transformers 4.x install: the round trip then runs under it
@@ -122,11 +121,11 @@ def test_a_transformers_user_gets_the_trainers_embeddings(trained, tmp_path):
     transformers 4.x when NEUCLIP_TRANSFORMERS_PATH names one), give the ids, pixels, embeddings and
     probabilities of the trainer's own tokenizer, eval transform and model, on non-square images."""
     data, out, hf = trained
-    env = dict(os.environ)
+    env = cpu_env()
     if OTHER_TRANSFORMERS:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (OTHER_TRANSFORMERS, env.get("PYTHONPATH")) if p)
     result_path = tmp_path / "roundtrip.json"
-    subprocess.run([sys.executable, str(ROUNDTRIP), str(hf), str(result_path)], env=env, check=True, timeout=600)
+    run_command([sys.executable, ROUNDTRIP, hf, result_path], env=env, timeout=600)
     got = json.loads(result_path.read_text())
     if OTHER_TRANSFORMERS:
         assert got["transformers"].startswith("4."), got["transformers"]

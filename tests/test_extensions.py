@@ -73,7 +73,7 @@ def _last_step(out: Path) -> int:
 def one_rank_run(tmp_path_factory):
     """The one 1-rank run under the deepspeed launcher that both 1-rank tests below use: /dev/shm is looked at
     while it trains (after its first step, before its last) and after it finished."""
-    from _launch import free_port, launch
+    from neuclip_ds.launch import free_port, launch
 
     port = free_port()
     out = tmp_path_factory.mktemp("shm") / "run"
@@ -94,7 +94,7 @@ def test_cpu_run_leaves_no_shm_buffers(tmp_path, nproc, request):
     """DeepSpeed's CPU allreduce op maps a 66 MB /dev/shm buffer per rank and never unlinks it; neuclip_ds does,
     so a finished run leaves no RAM behind (a day of test runs had left 9 GB). Under the deepspeed launcher even a
     1-rank run creates one (LOCAL_SIZE=1). 1 rank: the run shared with test_killed_run_leaves_no_shm_buffer."""
-    from _launch import free_port, launch
+    from neuclip_ds.launch import free_port, launch
 
     if nproc == 1:
         run = request.getfixturevalue("one_rank_run")

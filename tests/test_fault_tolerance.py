@@ -6,9 +6,10 @@ import re
 
 import pytest
 import torch
-from _launch import ROOT, launch, launch_ranks, metrics
+from _launch import ROOT
 
 from neuclip_ds import checkpoint
+from neuclip_ds.launch import launch, launch_ranks, metrics
 
 BASE = [
     "--synthetic-samples",

@@ -4,13 +4,13 @@
 import json
 import shutil
 import site
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
-from _launch import env
+
+from neuclip_ds.launch import cpu_env, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "requirements.txt", "README.md", "neuclip_ds")
@@ -26,7 +26,7 @@ def wheel(tmp_path_factory) -> Path:
         else:
             shutil.copy(ROOT / name, src / name)
     build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist), "."]
-    subprocess.run(build, cwd=src, check=True, capture_output=True, timeout=300)
+    run_command(build, cwd=src)
     (whl,) = dist.glob("neuclip_ds-*.whl")
     return whl
 
@@ -42,27 +42,22 @@ def test_installed_tool_runs_outside_the_repository(wheel, tmp_path):
     # A fresh venv; its dependencies are this venv's packages (a path entry: this venv's own .pth files, among
     # them the editable install of the checkout, are not read), so neuclip_ds can only come from the wheel.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    run_command([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     (purelib,) = venv.glob("lib/python*/site-packages")
     (purelib / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     install = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps"]
-    subprocess.run([*install, str(wheel)], check=True, capture_output=True, timeout=300)
+    run_command([*install, str(wheel)])
 
     work = tmp_path / "elsewhere"
     work.mkdir()
-    run_env = {k: v for k, v in env().items() if k != "PYTHONPATH"}
-    where = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import neuclip_ds; print(neuclip_ds.__file__)"],
-        cwd=work, env=run_env, capture_output=True, text=True, check=True, timeout=120,
-    )  # fmt: skip
+    run_env = {k: v for k, v in cpu_env().items() if k != "PYTHONPATH"}
+    where = run_command(
+        [venv / "bin" / "python", "-c", "import neuclip_ds; print(neuclip_ds.__file__)"], cwd=work, env=run_env
+    )
     assert Path(where.stdout.strip()).is_relative_to(venv), where.stdout
 
     train = [str(venv / "bin" / "neuclip-train"), "--synthetic-samples", "64", "--steps", "2"]
-    proc = subprocess.run(
-        [*train, "--global-batch-size", "16", "--output-dir", "out"],
-        cwd=work, env=run_env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_command([*train, "--global-batch-size", "16", "--output-dir", "out"], cwd=work, env=run_env, timeout=600)
     config = (work / "out" / "config.yaml").read_text()
     assert "ds_config: zero2" in config  # the default names the shipped JSON, found from outside the repository
     rows = [json.loads(line) for line in (work / "out" / "metrics.jsonl").read_text().splitlines()]

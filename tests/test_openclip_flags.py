@@ -5,9 +5,9 @@ import json
 
 import pytest
 import yaml
-from _launch import launch
 
 from neuclip_ds.config import ConfigError, build_parser, parse_config
+from neuclip_ds.launch import launch
 
 BASE = ["--synthetic-samples", "64", "--steps", "2"]
 

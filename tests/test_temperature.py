@@ -7,12 +7,13 @@ import math
 
 import pytest
 import torch
-from _launch import ROOT, launch_script, metrics, write_ds_config
+from _launch import ROOT, launch_script, write_ds_config
 from torch import nn
 
 from neuclip_ds.checkpoint import load_checkpoint_state_dict
 from neuclip_ds.config import TrainConfig
 from neuclip_ds.engine import TemperatureKeeper, TemperatureLR, build_optimizer, build_scheduler
+from neuclip_ds.launch import metrics
 from neuclip_ds.model import build_model
 
 TAU_MIN, TAU_MAX = 0.05, 0.5
