@@ -25,6 +25,7 @@ evaluation and export use.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pickle
 import random
@@ -41,8 +42,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from . import distributed
+from .atomic import atomic_write
 from .rundir import CHECKPOINTS, RunFiles
 from .stopping import one_line as _one_line
 
@@ -69,27 +71,6 @@ class CheckpointError(RuntimeError):
 class CheckpointNotSaved(CheckpointError):
     """A save that failed on some rank; raised on every rank alike (the ranks agreed on it), so the run can stop
     in step. The message names the rank and file (one line)."""
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def gather_objects(obj: Any) -> list:
-    if _world() == 1:
-        return [obj]
-    out = [None] * _world()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,7 +127,7 @@ def check_files_are_data(*dirs: Path) -> None:
     its tensors: cheap) and, if one names a global that `load_data` would refuse, the run stops on every rank alike
     with `load_data`'s line. Without it, only the rank loading such a file would stop, and the others would wait
     for it in a DeepSpeed collective. `load_data` stays the guard: the legacy (non-zip) format is not scanned."""
-    problems = gather_objects(_first_refused(sorted({p for d in dirs for p in Path(d).rglob("*.pt")})))
+    problems = distributed.gather_objects(_first_refused(sorted({p for d in dirs for p in Path(d).rglob("*.pt")})))
     problem = next((p for p in problems if p), None)
     if problem:
         raise CheckpointError(problem)
@@ -326,29 +307,11 @@ def run_id_for(resume_dir: Path | None) -> str:
 def _from_rank0(decide):
     """Collective: rank 0 runs decide(); every rank returns its result, or raises its error (all ranks alike, so
     that they stay in step; an error other than a CheckpointError travels as a CheckpointError naming it)."""
-    box = [None]
-    if _rank() == 0:
-        try:
-            box = [(decide(), None)]
-        except CheckpointError as e:
-            box = [(None, e)]
-        except Exception as e:
-            box = [(None, CheckpointError(f"rank 0: {_one_line(e)}"))]
-    if _world() > 1:
-        dist.broadcast_object_list(box, src=0)
-    result, error = box[0]
-    if error is not None:
-        raise error
-    return result
+    return distributed.from_rank0(decide, error=_as_checkpoint_error)
 
 
-def _atomic_write(path: Path, payload, *, text: bool = False) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    if text:
-        tmp.write_text(payload)
-    else:
-        torch.save(payload, tmp)
-    os.replace(tmp, path)
+def _as_checkpoint_error(e: Exception) -> CheckpointError:
+    return e if isinstance(e, CheckpointError) else CheckpointError(f"rank 0: {_one_line(e)}")
 
 
 def save(
@@ -371,9 +334,12 @@ def save(
     tag_dir = Path(output_dir) / CHECKPOINT_DIR / tag_for(step)
     _from_rank0(lambda: _prepare_tag_dir(tag_dir, run_id))
     report = _write_this_rank(
-        engine, tag_dir, shared_state=dict(state["shared"], step=step, world_size=_world()), rank_state=state["rank"]
+        engine,
+        tag_dir,
+        shared_state=dict(state["shared"], step=step, world_size=distributed.world_size()),
+        rank_state=state["rank"],
     )
-    reports = gather_objects(report)
+    reports = distributed.gather_objects(report)
     _from_rank0(lambda: _commit(tag_dir, reports, run_id=run_id, keep_last=keep_last, keep=keep))
     return tag_dir
 
@@ -407,7 +373,7 @@ def _step_latest_back_from(tag_dir: Path) -> None:
     step = _step_of(tag_dir.name)
     earlier = [p.name for p in _tags(tag_dir.parent) if _step_of(p.name) < step and (p / COMPLETE).is_file()]
     if earlier:
-        _atomic_write(latest, max(earlier, key=_step_of), text=True)
+        atomic_write(latest, max(earlier, key=_step_of))
     else:
         latest.unlink()
 
@@ -415,7 +381,8 @@ def _step_latest_back_from(tag_dir: Path) -> None:
 def _write_this_rank(engine, tag_dir: Path, *, shared_state: dict, rank_state: dict) -> dict:
     """This rank's part of a save: the engine's files, its own file (rank 0: also the shared one). Never raises:
     {"rank", "written": paths relative to tag_dir, "failed": "what: why" lines}."""
-    report = {"rank": _rank(), "written": [], "failed": []}
+    rank = distributed.rank()
+    report = {"rank": rank, "written": [], "failed": []}
     try:
         with _engine_writes_reported(engine, tag_dir, report):
             engine.save_checkpoint(str(tag_dir.parent), tag=tag_dir.name, save_latest=False)
@@ -423,13 +390,13 @@ def _write_this_rank(engine, tag_dir: Path, *, shared_state: dict, rank_state: d
         # not a file write (those are reported): the other ranks may be inside one of save_checkpoint's barriers,
         # so no agreement can follow. This rank fails, and the failure path ends the others (stopping.py).
         raise CheckpointNotSaved(
-            f"checkpoint {tag_dir.name} not saved (rank {_rank()}: engine.save_checkpoint: "
+            f"checkpoint {tag_dir.name} not saved (rank {rank}: engine.save_checkpoint: "
             f"{_one_line(e)}); `latest` still names {_latest_name(tag_dir.parent)}"
         ) from None
-    ours = [(f"neuclip_rank{_rank()}.pt", rank_state)] + ([(SHARED_FILE, shared_state)] if _rank() == 0 else [])
+    ours = [(f"neuclip_rank{rank}.pt", rank_state)] + ([(SHARED_FILE, shared_state)] if rank == 0 else [])
     for name, payload in ours:
         try:
-            _atomic_write(tag_dir / name, payload)
+            atomic_write(tag_dir / name, functools.partial(torch.save, payload))
             report["written"].append(name)
         except Exception as e:
             report["failed"].append(f"{name}: {_one_line(e)}")
@@ -471,7 +438,7 @@ def _commit(tag_dir: Path, reports: list[dict], *, run_id: str, keep_last: int, 
     if not problems:
         try:
             (tag_dir / COMPLETE).write_text(f"{_step_of(tag_dir.name)}\n")
-            _atomic_write(ckpt_dir / "latest", tag_dir.name, text=True)
+            atomic_write(ckpt_dir / "latest", tag_dir.name)
         except OSError as e:
             problems.append(_one_line(e))
     if problems:

@@ -30,16 +30,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import distributed
 from .losses import FastCLIPLoss, ShardedLogTable, log_eps_plus
 
 if TYPE_CHECKING:
     from .npn import NPN
 
 __all__ = ["exact_log_normalizers", "fastclip_estimate", "mbcl_estimate", "normalizer_errors", "npn_estimate"]
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _tau_value(tau: Tensor | float) -> float:
@@ -152,7 +149,7 @@ def exact_log_normalizers(
         n_local += img.shape[0]
 
     counts = torch.cat([found, torch.tensor([float(n_local)], dtype=torch.float64, device=device)])
-    if _distributed():
+    if distributed.is_distributed():
         # MAX all-reduce: the running LSEs (the shift M) and +-index (every rank must hold the same anchors)
         idx = a_idx.to(torch.float64)
         mx = torch.cat([lse1, lse2, idx, -idx])
@@ -296,7 +293,7 @@ def fastclip_estimate(
     if anchor_index.numel() and (int(anchor_index.min()) < 0 or int(anchor_index.max()) >= n):
         raise ValueError(f"anchor_index: dataset indices must lie in [0, {n})")
     world = table_img.world_size
-    if world > 1 and not (_distributed() and dist.get_world_size() == world):
+    if world > 1 and distributed.world_size() != world:
         raise ValueError(
             f"table_img: sharded over {world} ranks but torch.distributed is not initialized with that world size"
         )
@@ -328,10 +325,7 @@ def lockstep(chunks: Iterable[dict], device: torch.device) -> Iterable[dict | No
     it = iter(chunks)
     while True:
         chunk = next(it, None)
-        more = torch.tensor([0.0 if chunk is None else 1.0], device=device)
-        if _distributed():
-            dist.all_reduce(more, op=dist.ReduceOp.MAX)
-        if more.item() == 0:
+        if not distributed.any_rank(chunk is not None, device):
             return
         yield chunk
 

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
+from . import distributed
 from .config import TrainConfig, uses_cuda
 from .data.tokenizer import trim_text_padding
 from .extensions import prepare_cpu_ops, release_shm_buffers
@@ -87,7 +88,7 @@ def init_distributed() -> DistInfo:
     if cuda:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    return DistInfo(distributed.rank(), distributed.world_size(), local_rank, device)
 
 
 def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
@@ -207,7 +208,7 @@ class TemperatureKeeper:
             # DeepSpeed's set_full_hp_param slices the unpadded value, which fails on ranks that hold only padding
             # (a 1-element tau lives on rank 0), so only ranks that hold real elements write; the rest is padding.
             part = p.ds_tensor.numel()
-            if (dist.get_rank() + 1) * part <= p.ds_numel:
+            if (distributed.rank() + 1) * part <= p.ds_numel:
                 deepspeed.utils.safe_set_full_fp32_param(
                     p, torch.full((p.ds_numel,), value, dtype=torch.float32, device=p.ds_tensor.device)
                 )
@@ -350,7 +351,7 @@ class NPNEstimator:
 
     def prepare(self, batch: StepBatch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         cfg = self.cfg
-        sharded = cfg.npn_parallel == "sharded" and dist.is_initialized() and dist.get_world_size() > 1
+        sharded = cfg.npn_parallel == "sharded" and distributed.is_distributed()
         rows = batch.rows if sharded else None
         if batch.step % cfg.npn_restart_every == 0:  # E7.4 (step 0 included: start from the data, not at random)
             self.npn.restart(
@@ -527,7 +528,11 @@ class NeuCLIPEngine:
         broken = broken or any(
             t.isnan().any() or t.isposinf().any() for t in _nested_tensors(self.estimator.state_dict())
         )
-        return "the weights or optimizer state hold non-finite values" if self._on_any_rank(broken) else None
+        return (
+            "the weights or optimizer state hold non-finite values"
+            if distributed.any_rank(broken, self.info.device)
+            else None
+        )
 
     def _weights_and_moments(self) -> list[torch.Tensor]:
         """This rank's share of the encoders' state: the module's parameters, the optimizer's (under ZeRO the fp32
@@ -539,14 +544,7 @@ class NeuCLIPEngine:
 
     def _all_finite(self, *tensors: torch.Tensor) -> bool:
         """The same verdict on every rank (one all-reduce)."""
-        return not self._on_any_rank(any(not torch.isfinite(t).all() for t in tensors))
-
-    def _on_any_rank(self, flag: bool) -> bool:
-        """Whether `flag` holds on some rank; the same answer on every rank (one all-reduce)."""
-        found = torch.tensor([float(flag)], device=self.info.device)
-        if self.info.world_size > 1:
-            dist.all_reduce(found, op=dist.ReduceOp.MAX)
-        return bool(found.item() > 0)
+        return not distributed.any_rank(any(not torch.isfinite(t).all() for t in tensors), self.info.device)
 
     # -----------------------------------------------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict], *, step: int, epoch: int) -> dict:

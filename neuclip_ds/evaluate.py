@@ -49,6 +49,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from . import distributed
+from .atomic import atomic_write
 from .checkpoint import (
     CheckpointError,
     load_checkpoint_state_dict,
@@ -180,12 +182,6 @@ def zero_shot_metrics(
 # ------------------------------------------------------------------------------------------------------------
 # Embeddings of a loader
 # ------------------------------------------------------------------------------------------------------------
-def _is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def _param_dtype(model: torch.nn.Module) -> torch.dtype:
     for p in model.parameters():
         if p.is_floating_point():
@@ -225,7 +221,9 @@ def compute_embeddings(
             total = None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc="eval", unit="batch", dynamic_ncols=True, disable=not (progress and _is_rank0()))
+    bar = tqdm(
+        total=total, desc="eval", unit="batch", dynamic_ncols=True, disable=not (progress and distributed.rank() == 0)
+    )
     try:
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
@@ -440,11 +438,8 @@ def write_results(results: Mapping, path_json: str | os.PathLike) -> Path:
     """Write ``results`` as JSON (atomic replace; parent dirs created); returns the path."""
     path = Path(path_json)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in results.items()}
-    tmp.write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(clean, indent=2) + "\n")
 
 
 def _is_tokenizer_dir(p: Path | None) -> bool:
@@ -572,7 +567,7 @@ def run_cli(args: argparse.Namespace) -> dict:
 
         classnames = load_classnames(dataset_dir)
         templates = load_templates(dataset_dir) if (dataset_dir / "templates.json").is_file() else None
-    elif _is_rank0():
+    elif distributed.rank() == 0:
         print("neuclip-eval: no class names found (no --dataset-dir): retrieval only", file=sys.stderr)
     return evaluate(
         model,

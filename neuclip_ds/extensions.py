@@ -81,11 +81,13 @@ def release_shm_buffers() -> None:
     (if DeepSpeed made one)."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    from . import distributed
+
+    if not distributed.is_initialized():
         return
-    if dist.get_world_size() > 1:
+    if distributed.is_distributed():
         dist.barrier()
-    shm_buffer_path(dist.get_rank()).unlink(missing_ok=True)
+    shm_buffer_path(distributed.rank()).unlink(missing_ok=True)
 
 
 def build_cpu_ops() -> str:

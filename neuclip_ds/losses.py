@@ -26,6 +26,8 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed
+
 # torch marks torch.distributed.nn.functional.all_gather deprecated in favour of a private functional API; it is
 # still the public autograd-aware all-gather (backward = reduce-scatter), so keep it and keep the log readable.
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
@@ -110,27 +112,21 @@ class Features:
         return torch.arange(self.local_size, device=self.img.device) + self.offset
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def gather_features(img: Tensor, txt: Tensor) -> Features:
     """All-gather features *with gradient* (E8): the backward pass sums every rank's contribution into the local
     features, so each rank backpropagates the full gradient of its own samples. Every rank must hold the same b."""
     _check_pair(img, txt, values=False)
-    rank, world = _world()
+    world = distributed.world_size()
     if world == 1:
         return Features(img, txt, img, txt, 0)
     img_all = torch.cat(dist_fn.all_gather(img), dim=0)
     txt_all = torch.cat(dist_fn.all_gather(txt), dim=0)
-    return Features(img, txt, img_all, txt_all, rank * img.shape[0])
+    return Features(img, txt, img_all, txt_all, distributed.rank() * img.shape[0])
 
 
 def all_gather_no_grad(x: Tensor) -> Tensor:
     """Concatenate a tensor (equal shape on every rank) across ranks along dim 0, without gradient."""
-    _rank, world = _world()
+    world = distributed.world_size()
     if world == 1:
         return x.detach()
     parts = [torch.empty_like(x) for _ in range(world)]
@@ -397,7 +393,7 @@ class FastCLIPLoss(NeuCLIPLoss):
         if gamma_decay_epochs < 1:
             raise ValueError(f"gamma_decay_epochs: must be >= 1, got {gamma_decay_epochs}")
         self.gamma_min, self.gamma_decay_epochs = gamma_min, gamma_decay_epochs
-        rank, world = _world()
+        rank, world = distributed.rank(), distributed.world_size()
         self.u_img = ShardedLogTable(num_samples, rank=rank, world_size=world, device=table_device)
         self.u_txt = ShardedLogTable(num_samples, rank=rank, world_size=world, device=table_device)
 

@@ -27,6 +27,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from . import distributed
+
 # per torchrun restart: its agent's store outlives the ranks of a failed attempt, and the next attempt starts clean
 FAILED_RANKS_KEY = f"neuclip_ds/failed_ranks/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -44,7 +46,7 @@ def one_line(e: BaseException) -> str:
 def _rendezvous_store(timeout_s: float) -> dist.TCPStore | None:
     """A client of the store the process group was formed through; None for one rank or when it is gone (its host,
     rank 0, has exited)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not distributed.is_distributed():
         return None
     try:
         return dist.TCPStore(
@@ -72,7 +74,8 @@ def _is_first_failure() -> bool:
 def report_failure(error: BaseException, *, debug: bool, expected: tuple[type, ...] = ()) -> int:
     """The failing rank's last words; returns the exit code (1). `expected`: errors that are a verdict on the run
     (e.g. too many skipped steps), printed as 'aborted' without their type; anything else is 'error on rank R'."""
-    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    # before the process group exists (or after it failed to form) the launcher's RANK still names this rank
+    rank = distributed.rank() if distributed.is_initialized() else int(os.environ.get("RANK", "0"))
     if (not another_rank_failed.is_set() and _is_first_failure()) or debug:
         if debug:
             traceback.print_exception(error)
@@ -80,7 +83,7 @@ def report_failure(error: BaseException, *, debug: bool, expected: tuple[type, .
         # one write: with --debug every failing rank prints, and their lines must not interleave
         sys.stderr.write(f"neuclip-train: {'aborted: ' if isinstance(error, expected) else ''}{cause}\n")
         sys.stderr.flush()
-    if rank == 0 and dist.is_initialized() and dist.get_world_size() > 1:
+    if rank == 0 and distributed.is_distributed():
         # rank 0 hosts the store: it stays long enough for every watchdog to read the count before the store goes
         time.sleep(2.5 * WATCHDOG_POLL_S)
     return 1
@@ -141,7 +144,5 @@ class StopSignals:
 
     def agreed(self, device: torch.device) -> str | None:
         """Collective: the name of a signal some rank received (the same on every rank), or None."""
-        flag = torch.tensor([self.received or 0], dtype=torch.int64, device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return signal.Signals(int(flag)).name if int(flag) else None
+        signum = distributed.max_over_ranks(self.received or 0, device)
+        return signal.Signals(signum).name if signum else None

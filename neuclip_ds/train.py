@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 import yaml
 
+from . import distributed
 from .checkpoint import seed_everything
 from .config import ConfigError, TrainConfig, parse_config
 from .presets import get_preset
@@ -271,7 +272,7 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
     if cfg.val_data is not None and stopped_by is None:  # a preempted run keeps its grace period for the save
         summary.update(final_evaluation(eng, cfg, tokenizer, info, files.eval_results))
     if hasattr(eng.estimator, "npn"):  # E8: the replicas must be identical; say so, and fail loudly if not
-        summary["npn_checksums"] = checkpoint.gather_objects(eng.estimator.npn.checksum())
+        summary["npn_checksums"] = distributed.gather_objects(eng.estimator.npn.checksum())
         if len(set(summary["npn_checksums"])) != 1:
             raise RuntimeError(f"NPN replicas diverged across ranks: {summary['npn_checksums']}")
     if info.rank == 0:
@@ -393,7 +394,7 @@ def shutdown_distributed() -> None:
     process ('terminate called without an active exception')."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if distributed.is_initialized():
         try:
             dist.barrier()
         finally:

@@ -62,6 +62,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..atomic import atomic_path, atomic_write
+
 DATASET_NAME = "neuclip-digits"
 # Bump whenever the rendered bytes, captions, layout or tokenizer change; a different version triggers a rebuild.
 DATASET_VERSION = "2.0"
@@ -211,16 +213,14 @@ def _write_shards(out_dir: Path, split: str, samples, n: int, per_shard: int) ->
     it = iter(samples)
     for s in range(n_shards):
         path = split_dir / f"{s:05d}.tar"
-        tmp = path.with_suffix(".tar.tmp")
         count = 0
-        with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+        with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
             for _ in range(min(per_shard, n - s * per_shard)):
                 key, jpg, caption, meta = next(it)
                 _add_member(tar, f"{key}.jpg", jpg)
                 _add_member(tar, f"{key}.txt", caption.encode("utf-8"))
                 _add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
                 count += 1
-        os.replace(tmp, path)
         shards.append(
             {
                 "path": f"{split}/{path.name}",
@@ -233,9 +233,7 @@ def _write_shards(out_dir: Path, split: str, samples, n: int, per_shard: int) ->
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _params(seed: int, n_train: int, n_val: int, samples_per_shard: int) -> dict:

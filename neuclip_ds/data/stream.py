@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from .. import distributed
 from .bad_samples import MIN_SEEN, BadSampleTracker, check_bad_fraction
 from .loader import ClipLoader
 
@@ -64,7 +65,7 @@ class LoaderStream:
         """Bad samples skipped so far over all ranks (one small all-reduce, so every rank decides alike);
         ``check_bad_fraction`` raises once they pass ``max_bad_fraction``."""
         counts = torch.tensor([self.tracker.good, self.tracker.total], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed.is_distributed():
             dist.all_reduce(counts)
         good, bad = (int(x) for x in counts.tolist())
         check_bad_fraction(good, bad, self.tracker.max_fraction, min_seen=self.tracker.min_seen)

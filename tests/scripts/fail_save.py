@@ -23,13 +23,13 @@ def check_disk(path) -> None:
         raise OSError(errno.ENOSPC, "No space left on device (injected)", path)
 
 
-write_ours = checkpoint._atomic_write
+write_ours = checkpoint.atomic_write
 write_deepspeeds = TorchCheckpointEngine.save
 
 
-def atomic_write(path, payload, *, text=False):
+def atomic_write(path, *args, **kwargs):
     check_disk(path)
-    return write_ours(path, payload, text=text)
+    return write_ours(path, *args, **kwargs)
 
 
 def engine_save(self, state_dict, path):
@@ -46,7 +46,7 @@ def engine_save_checkpoint(self, save_dir, tag=None, **kwargs):
     return save_checkpoint(self, save_dir, tag=tag, **kwargs)
 
 
-checkpoint._atomic_write = atomic_write
+checkpoint.atomic_write = atomic_write  # the name checkpoint.py writes its own files through
 TorchCheckpointEngine.save = engine_save
 DeepSpeedEngine.save_checkpoint = engine_save_checkpoint
 train.cli()
