@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -238,7 +239,7 @@ def launch_ranks(
         ]
 
 
-def read_back(file) -> str:
+def read_back(file: typing.IO[str]) -> str:
     """The whole text of a file a child wrote to (a TemporaryFile given as its stdout or stderr)."""
     file.seek(0)
     return file.read()
