@@ -239,45 +239,13 @@ def neuclip_args(
     extra: str = "",
 ) -> list[str]:
     """The neuclip-train command line (without --output-dir/--report-to) of one run."""
-    return [
-        "--preset",
-        preset,
-        "--dataset-dir",
-        dataset_dir,
-        *loss_args(loss, yaml_config),
-        "--ds-config",
-        ds_config,
-        "--precision",
-        "fp32",
-        "--global-batch-size",
-        str(batch),
-        "--epochs",
-        str(epochs),
-        "--lr",
-        str(lr),
-        "--wd",
-        str(wd),
-        "--warmup",
-        str(warmup),
-        "--beta1",
-        str(ADAM["beta1"]),
-        "--beta2",
-        str(ADAM["beta2"]),
-        "--adam-eps",
-        str(ADAM["eps"]),
-        "--grad-clip",
-        str(GRAD_CLIP),
-        *temperature_args(lr),
-        "--seed",
-        str(seed),
-        "--workers",
-        "0",
-        "--text-padding",
-        "max_length",
-        "--save-every",
-        "0",
-        *shlex.split(extra),
-    ]
+    inputs = ["--preset", preset, "--dataset-dir", dataset_dir, "--ds-config", ds_config]
+    training = (
+        f"--precision fp32 --global-batch-size {batch} --epochs {epochs} --lr {lr} --wd {wd} --warmup {warmup}"
+        f" --beta1 {ADAM['beta1']} --beta2 {ADAM['beta2']} --adam-eps {ADAM['eps']} --grad-clip {GRAD_CLIP}"
+    ).split()
+    rest = f"--seed {seed} --workers 0 --text-padding max_length --save-every 0".split()
+    return [*inputs, *loss_args(loss, yaml_config), *training, *temperature_args(lr), *rest, *shlex.split(extra)]
 
 
 def differences_from_openclip(
@@ -334,58 +302,15 @@ def openclip_args(
     logs: str,
 ) -> list[str]:
     """The open_clip_train.main command line of one run."""
-    return [
-        "--model",
-        model,
-        "--train-data",
-        train_data,
-        "--dataset-type",
-        "webdataset",
-        "--train-num-samples",
-        str(num_samples),
-        "--batch-size",
-        str(batch),
-        "--epochs",
-        str(epochs),
-        "--lr",
-        str(lr),
-        "--wd",
-        str(wd),
-        "--warmup",
-        str(warmup),
-        "--lr-scheduler",
-        "cosine",
-        "--beta1",
-        str(ADAM["beta1"]),
-        "--beta2",
-        str(ADAM["beta2"]),
-        "--eps",
-        str(ADAM["eps"]),
-        "--grad-clip-norm",
-        str(GRAD_CLIP),
-        "--precision",
-        "fp32",
-        "--seed",
-        str(seed),
-        "--workers",
-        "1",
-        "--accum-freq",
-        "1",
-        "--logs",
-        logs,
-        "--name",
-        OPENCLIP_NAME,
-        "--save-frequency",
-        "0",
-        "--zeroshot-frequency",
-        "0",
-        "--val-frequency",
-        "0",
-        "--log-every-n-steps",
-        "1",
-        "--report-to",
-        "",
-    ]
+    training = (
+        f"--dataset-type webdataset --train-num-samples {num_samples} --batch-size {batch} --epochs {epochs}"
+        f" --lr {lr} --wd {wd} --warmup {warmup} --lr-scheduler cosine"
+        f" --beta1 {ADAM['beta1']} --beta2 {ADAM['beta2']} --eps {ADAM['eps']} --grad-clip-norm {GRAD_CLIP}"
+        f" --precision fp32 --seed {seed} --workers 1 --accum-freq 1"
+        " --save-frequency 0 --zeroshot-frequency 0 --val-frequency 0 --log-every-n-steps 1"
+    ).split()
+    inputs = ["--model", model, "--train-data", train_data, "--logs", logs, "--name", OPENCLIP_NAME]
+    return [*inputs, *training, "--report-to", ""]
 
 
 def parse_openclip_log(text: str) -> list[dict]:
