@@ -750,11 +750,19 @@ def train_openclip(config_path: Path, argv: list[str], logs: Path, threads: int)
     return parse_openclip_log(text), ckpts[-1], wall
 
 
+def evaluate_val(model, text_tok, paths: dict, dataset_dir: str) -> dict:
+    """evaluate's results on the validation split: one call for both trainers' models (CPU, batches of 256)."""
+    from neuclip_ds.evaluate import evaluate
+
+    val = paths["val"]
+    return evaluate(
+        model, val_data=val, tokenizer=text_tok, dataset_dir=dataset_dir, batch_size=256, device="cpu", progress=False
+    )
+
+
 def evaluate_openclip(model_name: str, ckpt: Path, preset, text_tok, paths: dict, dataset_dir: str) -> tuple:
     """(evaluate's results, tau) of an open_clip checkpoint."""
     import open_clip
-
-    from neuclip_ds.evaluate import evaluate
 
     model = open_clip.create_model(model_name, precision="fp32", device="cpu")
     # written by the run just made; its optimizer state holds numpy scalars (lr from np.cos), which
@@ -766,15 +774,7 @@ def evaluate_openclip(model_name: str, ckpt: Path, preset, text_tok, paths: dict
     adapter = OpenCLIPAdapter(
         model.eval(), image_size=preset.image_size, context_length=preset.context_length, pad_id=text_tok.pad_token_id
     )
-    results = evaluate(
-        adapter,
-        val_data=paths["val"],
-        tokenizer=text_tok,
-        dataset_dir=dataset_dir,
-        batch_size=256,
-        device="cpu",
-        progress=False,
-    )
+    results = evaluate_val(adapter, text_tok, paths, dataset_dir)
     return results, tau
 
 
@@ -785,19 +785,10 @@ def evaluate_neuclip(run_dir: Path, text_tok, paths: dict, dataset_dir: str) -> 
     """(evaluate's results from the checkpoint, tau of the checkpoint, largest |difference| to the run's own
     eval_results.json)."""
     from neuclip_ds.checkpoint import load_checkpoint_model
-    from neuclip_ds.evaluate import evaluate
 
     model, _, _ = load_checkpoint_model(run_dir, tokenizer=text_tok)
     tau = float(model.temperature().detach())
-    results = evaluate(
-        model,
-        val_data=paths["val"],
-        tokenizer=text_tok,
-        dataset_dir=dataset_dir,
-        batch_size=256,
-        device="cpu",
-        progress=False,
-    )
+    results = evaluate_val(model, text_tok, paths, dataset_dir)
     own = json.loads((run_dir / "eval_results.json").read_text())
     diff = max((abs(float(results[k]) - float(v)) for k, v in own.items() if k in results), default=float("nan"))
     return results, tau, diff
