@@ -898,23 +898,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 init_oc, init_nc = ["--pretrained", str(ckpt)], f" --pretrained-hf {shlex.quote(str(hf_dir))}"
                 init_diffs.append(diff)
+            # what both trainers get (and differences_from_openclip checks on neuclip_ds's parsed config)
+            matched = dict(batch=args.batch, epochs=epochs, lr=args.lr, wd=args.wd, warmup=args.warmup, seed=seed)
             # open_clip
             logs = runs_dir / f"open_clip_seed{seed}"
-            oc_argv = (
-                openclip_args(
-                    model=model_name,
-                    train_data=paths["train"],
-                    num_samples=steps * args.batch,
-                    batch=args.batch,
-                    epochs=epochs,
-                    lr=args.lr,
-                    wd=args.wd,
-                    warmup=args.warmup,
-                    seed=seed,
-                    logs=str(logs),
-                )
-                + init_oc
-            )
+            data = dict(train_data=paths["train"], num_samples=steps * args.batch)
+            oc_argv = openclip_args(**matched, **data, model=model_name, logs=str(logs)) + init_oc
             commands["open_clip"] = "python -m open_clip_train.main " + shlex.join(oc_argv)
             print(f"[vs_openclip_quality] open_clip seed {seed}", flush=True)
             oc_rows, ckpt, wall = train_openclip(config_path, oc_argv, logs, args.threads)
@@ -947,29 +936,16 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = runs_dir / f"neuclip_ds_{loss}_seed{seed}"
                 shutil.rmtree(run_dir, ignore_errors=True)
                 nc_argv = neuclip_args(
+                    **matched,
                     preset=args.preset,
                     dataset_dir=dataset_dir,
                     loss=loss,
                     yaml_config=yaml_config,
                     ds_config=ds_config,
-                    batch=args.batch,
-                    epochs=epochs,
-                    lr=args.lr,
-                    wd=args.wd,
-                    warmup=args.warmup,
-                    seed=seed,
                     extra=args.extra_neuclip_args + init_nc,
                 )
                 commands[f"neuclip_ds {loss}"] = "python -m neuclip_ds.train " + shlex.join(nc_argv)
-                diffs = differences_from_openclip(
-                    parse_config(nc_argv),
-                    batch=args.batch,
-                    epochs=epochs,
-                    lr=args.lr,
-                    wd=args.wd,
-                    warmup=args.warmup,
-                    seed=seed,
-                )
+                diffs = differences_from_openclip(parse_config(nc_argv), **matched)
                 differences[f"neuclip_ds {loss}"] = diffs
                 print(f"[vs_openclip_quality] neuclip_ds {loss} seed {seed}", flush=True)
                 t0 = time.time()
