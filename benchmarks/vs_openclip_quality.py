@@ -133,7 +133,7 @@ LOSS_KEYS = {
     "mbcl": (),
     "neuclip": (
         "rho",
-        "eps",
+        "normalizer_eps",
         "npn_prototypes",
         "npn_inner_steps",
         "npn_restart_every",
@@ -141,7 +141,7 @@ LOSS_KEYS = {
         "npn_variant",
         "npn_update",
     ),
-    "fastclip": ("rho", "eps", "fastclip_gamma_min", "fastclip_gamma_decay_epochs"),
+    "fastclip": ("rho", "normalizer_eps", "fastclip_gamma_min", "fastclip_gamma_decay_epochs"),
 }
 ADAM = {"beta1": 0.9, "beta2": 0.98, "eps": 1e-6}
 TAU = {"init": 0.07, "min": 0.01, "max": 1.0}
