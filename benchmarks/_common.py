@@ -21,6 +21,16 @@ def train(args: list[str], out: Path, *, threads: int) -> list[dict]:
     return metrics(out)
 
 
+def synthetic_run(preset: str, loss: str, *, batch: int, steps: int) -> list[str]:
+    """The speed benchmarks' neuclip-train arguments: `steps` steps of `batch` synthetic samples, fp32, ZeRO-1,
+    lr 1e-4 after 1 warmup step."""
+    args = (
+        f"--preset {preset} --loss {loss} --synthetic-samples {batch * steps} --global-batch-size {batch}"
+        f" --steps {steps} --precision fp32 --lr 1e-4 --warmup 1"
+    ).split()
+    return [*args, "--ds-config", str(ROOT / "ds_configs" / "zero1.json")]
+
+
 def step_time(row: dict) -> float:
     return sum(row[f"time_{p}"] for p in PHASES)
 

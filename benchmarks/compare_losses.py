@@ -49,33 +49,12 @@ def run(name: str, seed: int, extra: list[str], out: Path, *, epochs: int, every
     if (run_dir / "summary.json").is_file():
         return run_dir
     loss = name.split("-")[0]
-    cmd = [
-        str(ROOT / "launchers" / "single_node.sh"),
-        "2",
-        "--config",
-        str(ROOT / "configs" / "tiny-neuclip.yaml"),
-        "--dataset-dir",
-        str(ROOT / "data" / "digits"),
-        "--global-batch-size",
-        str(GLOBAL_BATCH),
-        "--npn-prototypes",
-        str(PROTOTYPES),
-        "--loss",
-        loss,
-        "--seed",
-        str(seed),
-        "--epochs",
-        str(epochs),
-        "--output-dir",
-        str(run_dir),
-        "--norm-err-every",
-        str(every),
-        "--norm-err-anchors",
-        "256",
-        "--eval-every",
-        str(every),
-        *extra,
-    ]
+    paths = ["--config", str(ROOT / "configs" / "tiny-neuclip.yaml"), "--dataset-dir", str(ROOT / "data" / "digits")]
+    run = (
+        f"--global-batch-size {GLOBAL_BATCH} --npn-prototypes {PROTOTYPES} --loss {loss} --seed {seed}"
+        f" --epochs {epochs} --norm-err-every {every} --norm-err-anchors 256 --eval-every {every}"
+    ).split()
+    cmd = [str(ROOT / "launchers" / "single_node.sh"), "2", *paths, *run, "--output-dir", str(run_dir), *extra]
     if run_dir.exists():  # a run of this benchmark that did not finish: start it over
         cmd.append("--overwrite")
     print(f"[compare] {name} seed {seed}", flush=True)

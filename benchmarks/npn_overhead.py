@@ -26,40 +26,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import PHASES, ROOT, report, step_time, train
+from _common import PHASES, ROOT, report, step_time, synthetic_run, train
 
 
 def run(
     preset: str, loss: str, *, batch: int, steps: int, prototypes: int, inner_steps: int, threads: int, out: Path
 ) -> list[dict]:
-    return train(
-        [
-            "--preset",
-            preset,
-            "--loss",
-            loss,
-            "--synthetic-samples",
-            str(batch * steps),
-            "--global-batch-size",
-            str(batch),
-            "--steps",
-            str(steps),
-            "--npn-prototypes",
-            str(prototypes),
-            "--npn-inner-steps",
-            str(inner_steps),
-            "--precision",
-            "fp32",
-            "--ds-config",
-            str(ROOT / "ds_configs" / "zero1.json"),
-            "--lr",
-            "1e-4",
-            "--warmup",
-            "1",
-        ],
-        out,
-        threads=threads,
-    )
+    npn = f"--npn-prototypes {prototypes} --npn-inner-steps {inner_steps}".split()
+    return train([*synthetic_run(preset, loss, batch=batch, steps=steps), *npn], out, threads=threads)
 
 
 def npn_flops_share(preset: str, per_gpu_batch: int, world_size: int, prototypes: int, inner_steps: int) -> float:

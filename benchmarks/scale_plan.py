@@ -274,33 +274,12 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def launch_command(preset: str, ds_config: str, per_gpu: int, ckpt: bool, prototypes: int) -> str:
     flags = [
-        "--preset",
-        preset,
-        "--loss",
-        "neuclip",
-        "--train-data",
-        '"$SHARDS"',
-        "--train-num-samples",
-        '"$NUM_SAMPLES"',
-        "--tokenizer",
-        '"$TOKENIZER"',
-        "--epochs",
-        "32",
-        "--global-batch-size",
-        str(per_gpu * PLAN_GPUS),
-        "--precision",
-        "bf16",
+        *f"--preset {preset} --loss neuclip".split(),
+        *'--train-data "$SHARDS" --train-num-samples "$NUM_SAMPLES" --tokenizer "$TOKENIZER"'.split(),
+        *f"--epochs 32 --global-batch-size {per_gpu * PLAN_GPUS} --precision bf16".split(),
         *(["--grad-checkpointing"] if ckpt else []),
-        "--npn-prototypes",
-        str(prototypes),
-        "--ds-config",
-        ds_config,
-        "--workers",
-        "8",
-        "--save-every",
-        "2000",
-        "--output-dir",
-        f"runs/{preset.lower()}-8xh100",
+        *f"--npn-prototypes {prototypes} --ds-config {ds_config} --workers 8 --save-every 2000".split(),
+        *f"--output-dir runs/{preset.lower()}-8xh100".split(),
     ]
     # the same flags, with synthetic data in place of the shards, must pass neuclip_ds' own validation
     data = {"--train-data", "--train-num-samples", "--tokenizer"}

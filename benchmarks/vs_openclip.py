@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import ROOT, report, step_time, train
+from _common import ROOT, report, step_time, synthetic_run, train
 
 from neuclip_ds.launch import cpu_env, run_command
 
@@ -36,34 +36,8 @@ def ours(
     model: str, batch: int, steps: int, threads: int, out: Path, *, text_padding: str = "longest"
 ) -> list[tuple[float, float]]:
     """(step seconds, data seconds) of each neuclip_ds step."""
-    rows = train(
-        [
-            "--preset",
-            model,
-            "--loss",
-            "mbcl",
-            "--synthetic-samples",
-            str(batch * steps),
-            "--global-batch-size",
-            str(batch),
-            "--steps",
-            str(steps),
-            "--precision",
-            "fp32",
-            "--ds-config",
-            str(ROOT / "ds_configs" / "zero1.json"),
-            "--lr",
-            "1e-4",
-            "--warmup",
-            "1",
-            "--wd",
-            "0.2",
-            "--text-padding",
-            text_padding,
-        ],
-        out,
-        threads=threads,
-    )
+    args = [*synthetic_run(model, "mbcl", batch=batch, steps=steps), *f"--wd 0.2 --text-padding {text_padding}".split()]
+    rows = train(args, out, threads=threads)
     return [(step_time(r), r["time_data"]) for r in rows]
 
 
@@ -74,47 +48,12 @@ def ours_full_length(model: str, batch: int, steps: int, threads: int, out: Path
 
 def theirs(model: str, batch: int, steps: int, threads: int, out: Path) -> list[tuple[float, float]]:
     """(step seconds, data seconds) of each open_clip step, from its log."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "open_clip_train.main",
-        "--model",
-        model,
-        "--dataset-type",
-        "synthetic",
-        "--train-num-samples",
-        str(batch * steps),
-        "--batch-size",
-        str(batch),
-        "--epochs",
-        "1",
-        "--precision",
-        "fp32",
-        "--workers",
-        "1",
-        "--lr",
-        "1e-4",
-        "--warmup",
-        "1",
-        "--wd",
-        "0.2",
-        "--grad-clip-norm",
-        "1.0",
-        "--log-every-n-steps",
-        "1",
-        "--logs",
-        str(out),
-        "--name",
-        "run",
-        "--save-frequency",
-        "0",
-        "--zeroshot-frequency",
-        "0",
-        "--val-frequency",
-        "0",
-        "--seed",
-        "0",
-    ]
+    run = (
+        f"--model {model} --dataset-type synthetic --train-num-samples {batch * steps} --batch-size {batch} --epochs 1"
+        " --precision fp32 --workers 1 --lr 1e-4 --warmup 1 --wd 0.2 --grad-clip-norm 1.0 --log-every-n-steps 1"
+        " --name run --save-frequency 0 --zeroshot-frequency 0 --val-frequency 0 --seed 0"
+    ).split()
+    cmd = [sys.executable, "-m", "open_clip_train.main", *run, "--logs", str(out)]
     proc = run_command(cmd, cwd=out, env=cpu_env(threads, hide_cuda=True), timeout=None, check=False)
     log = out / "run" / "out.log"
     text = log.read_text() if log.is_file() else proc.stdout + proc.stderr

@@ -133,7 +133,7 @@ LOSS_KEYS = {
     "mbcl": (),
     "neuclip": (
         "rho",
-        "eps",
+        "normalizer_eps",
         "npn_prototypes",
         "npn_inner_steps",
         "npn_restart_every",
@@ -141,7 +141,7 @@ LOSS_KEYS = {
         "npn_variant",
         "npn_update",
     ),
-    "fastclip": ("rho", "eps", "fastclip_gamma_min", "fastclip_gamma_decay_epochs"),
+    "fastclip": ("rho", "normalizer_eps", "fastclip_gamma_min", "fastclip_gamma_decay_epochs"),
 }
 ADAM = {"beta1": 0.9, "beta2": 0.98, "eps": 1e-6}
 TAU = {"init": 0.07, "min": 0.01, "max": 1.0}
@@ -239,45 +239,13 @@ def neuclip_args(
     extra: str = "",
 ) -> list[str]:
     """The neuclip-train command line (without --output-dir/--report-to) of one run."""
-    return [
-        "--preset",
-        preset,
-        "--dataset-dir",
-        dataset_dir,
-        *loss_args(loss, yaml_config),
-        "--ds-config",
-        ds_config,
-        "--precision",
-        "fp32",
-        "--global-batch-size",
-        str(batch),
-        "--epochs",
-        str(epochs),
-        "--lr",
-        str(lr),
-        "--wd",
-        str(wd),
-        "--warmup",
-        str(warmup),
-        "--beta1",
-        str(ADAM["beta1"]),
-        "--beta2",
-        str(ADAM["beta2"]),
-        "--adam-eps",
-        str(ADAM["eps"]),
-        "--grad-clip",
-        str(GRAD_CLIP),
-        *temperature_args(lr),
-        "--seed",
-        str(seed),
-        "--workers",
-        "0",
-        "--text-padding",
-        "max_length",
-        "--save-every",
-        "0",
-        *shlex.split(extra),
-    ]
+    inputs = ["--preset", preset, "--dataset-dir", dataset_dir, "--ds-config", ds_config]
+    training = (
+        f"--precision fp32 --global-batch-size {batch} --epochs {epochs} --lr {lr} --wd {wd} --warmup {warmup}"
+        f" --beta1 {ADAM['beta1']} --beta2 {ADAM['beta2']} --adam-eps {ADAM['eps']} --grad-clip {GRAD_CLIP}"
+    ).split()
+    rest = f"--seed {seed} --workers 0 --text-padding max_length --save-every 0".split()
+    return [*inputs, *loss_args(loss, yaml_config), *training, *temperature_args(lr), *rest, *shlex.split(extra)]
 
 
 def differences_from_openclip(
@@ -334,58 +302,15 @@ def openclip_args(
     logs: str,
 ) -> list[str]:
     """The open_clip_train.main command line of one run."""
-    return [
-        "--model",
-        model,
-        "--train-data",
-        train_data,
-        "--dataset-type",
-        "webdataset",
-        "--train-num-samples",
-        str(num_samples),
-        "--batch-size",
-        str(batch),
-        "--epochs",
-        str(epochs),
-        "--lr",
-        str(lr),
-        "--wd",
-        str(wd),
-        "--warmup",
-        str(warmup),
-        "--lr-scheduler",
-        "cosine",
-        "--beta1",
-        str(ADAM["beta1"]),
-        "--beta2",
-        str(ADAM["beta2"]),
-        "--eps",
-        str(ADAM["eps"]),
-        "--grad-clip-norm",
-        str(GRAD_CLIP),
-        "--precision",
-        "fp32",
-        "--seed",
-        str(seed),
-        "--workers",
-        "1",
-        "--accum-freq",
-        "1",
-        "--logs",
-        logs,
-        "--name",
-        OPENCLIP_NAME,
-        "--save-frequency",
-        "0",
-        "--zeroshot-frequency",
-        "0",
-        "--val-frequency",
-        "0",
-        "--log-every-n-steps",
-        "1",
-        "--report-to",
-        "",
-    ]
+    training = (
+        f"--dataset-type webdataset --train-num-samples {num_samples} --batch-size {batch} --epochs {epochs}"
+        f" --lr {lr} --wd {wd} --warmup {warmup} --lr-scheduler cosine"
+        f" --beta1 {ADAM['beta1']} --beta2 {ADAM['beta2']} --eps {ADAM['eps']} --grad-clip-norm {GRAD_CLIP}"
+        f" --precision fp32 --seed {seed} --workers 1 --accum-freq 1"
+        " --save-frequency 0 --zeroshot-frequency 0 --val-frequency 0 --log-every-n-steps 1"
+    ).split()
+    inputs = ["--model", model, "--train-data", train_data, "--logs", logs, "--name", OPENCLIP_NAME]
+    return [*inputs, *training, "--report-to", ""]
 
 
 def parse_openclip_log(text: str) -> list[dict]:
@@ -825,11 +750,19 @@ def train_openclip(config_path: Path, argv: list[str], logs: Path, threads: int)
     return parse_openclip_log(text), ckpts[-1], wall
 
 
+def evaluate_val(model, text_tok, paths: dict, dataset_dir: str) -> dict:
+    """evaluate's results on the validation split: one call for both trainers' models (CPU, batches of 256)."""
+    from neuclip_ds.evaluate import evaluate
+
+    val = paths["val"]
+    return evaluate(
+        model, val_data=val, tokenizer=text_tok, dataset_dir=dataset_dir, batch_size=256, device="cpu", progress=False
+    )
+
+
 def evaluate_openclip(model_name: str, ckpt: Path, preset, text_tok, paths: dict, dataset_dir: str) -> tuple:
     """(evaluate's results, tau) of an open_clip checkpoint."""
     import open_clip
-
-    from neuclip_ds.evaluate import evaluate
 
     model = open_clip.create_model(model_name, precision="fp32", device="cpu")
     # written by the run just made; its optimizer state holds numpy scalars (lr from np.cos), which
@@ -841,15 +774,7 @@ def evaluate_openclip(model_name: str, ckpt: Path, preset, text_tok, paths: dict
     adapter = OpenCLIPAdapter(
         model.eval(), image_size=preset.image_size, context_length=preset.context_length, pad_id=text_tok.pad_token_id
     )
-    results = evaluate(
-        adapter,
-        val_data=paths["val"],
-        tokenizer=text_tok,
-        dataset_dir=dataset_dir,
-        batch_size=256,
-        device="cpu",
-        progress=False,
-    )
+    results = evaluate_val(adapter, text_tok, paths, dataset_dir)
     return results, tau
 
 
@@ -860,19 +785,10 @@ def evaluate_neuclip(run_dir: Path, text_tok, paths: dict, dataset_dir: str) -> 
     """(evaluate's results from the checkpoint, tau of the checkpoint, largest |difference| to the run's own
     eval_results.json)."""
     from neuclip_ds.checkpoint import load_checkpoint_model
-    from neuclip_ds.evaluate import evaluate
 
     model, _, _ = load_checkpoint_model(run_dir, tokenizer=text_tok)
     tau = float(model.temperature().detach())
-    results = evaluate(
-        model,
-        val_data=paths["val"],
-        tokenizer=text_tok,
-        dataset_dir=dataset_dir,
-        batch_size=256,
-        device="cpu",
-        progress=False,
-    )
+    results = evaluate_val(model, text_tok, paths, dataset_dir)
     own = json.loads((run_dir / "eval_results.json").read_text())
     diff = max((abs(float(results[k]) - float(v)) for k, v in own.items() if k in results), default=float("nan"))
     return results, tau, diff
@@ -982,23 +898,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 init_oc, init_nc = ["--pretrained", str(ckpt)], f" --pretrained-hf {shlex.quote(str(hf_dir))}"
                 init_diffs.append(diff)
+            # what both trainers get (and differences_from_openclip checks on neuclip_ds's parsed config)
+            matched = dict(batch=args.batch, epochs=epochs, lr=args.lr, wd=args.wd, warmup=args.warmup, seed=seed)
             # open_clip
             logs = runs_dir / f"open_clip_seed{seed}"
-            oc_argv = (
-                openclip_args(
-                    model=model_name,
-                    train_data=paths["train"],
-                    num_samples=steps * args.batch,
-                    batch=args.batch,
-                    epochs=epochs,
-                    lr=args.lr,
-                    wd=args.wd,
-                    warmup=args.warmup,
-                    seed=seed,
-                    logs=str(logs),
-                )
-                + init_oc
-            )
+            data = dict(train_data=paths["train"], num_samples=steps * args.batch)
+            oc_argv = openclip_args(**matched, **data, model=model_name, logs=str(logs)) + init_oc
             commands["open_clip"] = "python -m open_clip_train.main " + shlex.join(oc_argv)
             print(f"[vs_openclip_quality] open_clip seed {seed}", flush=True)
             oc_rows, ckpt, wall = train_openclip(config_path, oc_argv, logs, args.threads)
@@ -1031,29 +936,16 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = runs_dir / f"neuclip_ds_{loss}_seed{seed}"
                 shutil.rmtree(run_dir, ignore_errors=True)
                 nc_argv = neuclip_args(
+                    **matched,
                     preset=args.preset,
                     dataset_dir=dataset_dir,
                     loss=loss,
                     yaml_config=yaml_config,
                     ds_config=ds_config,
-                    batch=args.batch,
-                    epochs=epochs,
-                    lr=args.lr,
-                    wd=args.wd,
-                    warmup=args.warmup,
-                    seed=seed,
                     extra=args.extra_neuclip_args + init_nc,
                 )
                 commands[f"neuclip_ds {loss}"] = "python -m neuclip_ds.train " + shlex.join(nc_argv)
-                diffs = differences_from_openclip(
-                    parse_config(nc_argv),
-                    batch=args.batch,
-                    epochs=epochs,
-                    lr=args.lr,
-                    wd=args.wd,
-                    warmup=args.warmup,
-                    seed=seed,
-                )
+                diffs = differences_from_openclip(parse_config(nc_argv), **matched)
                 differences[f"neuclip_ds {loss}"] = diffs
                 print(f"[vs_openclip_quality] neuclip_ds {loss} seed {seed}", flush=True)
                 t0 = time.time()

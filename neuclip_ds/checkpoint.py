@@ -555,20 +555,9 @@ def to_universal(tag_dir: Path) -> Path:
         if (out / COMPLETE).is_file():
             return
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "neuclip_ds.ds_to_universal",
-            "--input_folder",
-            str(tag_dir),
-            "--output_folder",
-            str(out),
-            "--num_extract_workers",
-            "1",
-            "--num_merge_workers",
-            "1",
-            "--inject_missing_state",
-        ]
+        folders = ["--input_folder", str(tag_dir), "--output_folder", str(out)]
+        options = "--num_extract_workers 1 --num_merge_workers 1 --inject_missing_state".split()
+        cmd = [sys.executable, "-m", "neuclip_ds.ds_to_universal", *folders, *options]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise CheckpointError(

@@ -93,16 +93,9 @@ def command(
     if nproc == 1 and not launcher:
         return [sys.executable, *target, *args]
     ds_target = [script] if script else ["--module", module]
-    return [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        str(nproc),
-        "--no_local_rank",
-        "--master_port",
-        str(port or free_port()),
-        *ds_target,
-        *args,
-    ]
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    port = port or free_port()
+    return [deepspeed, "--num_gpus", str(nproc), "--no_local_rank", "--master_port", str(port), *ds_target, *args]
 
 
 def _env(env: Mapping[str, str] | None, extra_env: Mapping[str, str] | None) -> dict[str, str]:

@@ -10,30 +10,10 @@ from _launch import ROOT, kill_after_step, launch_script, signal_after_step
 from neuclip_ds.launch import free_port, launch, metrics, run_command, summary
 
 STEPS = 8
-BASE = [
-    "--synthetic-samples",
-    "160",
-    "--steps",
-    str(STEPS),
-    "--global-batch-size",
-    "16",
-    "--npn-prototypes",
-    "32",
-    "--npn-inner-steps",
-    "3",
-    "--npn-restart-every",
-    "3",
-    "--lr",
-    "1e-3",
-    "--warmup",
-    "1",
-    "--save-every",
-    "2",
-    "--keep-last",
-    "10",
-    "--ds-config",
-    "ds_configs/zero2.json",
-]
+BASE = (
+    f"--synthetic-samples 160 --steps {STEPS} --global-batch-size 16 --npn-prototypes 32 --npn-inner-steps 3"
+    " --npn-restart-every 3 --lr 1e-3 --warmup 1 --save-every 2 --keep-last 10 --ds-config ds_configs/zero2.json"
+).split()
 KEYS = ("loss", "tau", "lr")
 
 
@@ -83,20 +63,8 @@ def test_sigkill_then_resume_is_bit_exact(reference, tmp_path, small_set, loss, 
     step by step. The webdataset case also restores the loader position (shard order, shuffle buffer, crops) and
     the u tables."""
     out = tmp_path / "run"
-    extra = (
-        []
-        if data == "synthetic"
-        else [
-            "--train-data",
-            f"{small_set}/train/{{00000..00007}}.tar",
-            "--train-num-samples",
-            "256",
-            "--dataset-size",
-            "256",
-            "--tokenizer",
-            str(small_set / "tokenizer"),
-        ]
-    )
+    webdata = ["--train-data", f"{small_set}/train/{{00000..00007}}.tar", "--tokenizer", str(small_set / "tokenizer")]
+    extra = [] if data == "synthetic" else [*webdata, *"--train-num-samples 256 --dataset-size 256".split()]
     args = [*BASE, "--loss", loss, *extra, "--output-dir", str(out)]
     kill_after_step(args, 2, out, kill_step)
     assert (out / "checkpoints" / "latest").is_file(), f"killed at step {kill_step} before any checkpoint"
@@ -210,17 +178,8 @@ def test_slurm_time_limit_signal_saves_requeues_and_the_requeued_job_finishes(tm
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     steps, out = 30, tmp_path / "run"
-    job = [
-        "bash",
-        "launchers/slurm.sbatch",
-        *BASE,
-        "--steps",
-        str(steps),
-        "--save-every",
-        "0",
-        "--output-dir",
-        str(out),
-    ]
+    job = ["bash", "launchers/slurm.sbatch", *BASE, *f"--steps {steps} --save-every 0".split()]
+    job += ["--output-dir", str(out)]
     slurm_env = {
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "PYTHON": sys.executable,

@@ -213,21 +213,8 @@ def shard_dir(tmp_path):
 
 
 def with_data(spec: str, *extra: str) -> TrainConfig:
-    return parse_config(
-        [
-            "--train-data",
-            spec,
-            "--train-num-samples",
-            "10",
-            "--tokenizer",
-            "data/digits/tokenizer",
-            "--steps",
-            "2",
-            "--global-batch-size",
-            "16",
-            *extra,
-        ]
-    )
+    rest = "--train-num-samples 10 --tokenizer data/digits/tokenizer --steps 2 --global-batch-size 16".split()
+    return parse_config(["--train-data", spec, *rest, *extra])
 
 
 def test_shard_glob_is_accepted_and_an_empty_one_refused(shard_dir, default_digits):

@@ -9,28 +9,10 @@ from _launch import launch_script, write_ds_config
 from neuclip_ds.launch import launch, metrics, summary
 
 STEPS = 5
-BASE = [
-    "--synthetic-samples",
-    "160",
-    "--steps",
-    str(STEPS),
-    "--global-batch-size",
-    "16",
-    "--npn-prototypes",
-    "32",
-    "--npn-inner-steps",
-    "3",
-    "--npn-restart-every",
-    "3",
-    "--lr",
-    "1e-3",
-    "--warmup",
-    "1",
-    "--precision",
-    "fp32",
-    "--report-to",
-    "jsonl",
-]
+BASE = (
+    f"--synthetic-samples 160 --steps {STEPS} --global-batch-size 16 --npn-prototypes 32 --npn-inner-steps 3"
+    " --npn-restart-every 3 --lr 1e-3 --warmup 1 --precision fp32 --report-to jsonl"
+).split()
 REL_TOL = 1e-5  # fp32, different reduction orders across world sizes (measured differences are ~1e-7)
 
 
@@ -144,26 +126,8 @@ def test_no_checkpoint_while_diverging_and_the_abort_points_at_the_last_clean_on
     script = os.path.join(os.path.dirname(__file__), "scripts", "nan_run.py")
     monkeypatch.setenv("NAN_STEPS", "2,5,6,7")
     monkeypatch.setenv("NAN_RANK", "0")
-    proc = launch_script(
-        script,
-        [
-            *BASE,
-            "--steps",
-            "8",
-            "--ds-config",
-            ds,
-            "--output-dir",
-            str(out),
-            "--save-every",
-            "2",
-            "--keep-last",
-            "1",
-            "--max-skipped-in-a-row",
-            "3",
-        ],
-        nproc=1,
-        check=False,
-    )
+    args = [*BASE, *"--steps 8 --save-every 2 --keep-last 1 --max-skipped-in-a-row 3".split(), "--ds-config", ds]
+    proc = launch_script(script, [*args, "--output-dir", str(out)], nproc=1, check=False)
     assert proc.returncode == 1
     clean = out / "checkpoints" / "step00000002"
     assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step00000002", "step00000004"]
@@ -183,20 +147,9 @@ def test_accelerate_launch_runs_the_same_entry_point(runs, tmp_path):
     from neuclip_ds.launch import run_command
 
     out = tmp_path / "acc"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "launchers" / "accelerate_deepspeed.yaml"),
-        "--main_process_port",
-        "0",
-        "-m",
-        "neuclip_ds.train",
-        *BASE,
-        "--output-dir",
-        str(out),
-    ]
+    config = ROOT / "launchers" / "accelerate_deepspeed.yaml"
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    cmd = [*accelerate, *"--main_process_port 0 -m neuclip_ds.train".split(), *BASE, "--output-dir", str(out)]
     run_command(cmd, timeout=600)
     assert len(summary(out)["npn_checksums"]) == 2  # two ranks
     assert_same_curve(runs("r2_z2", nproc=2, stage=2), out)

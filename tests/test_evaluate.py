@@ -351,21 +351,8 @@ def save_as_hf_clip(model, out_dir: Path) -> Path:
 def test_hf_dir_gives_the_same_results_as_the_model(results, model, ds, tmp_path, capsys):
     hf = save_as_hf_clip(model, tmp_path / "hf")
     out = tmp_path / "results.json"
-    rc = E.main(
-        [
-            "--hf-dir",
-            str(hf),
-            "--dataset-dir",
-            str(ds),
-            "--batch-size",
-            "32",
-            "--device",
-            "cpu",
-            "--out",
-            str(out),
-            "--no-progress",
-        ]
-    )
+    paths = ["--hf-dir", str(hf), "--dataset-dir", str(ds), "--out", str(out)]
+    rc = E.main([*paths, *"--batch-size 32 --device cpu --no-progress".split()])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "zero-shot" in printed and "text -> image" in printed
@@ -486,22 +473,8 @@ def test_deepspeed_zero2_checkpoint_end_to_end(model, results, ds, tmp_path, cap
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k
     out = tmp_path / "r.json"
-    assert (
-        E.main(
-            [
-                "--checkpoint",
-                str(run),
-                "--dataset-dir",
-                str(ds),
-                "--out",
-                str(out),
-                "--no-progress",
-                "--batch-size",
-                "32",
-            ]
-        )
-        == 0
-    )
+    paths = ["--checkpoint", str(run), "--dataset-dir", str(ds), "--out", str(out)]
+    assert E.main([*paths, *"--no-progress --batch-size 32".split()]) == 0
     assert "digit" in capsys.readouterr().out
     assert_same_results(json.loads(out.read_text()), results, tol=1e-6)
 

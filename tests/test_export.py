@@ -30,27 +30,8 @@ def trained(tmp_path_factory):
     data = root / "digits"
     build_embedded_dataset(data, seed=0, n_train=128, n_val=64, samples_per_shard=32)
     out = root / "run"
-    launch(
-        [
-            "--dataset-dir",
-            str(data),
-            "--steps",
-            "3",
-            "--global-batch-size",
-            "16",
-            "--npn-prototypes",
-            "32",
-            "--npn-inner-steps",
-            "2",
-            "--ds-config",
-            "ds_configs/zero3.json",
-            "--output-dir",
-            str(out),
-            "--lr",
-            "1e-3",
-        ],
-        nproc=2,
-    )
+    run = "--steps 3 --global-batch-size 16 --npn-prototypes 32 --npn-inner-steps 2 --ds-config ds_configs/zero3.json"
+    launch(["--dataset-dir", str(data), *run.split(), "--output-dir", str(out), "--lr", "1e-3"], nproc=2)
     hf = root / "hf"
     launch(["--checkpoint", str(out), "--out", str(hf)], module="neuclip_ds.export")
     return data, out, hf

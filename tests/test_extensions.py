@@ -44,16 +44,7 @@ def shm_buffers(port: int) -> set[Path]:
     return set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
 
 
-RUN = [
-    "--synthetic-samples",
-    "32",
-    "--global-batch-size",
-    "8",
-    "--npn-prototypes",
-    "8",
-    "--ds-config",
-    "ds_configs/zero2.json",
-]
+RUN = "--synthetic-samples 32 --global-batch-size 8 --npn-prototypes 8 --ds-config ds_configs/zero2.json".split()
 
 
 SHARED_STEPS = 40  # ample margin for /dev/shm to be looked at between the first and the last step

@@ -11,24 +11,10 @@ from _launch import ROOT
 from neuclip_ds import checkpoint
 from neuclip_ds.launch import launch, launch_ranks, metrics
 
-BASE = [
-    "--synthetic-samples",
-    "64",
-    "--global-batch-size",
-    "16",
-    "--npn-prototypes",
-    "32",
-    "--npn-inner-steps",
-    "2",
-    "--warmup",
-    "1",
-    "--save-every",
-    "2",
-    "--keep-last",
-    "10",
-    "--ds-config",
-    "ds_configs/zero2.json",
-]
+BASE = (
+    "--synthetic-samples 64 --global-batch-size 16 --npn-prototypes 32 --npn-inner-steps 2 --warmup 1"
+    " --save-every 2 --keep-last 10 --ds-config ds_configs/zero2.json"
+).split()
 
 
 def snapshot(directory):
@@ -178,23 +164,9 @@ def test_an_error_on_one_rank_ends_every_rank_promptly_with_one_line(small_digit
     data.mkdir()
     (data / "00000.tar").write_bytes((small_digits / "train" / "00000.tar").read_bytes())
     (data / "00001.tar").write_bytes(b"not a tar file" * 100)
-    ranks = launch_ranks(
-        [
-            *BASE,
-            "--steps",
-            "4",
-            "--train-data",
-            f"{data}/{{00000..00001}}.tar",
-            "--train-num-samples",
-            "64",
-            "--tokenizer",
-            str(small_digits / "tokenizer"),
-            "--output-dir",
-            str(tmp_path / "run"),
-        ],
-        nproc=2,
-        timeout=240,
-    )
+    shards, tokenizer = f"{data}/{{00000..00001}}.tar", str(small_digits / "tokenizer")
+    args = [*BASE, "--steps", "4", "--train-data", shards, "--train-num-samples", "64", "--tokenizer", tokenizer]
+    ranks = launch_ranks([*args, "--output-dir", str(tmp_path / "run")], nproc=2, timeout=240)
     assert [r.returncode for r in ranks] == [1, 1], [r.stderr[-2000:] for r in ranks]
     line = the_one_error_line(ranks)
     assert re.fullmatch(

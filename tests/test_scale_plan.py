@@ -83,21 +83,6 @@ def test_checkpointing_needs_less_activation_memory_on_tiny():
 def test_h100_ds_configs_are_valid(preset, path, stage):
     ds = json.loads((ROOT / path).read_text())
     DeepSpeedZeroConfig(**ds["zero_optimization"])  # DeepSpeed's own model: rejects unknown or mistyped keys
-    cfg = parse_config(
-        [
-            "--preset",
-            preset,
-            "--ds-config",
-            str(ROOT / path),
-            "--synthetic-samples",
-            "64",
-            "--steps",
-            "1",
-            "--global-batch-size",
-            "2048",
-            "--precision",
-            "bf16",
-            "--grad-checkpointing",
-        ]
-    ).validate(world_size=8)
+    run = "--synthetic-samples 64 --steps 1 --global-batch-size 2048 --precision bf16 --grad-checkpointing".split()
+    cfg = parse_config(["--preset", preset, "--ds-config", str(ROOT / path), *run]).validate(world_size=8)
     assert cfg.ds.zero_stage == stage and cfg.ds.gradient_accumulation_steps == 1

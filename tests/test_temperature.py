@@ -144,38 +144,11 @@ def test_keeper_inside_the_range_writes_nothing():
 # 2 ranks under ZeRO-2 / ZeRO-3: down onto the bound, back up, checkpoint, resume
 # ---------------------------------------------------------------------------------------------------------------
 STEPS, FLIP, SAVE = 28, 10, 12
-ARGS = [
-    "--loss",
-    "mbcl",
-    "--synthetic-samples",
-    "128",
-    "--steps",
-    str(STEPS),
-    "--global-batch-size",
-    "16",
-    "--lr",
-    "1e-3",
-    "--lr-tau",
-    "0.05",
-    "--lr-tau-schedule",
-    "step_thresh",
-    "--warmup",
-    "1",
-    "--init-tau",
-    "0.07",
-    "--tau-min",
-    str(TAU_MIN),
-    "--tau-max",
-    str(TAU_MAX),
-    "--save-every",
-    str(SAVE),
-    "--keep-last",
-    "3",
-    "--precision",
-    "fp32",
-    "--report-to",
-    "jsonl",
-]
+ARGS = (
+    f"--loss mbcl --synthetic-samples 128 --steps {STEPS} --global-batch-size 16 --lr 1e-3 --lr-tau 0.05"
+    f" --lr-tau-schedule step_thresh --warmup 1 --init-tau 0.07 --tau-min {TAU_MIN} --tau-max {TAU_MAX}"
+    f" --save-every {SAVE} --keep-last 3 --precision fp32 --report-to jsonl"
+).split()
 
 
 def _ds_config(tmp_path, name, stage):

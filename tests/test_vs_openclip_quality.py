@@ -39,21 +39,13 @@ def test_steps_per_epoch_drops_the_partial_batch():
         bench.steps_per_epoch(100, 128)
 
 
+SCHEDULE = dict(batch=128, epochs=4, lr=2e-3, wd=0.1, warmup=20)  # both trainers'
+NEUCLIP_RUN = dict(SCHEDULE, preset="tiny", dataset_dir="data/digits", ds_config="ds_configs/zero2.json")
+
+
 def test_neuclip_command_line_parses_to_the_matched_settings():
-    argv = bench.neuclip_args(
-        preset="tiny",
-        dataset_dir="data/digits",
-        loss="neuclip",
-        yaml_config={"rho": 2.0, "npn_prototypes": 512},
-        ds_config="ds_configs/zero2.json",
-        batch=128,
-        epochs=4,
-        lr=2e-3,
-        wd=0.1,
-        warmup=20,
-        seed=1,
-        extra="--lr 1e-3",
-    )
+    yaml_config = {"rho": 2.0, "npn_prototypes": 512}
+    argv = bench.neuclip_args(**NEUCLIP_RUN, loss="neuclip", yaml_config=yaml_config, seed=1, extra="--lr 1e-3")
     cfg = parse_config(argv)
     assert (cfg.global_batch_size, cfg.epochs, cfg.wd, cfg.warmup, cfg.seed) == (128, 4, 0.1, 20, 1)
     assert cfg.lr == 1e-3  # --extra-neuclip-args come last and win
@@ -68,20 +60,8 @@ def test_neuclip_command_line_parses_to_the_matched_settings():
 
 
 def test_differences_from_openclip_lists_what_extra_args_change():
-    common = dict(
-        preset="tiny",
-        dataset_dir="data/digits",
-        loss="mbcl",
-        yaml_config={},
-        ds_config="ds_configs/zero2.json",
-        batch=128,
-        epochs=4,
-        lr=2e-3,
-        wd=0.1,
-        warmup=20,
-        seed=0,
-    )
-    same = dict(batch=128, epochs=4, lr=2e-3, wd=0.1, warmup=20, seed=0)
+    common = dict(NEUCLIP_RUN, loss="mbcl", yaml_config={}, seed=0)
+    same = dict(SCHEDULE, seed=0)
     cfg = parse_config(bench.neuclip_args(**common))
     diffs = bench.differences_from_openclip(cfg, **same)
     if hasattr(cfg, "tau_param"):
@@ -99,18 +79,7 @@ def test_differences_from_openclip_lists_what_extra_args_change():
 
 
 def test_openclip_command_line():
-    argv = bench.openclip_args(
-        model="m",
-        train_data="d/{0..1}.tar",
-        num_samples=7936,
-        batch=128,
-        epochs=4,
-        lr=2e-3,
-        wd=0.1,
-        warmup=20,
-        seed=2,
-        logs="/logs",
-    )
+    argv = bench.openclip_args(**SCHEDULE, model="m", train_data="d/{0..1}.tar", num_samples=7936, seed=2, logs="/logs")
     flags = dict(zip(argv[::2], argv[1::2]))
     assert flags["--train-num-samples"] == "7936" and flags["--batch-size"] == "128"
     assert (flags["--beta1"], flags["--beta2"], flags["--eps"], flags["--grad-clip-norm"]) == (
