@@ -326,7 +326,8 @@ def startup_banner(
         ("output dir", str(cfg.output_dir)),
     ]
     width = max(len(label) for label, _ in rows) + 2
-    return "neuclip-train:\n" + "\n".join(f"  {label:<{width}}{value}" for label, value in rows)
+    # no "neuclip-train:" prefix: that marks the one-line errors and notices (tests/test_fault_tolerance.py counts them)
+    return "neuclip-train run\n" + "\n".join(f"  {label:<{width}}{value}" for label, value in rows)
 
 
 def where_to_restart(last_clean: Path | None) -> str:

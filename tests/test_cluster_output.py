@@ -44,7 +44,7 @@ def plain_run(tmp_path_factory):
 def test_startup_banner_once_before_step_1(plain_run):
     proc, out = plain_run
     err = proc.stderr
-    assert err.count("  parameters") == 1, err[-3000:]
+    assert err.count("neuclip-train run\n") == 1 and err.count("  parameters") == 1, err[-3000:]
     banner = dict(re.findall(r"^  (\S+(?: \S+)?)  +(.+)$", err, re.MULTILINE))
     assert banner["ranks"] == "1"
     assert banner["global batch"] == "16"
