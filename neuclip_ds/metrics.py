@@ -53,13 +53,19 @@ def format_duration(seconds: float) -> str:
     return f"{s}s"
 
 
+# an evaluation's numbers in a progress line (all of them are in metrics.jsonl)
+HEADLINE_EVAL = ("eval/zeroshot/mean/top1", "eval/retrieval/image_to_text_R@1", "eval/retrieval/text_to_image_R@1")
+
+
 def progress_line(record: dict, total_steps: int, steps_per_s: float) -> str:
-    """`step 100/620 (16%) loss 3.4512 tau 0.0712 lr 1.9e-03 1.84 step/s eta 4m31s`; steps_per_s over the steps
-    since the previous line, so that the rate and eta follow the run's current pace."""
+    """`step 100/620 (16%) loss 3.4512 tau 0.0712 lr 1.9e-03 1.84 step/s eta 4m43s`, with the HEADLINE_EVAL numbers
+    after the learning rate at a step that evaluated; steps_per_s over the steps since the previous line, so that
+    the rate and eta follow the run's current pace."""
     step = record["step"]
     words = [f"step {step}/{total_steps} ({step / total_steps:.0%})", format_scalars(record)]
     if record.get("lr") is not None:
         words.append(f"lr {record['lr']:.1e}")
+    words += [f"{key} {record[key]:.4f}" for key in HEADLINE_EVAL if record.get(key) is not None]
     if steps_per_s > 0:
         words.append(f"{steps_per_s:.2f} step/s eta {format_duration((total_steps - step) / steps_per_s)}")
     return " ".join(w for w in words if w)
@@ -242,7 +248,8 @@ def training_figure(rows: list[dict], final_eval: tuple[int, dict] | None = None
         if key in sparse:  # measured at some steps only
             for label, points in sparse[key]:
                 pts = [(step, v) for step, v in points if v is not None]
-                ax.plot(*zip(*pts), marker="o", label=label)
+                if pts:  # a non-finite value is None in metrics.jsonl
+                    ax.plot(*zip(*pts), marker="o", label=label)
             ax.legend(fontsize=7)
         else:
             ax.plot(steps, [r.get(key) if r.get(key) is not None else float("nan") for r in rows])

@@ -97,6 +97,15 @@ def test_log_every_default_is_the_bar_on_a_terminal_and_lines_elsewhere():
     assert M.resolve_log_every(7, _Stream(tty=True)) == 7
 
 
+def test_progress_line_of_an_evaluated_step_shows_its_headline_numbers():
+    record = {"step": 100, "loss": 3.45123, "tau": 0.07123, "lr": 1.94e-3, "norm_err": 0.25}
+    record.update({"eval/zeroshot/mean/top1": 0.5, "eval/zeroshot/digit/top1": 0.3})
+    assert M.progress_line(record, 620, 1.84) == (
+        "step 100/620 (16%) loss 3.4512 tau 0.07123 norm_err 0.2500 lr 1.9e-03 eval/zeroshot/mean/top1 0.5000 "
+        "1.84 step/s eta 4m43s"  # 520 steps left / 1.84 step/s = 283 s
+    )
+
+
 def test_format_duration():
     assert [M.format_duration(s) for s in (0.4, 45, 271, 3720)] == ["0s", "45s", "4m31s", "1h02m"]
 
