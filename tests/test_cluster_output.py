@@ -35,9 +35,10 @@ def test_config_error_is_printed_once_by_two_ranks_and_both_exit_2(tmp_path):
 # ------------------------------------------------------------------------------------------------ a synthetic run
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory):
-    """12 steps, 1 rank, output to pipes (not a terminal), --log-every 5."""
+    """12 steps, 1 rank, output to pipes (not a terminal), --log-every 5, the normalizer error every 6 steps."""
     out = tmp_path_factory.mktemp("plain") / "run"
-    proc = launch([*SYNTHETIC, "--steps", "12", "--log-every", "5", "--output-dir", str(out)], timeout=300)
+    normalizer = ["--norm-err-every", "6", "--norm-err-anchors", "16"]
+    proc = launch([*SYNTHETIC, "--steps", "12", "--log-every", "5", *normalizer, "--output-dir", str(out)], timeout=300)
     return proc, out
 
 
@@ -63,15 +64,17 @@ def test_plain_progress_lines_when_stderr_is_not_a_terminal(plain_run):
     proc, _ = plain_run
     assert "\r" not in proc.stdout + proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("step ")]
-    assert [int(re.match(r"step (\d+)/12 ", ln).group(1)) for ln in lines] == [5, 10, 12], lines
+    # every 5 steps, the last, and the steps that measured the normalizer error (6, 12)
+    assert [int(re.match(r"step (\d+)/12 ", ln).group(1)) for ln in lines] == [5, 6, 10, 12], lines
     line = r"step 10/12 \(83%\) loss -?\d+\.\d{4} tau [\d.]+ lr \d\.\de-\d\d \d+\.\d\d step/s eta \d+s"
-    assert re.fullmatch(line, lines[1]), lines[1]
+    assert re.fullmatch(line, lines[2]), lines[2]
+    assert [" norm_err " in ln for ln in lines] == [False, True, False, True]
 
 
 def test_final_line_is_rounded(plain_run):
     proc, _ = plain_run
     (done,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("done:")]
-    m = re.fullmatch(r"done: step 12 loss (-?\d+\.\d{4}) tau (\S+)", done)
+    m = re.fullmatch(r"done: step 12 loss (-?\d+\.\d{4}) tau (\S+) norm_err \d+\.\d{4}", done)
     assert m, done
     assert len(m.group(2).lstrip("0.").replace(".", "")) <= 4  # 4 significant digits at most
 
