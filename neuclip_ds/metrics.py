@@ -251,6 +251,9 @@ def training_figure(rows: list[dict], final_eval: tuple[int, dict] | None = None
                 if pts:  # a non-finite value is None in metrics.jsonl
                     ax.plot(*zip(*pts), marker="o", label=label)
             ax.legend(fontsize=7)
+            if len(steps) > 1:  # the dense panels' step range (and margins): a lone final evaluation sits at the end
+                pad = 0.05 * (steps[-1] - steps[0])
+                ax.set_xlim(steps[0] - pad, steps[-1] + pad)
         else:
             ax.plot(steps, [r.get(key) if r.get(key) is not None else float("nan") for r in rows])
         ax.set_title(title)
