@@ -1,6 +1,8 @@
 """Entry point `neuclip-train` (also `python -m neuclip_ds.train`): parse -> validate -> build -> loop -> save.
 
-Configuration problems are found before any process group starts and printed as one line (exit code 2).
+Configuration problems are found before any process group starts and printed as one line, by the first rank of
+each node (every rank exits with code 2). Rank 0 then prints a start-up banner, progress (a bar on a terminal, plain
+lines in a log file: metrics.MetricsLogger) and a `done:` summary.
 """
 
 from __future__ import annotations
