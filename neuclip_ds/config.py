@@ -27,8 +27,9 @@ from .data.shards import expand_shards
 from .presets import PRESETS
 
 ZERO_STAGES = (0, 1, 2, 3)
-REPORTERS = ("jsonl", "wandb", "none")
+REPORTERS = ("jsonl", "wandb", "tensorboard", "none")
 DEFAULT_GLOBAL_BATCH = 64
+DEFAULT_LOG_EVERY = 50  # --log-every unset and stderr not a terminal (a SLURM log, a pipe): a line every 50 steps
 # pairs of options that say the same thing two ways: at most one of each is given, and one given on the command
 # line replaces the other from the YAML file (--steps overrides a YAML's epochs)
 EXCLUSIVE = (
@@ -219,8 +220,8 @@ class TrainConfig:
     overwrite: bool = opt(
         False,
         "start over in an --output-dir that holds a run: remove that run's files (config.yaml, metrics.jsonl, "
-        "summary.json, eval_results.json, plots/training.png, checkpoints/) and nothing else; without it (or "
-        "--resume) such a directory is refused",
+        "summary.json, eval_results.json, plots/training.png, checkpoints/, tensorboard/) and nothing else; "
+        "without it (or --resume) such a directory is refused",
         SYSTEM,
     )
     save_every: int = opt(0, "checkpoint every N steps (0: only at the end)", SYSTEM)
@@ -229,10 +230,20 @@ class TrainConfig:
     eval_every: int = opt(0, "evaluate every N steps (0: at the end only)", SYSTEM)
     zeroshot_frequency: int = opt(0, "evaluate every N epochs, as OpenCLIP (0: as --eval-every)", SYSTEM)
     report_to: str = opt(
-        "jsonl", "comma list of " + ", ".join(REPORTERS) + " (wandb: also jsonl; none: nothing)", SYSTEM
+        "jsonl",
+        "comma list of " + ", ".join(REPORTERS) + " (wandb, tensorboard: also jsonl; tensorboard: event files in "
+        "<output-dir>/tensorboard/; none: nothing)",
+        SYSTEM,
     )
     wandb_project: str = opt("neuclip_ds", "wandb project (--report-to wandb)", SYSTEM, aliases=("wandb_project_name",))
     wandb_offline: bool = opt(False, "wandb in offline mode (sync later)", SYSTEM)
+    log_every: int | None = opt(
+        None,
+        "progress as one plain line every N steps (and at the last step) instead of a progress bar (unset: the bar "
+        f"when stderr is a terminal, else a line every {DEFAULT_LOG_EVERY} steps: no carriage-return redraws in "
+        "log files)",
+        SYSTEM,
+    )
     norm_err_every: int = opt(
         0,
         "every N steps: exact log-normalizer of fixed anchors over the whole training set vs the estimates "
@@ -312,6 +323,7 @@ class TrainConfig:
             "accum_freq",
             "keep_last",
             "max_skipped_in_a_row",
+            "log_every",
         ):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{_flag(name)}: must be > 0, got {getattr(self, name)}")
@@ -395,7 +407,8 @@ class TrainConfig:
         if self.global_batch_size // world_size < 2 and world_size == 1:
             raise ConfigError("--global-batch-size: need at least 2 pairs for negatives")
 
-    def _embed_dim(self) -> int:
+    def embed_dim(self) -> int:
+        """The width of the shared embedding: the preset's, or --pretrained-hf's projection_dim."""
         if self.pretrained_hf is None:
             return PRESETS[self.preset].embed_dim
         with open(Path(self.pretrained_hf) / "config.json") as f:
@@ -405,7 +418,7 @@ class TrainConfig:
         """Refuse sizes whose per-rank state alone cannot fit where it will live (the encoders and activations
         come on top, so passing says little; failing means the run cannot start)."""
         if self.loss == "neuclip" and self.npn_variant == "tailored":  # the MLP variant has a fixed size
-            need = npn_state_bytes(self.npn_prototypes, self._embed_dim())
+            need = npn_state_bytes(self.npn_prototypes, self.embed_dim())
             _check_fits("--npn-prototypes", f"{self.npn_prototypes} prototypes", need, on_gpu=uses_cuda())
         if self.loss == "fastclip":
             samples = self.dataset_size or self.synthetic_samples
@@ -532,6 +545,26 @@ def npn_state_bytes(prototypes: int, embed_dim: int) -> int:
     return 5 * 2 * prototypes * embed_dim * _FP32
 
 
+# bytes per parameter of each model state: (parameters, gradients, optimizer), the optimizer's being AdamW's two
+# moments plus the fp32 master copy where the weights are half precision (ZeRO paper, section 3.1: 2 + 2 + 12)
+_STATE_BYTES = {
+    "fp32": (4, 4, 8),
+    "bf16": (2, 2, 12),
+    "fp16": (2, 2, 12),
+    "pure_bf16": (2, 2, 4),  # bf16 moments, no master copy
+}
+
+
+def model_state_bytes(params: int, precision: str, zero_stage: int, world_size: int) -> int:
+    """One rank's model states (parameters, gradients, AdamW) for `params` parameters; each is divided over the
+    ranks from the stage that shards it on, as in DeepSpeed's estimators:
+        bytes = P b_param / (N if stage >= 3) + P b_grad / (N if stage >= 2) + P b_optim / (N if stage >= 1)
+    with (b_param, b_grad, b_optim) from _STATE_BYTES. Activations, buffers and fragmentation come on top."""
+    b_param, b_grad, b_optim = _STATE_BYTES[precision]
+    share = [world_size if zero_stage >= stage else 1 for stage in (3, 2, 1)]
+    return round(params * (b_param / share[0] + b_grad / share[1] + b_optim / share[2]))
+
+
 def fastclip_table_bytes(samples: int, world_size: int) -> int:
     """One rank's FastCLIP u tables (losses.ShardedLogTable, on the host): 2 tables of this rank's
     ceil(n / world_size) samples in fp32, plus the engine's per-step snapshot of both."""
@@ -577,6 +610,14 @@ def _check_fits(flag: str, what: str, per_rank: int, *, on_gpu: bool) -> None:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
+
+
+def format_bytes(n: int) -> str:
+    """n bytes in the largest binary unit that keeps it >= 1 (KiB at least), one decimal."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ user's other files in the directory, `plots/` included, stay where they are):
     plots/training.png                                           the training plot
     checkpoints/                                                 wholly the trainer's (DeepSpeed adds its own
                                                                  files there: zero_to_fp32.py, ...)
+    tensorboard/                                                 wholly the trainer's (--report-to tensorboard)
 A wandb/ directory is neither: each wandb run is a directory of its own there, which a new run does not touch.
 """
 
@@ -51,21 +52,24 @@ class RunFiles:
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
     def records(self) -> list[Path]:
         return [self.config, self.metrics, self.summary, self.eval_results, self.plot]
 
 
 RUN_FILES = tuple(str(p) for p in RunFiles(Path()).records())
 CHECKPOINTS = RunFiles(Path()).checkpoints.name
+RUN_DIRS = (CHECKPOINTS, RunFiles(Path()).tensorboard.name)
 
 
 def previous_run(output_dir: str | Path) -> list[str]:
     """The run outputs in output_dir, as paths relative to it (a directory with a trailing /); [] if none."""
     out = Path(output_dir)
     found = [name for name in RUN_FILES if (out / name).is_file()]
-    checkpoints = out / CHECKPOINTS
-    if checkpoints.is_dir() and any(checkpoints.iterdir()):
-        found.append(CHECKPOINTS + "/")
+    found += [name + "/" for name in RUN_DIRS if (out / name).is_dir() and any((out / name).iterdir())]
     return found
 
 

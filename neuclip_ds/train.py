@@ -1,6 +1,8 @@
 """Entry point `neuclip-train` (also `python -m neuclip_ds.train`): parse -> validate -> build -> loop -> save.
 
-Configuration problems are found before any process group starts and printed as one line (exit code 2).
+Configuration problems are found before any process group starts and printed as one line, by the first rank of
+each node (every rank exits with code 2). Rank 0 then prints a start-up banner, progress (a bar on a terminal, plain
+lines in a log file: metrics.MetricsLogger) and a `done:` summary.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import yaml
 from . import distributed
 from .checkpoint import seed_everything
 from .config import ConfigError, TrainConfig, parse_config
+from .metrics import format_scalars
 from .presets import get_preset
 from .rundir import RunFiles
 from .stopping import FaultWatchdog, StopSignals, report_failure
@@ -173,6 +176,11 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
         start_step = state.load_state_dict(saved, resume_dir)
 
     probe = build_norm_err_probe(cfg, info, stream, tokenizer) if cfg.norm_err_every else None
+    if info.rank == 0:
+        banner = startup_banner(
+            cfg, info, model, steps_per_epoch=steps_per_epoch, total_steps=total_steps, start_step=start_step
+        )
+        print(banner, file=sys.stderr, flush=True)
 
     logger = MetricsLogger(
         out_dir,
@@ -184,6 +192,7 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
         wandb_offline=cfg.wandb_offline,
         initial_step=start_step,
         resume=saved is not None,
+        log_every=cfg.log_every,
     )
 
     # the newest checkpoint with no skipped step since the one before it: an abort after skipped steps points at
@@ -258,6 +267,11 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
                 ckpt = resume_dir
                 if info.rank == 0:
                     print(f"neuclip-train: {ckpt} is already at step {total_steps}; nothing to train", file=sys.stderr)
+        evaluation = {}
+        if cfg.val_data is not None and stopped_by is None:  # a preempted run keeps its grace period for the save
+            evaluation = final_evaluation(eng, cfg, tokenizer, info, files.eval_results)
+            if evaluation:  # rank 0
+                logger.log_evaluation(evaluation["eval"], step=record.get("step", total_steps))
     finally:
         logger.close()
     if not record and info.rank == 0 and files.metrics.exists():
@@ -269,16 +283,53 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
         "metrics": str(files.metrics),
         "stopped_by": stopped_by,
     }
-    if cfg.val_data is not None and stopped_by is None:  # a preempted run keeps its grace period for the save
-        summary.update(final_evaluation(eng, cfg, tokenizer, info, files.eval_results))
+    summary.update(evaluation)
     if hasattr(eng.estimator, "npn"):  # E8: the replicas must be identical; say so, and fail loudly if not
         summary["npn_checksums"] = distributed.gather_objects(eng.estimator.npn.checksum())
         if len(set(summary["npn_checksums"])) != 1:
             raise RuntimeError(f"NPN replicas diverged across ranks: {summary['npn_checksums']}")
     if info.rank == 0:
-        summary["plot"] = str(plot_training(files.metrics, files.plot))
+        final_eval = (record.get("step", total_steps), evaluation["eval"]) if evaluation else None
+        summary["plot"] = str(plot_training(files.metrics, files.plot, final_eval))
         files.summary.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def startup_banner(
+    cfg: TrainConfig, info: DistInfo, model: CLIPDualEncoder, *, steps_per_epoch: int, total_steps: int, start_step: int
+) -> str:
+    """What the run is about to do, in aligned lines, printed once by rank 0 before its first step: the sizes and
+    settings a cluster user checks before waiting for a queue's worth of steps."""
+    from .config import format_bytes, model_state_bytes, npn_state_bytes
+
+    def count(module: torch.nn.Module) -> int:  # ZeRO-3 (zero.Init) leaves each rank a shard: ds_numel is the whole
+        return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+    vision, text, total = count(model.visual), count(model.text), count(model)
+    accumulation = cfg.ds.gradient_accumulation_steps
+    micro = cfg.global_batch_size // (info.world_size * accumulation)
+    memory = f"{format_bytes(model_state_bytes(total, cfg.precision, cfg.ds.zero_stage, info.world_size))} model states"
+    if cfg.loss == "neuclip" and cfg.npn_variant == "tailored":
+        memory += f" + {format_bytes(npn_state_bytes(cfg.npn_prototypes, cfg.embed_dim()))} NPN"
+    samples = cfg.train_num_samples if cfg.train_data is not None else cfg.synthetic_samples
+    resumed = f", resuming after step {start_step}" if start_step else ""
+    rows = [
+        ("model", f"{cfg.preset}, loss {cfg.loss}"),
+        ("parameters", f"vision {vision:,}  text {text:,}  total {total:,}"),
+        ("ranks", f"{info.world_size}"),
+        ("micro-batch", f"{micro} per rank"),
+        ("accumulation", f"{accumulation}"),
+        ("global batch", f"{cfg.global_batch_size}"),
+        ("ZeRO stage", f"{cfg.ds.zero_stage}"),
+        ("precision", cfg.precision),
+        ("memory/rank", f"~{memory} (estimate; activations come on top)"),
+        ("epoch", f"{samples:,} samples, {steps_per_epoch} steps"),
+        ("steps", f"{total_steps}{resumed}"),
+        ("output dir", str(cfg.output_dir)),
+    ]
+    width = max(len(label) for label, _ in rows) + 2
+    # no "neuclip-train:" prefix: that marks the one-line errors and notices (tests/test_fault_tolerance.py counts them)
+    return "neuclip-train run\n" + "\n".join(f"  {label:<{width}}{value}" for label, value in rows)
 
 
 def where_to_restart(last_clean: Path | None) -> str:
@@ -382,7 +433,8 @@ def final_evaluation(
 ) -> dict:
     from .evaluate import format_table, write_results
 
-    results = _evaluate_now(eng, cfg, tokenizer, info, progress=True)
+    # its progress bar on a terminal only: in a log file the redraws would be one long line
+    results = _evaluate_now(eng, cfg, tokenizer, info, progress=sys.stderr.isatty())
     if results is None:
         return {}
     write_results(results, path)
@@ -413,7 +465,10 @@ def main(argv: list[str] | None = None) -> int:
             check_compatible(read_shared(resume_dir)["config"], cfg.to_dict(), cfg.ds.zero_stage)
         check_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     except (ConfigError, CheckpointError) as e:
-        print(f"neuclip-train: error: {e}", file=sys.stderr)
+        # every rank finds the same problem in the same files, before a process group exists to elect one printer:
+        # the first rank of each node prints it, so a node's log holds it once (each node's, in case they differ)
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"neuclip-train: error: {e}", file=sys.stderr)
         return 2
     from .data.bad_samples import TooManyBadSamplesError
     from .engine import TrainingAborted, init_distributed
@@ -429,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     shutdown_distributed()
     if info.rank == 0:
         final = summary["final"]
-        print(f"done: step {final.get('step')} loss {final.get('loss')} tau {final.get('tau')}")
+        print(f"done: step {final.get('step')} {format_scalars(final)}".rstrip())
         if "eval_table" in summary:
             print(summary["eval_table"])
         print(

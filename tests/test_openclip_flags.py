@@ -88,7 +88,7 @@ def test_both_of_a_pair_on_the_command_line_is_an_error():
 
 
 @pytest.mark.parametrize("value,ok", [("wandb,jsonl", True), ("jsonl", True), ("none", True), ("jsonl,none", False),
-                                      ("mlflow", False)])  # fmt: skip
+                                      ("mlflow", False), ("jsonl,tensorboard", True)])  # fmt: skip
 def test_report_to_takes_comma_lists(value, ok):
     if ok:
         assert resolved(["--report-to", value]).report_to == value
