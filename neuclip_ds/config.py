@@ -46,6 +46,7 @@ VALUE_ALIASES = {
 # names that mean different things here and in OpenCLIP: refused with what to use instead
 AMBIGUOUS = {"eps": "ambiguous: NeuCLIP's epsilon of E1 is --normalizer-eps, AdamW's is --adam-eps"}
 SHIPPED_DS_CONFIGS = Path(__file__).resolve().parent / "ds_configs"  # package data: --ds-config NAME
+SHIPPED_DS_CONFIG_NAMES = ", ".join(sorted(p.stem for p in SHIPPED_DS_CONFIGS.glob("*.json")))
 
 # the --help groups, in their order there (the first option of a group places it)
 MODEL, TEMPERATURE, LOSS, NPN, DATA, OPTIMIZATION, SYSTEM = (
@@ -203,7 +204,7 @@ class TrainConfig:
     ds_config: str = opt(
         "zero2",
         "DeepSpeed JSON (ZeRO stage, accumulation, clipping unless --grad-clip): a path, or the name of one shipped "
-        "with neuclip_ds: " + ", ".join(sorted(p.stem for p in SHIPPED_DS_CONFIGS.glob("*.json"))),
+        "with neuclip_ds: " + SHIPPED_DS_CONFIG_NAMES,
         SYSTEM,
     )
     precision: Literal["fp32", "bf16", "fp16", "pure_bf16"] = opt(
@@ -453,8 +454,7 @@ def ds_config_file(value: str) -> Path:
     shipped = SHIPPED_DS_CONFIGS / (value if value.endswith(".json") else f"{value}.json")
     if Path(value).name == value and shipped.is_file():
         return shipped
-    names = ", ".join(sorted(p.stem for p in SHIPPED_DS_CONFIGS.glob("*.json")))
-    raise ConfigError(f"--ds-config: file not found: {value} (a path, or a shipped name: {names})")
+    raise ConfigError(f"--ds-config: file not found: {value} (a path, or a shipped name: {SHIPPED_DS_CONFIG_NAMES})")
 
 
 def read_ds_config(value: str, grad_clip: float | None, accum_freq: int | None = None) -> DeepSpeedJSON:
