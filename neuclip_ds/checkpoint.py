@@ -114,7 +114,7 @@ def load_data(f: str | os.PathLike, map_location: Any = None, *, mmap: bool | No
 def _refused(path: str | os.PathLike, reason: str) -> str:
     return (
         f"{path} refused: {reason}; a checkpoint file may hold tensors, plain values and DeepSpeed's own "
-        f"records only (README: What a checkpoint may contain)"
+        f"records only (docs/checkpoints.md: What a checkpoint may contain)"
     )
 
 

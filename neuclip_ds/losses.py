@@ -175,7 +175,7 @@ def conjugate_objective(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# public single-batch functions (README "Public API")
+# public single-batch functions (docs/api.md)
 # ---------------------------------------------------------------------------------------------------------------
 def rgcl_log_loss(img: Tensor, txt: Tensor, tau: Tensor, eps: float, rho: float) -> Tensor:
     """E1 on one batch with g_hat in place of g: tau/B sum_i[log(eps+g1_i) + log(eps+g2_i)] + 2 rho tau."""

@@ -3,7 +3,7 @@
 The temperature is one shape-[1] parameter (DeepSpeed ZeRO-2/3 crash on 0-dim parameters, see docs/pitfalls.md),
 in one of two parametrizations (`tau_param`):
     log  `logit_scale` = log(1/tau), as OpenCLIP and FastCLIP store it: an optimizer step changes tau by a
-         fraction of itself, the same at tau = 0.5 as at 0.01 (the default, see README "Temperature")
+         fraction of itself, the same at tau = 0.5 as at 0.01 (the default, see docs/training.md, "Temperature")
     raw  `tau` itself: a step moves tau by about the learning rate, which at lr 2e-3 is 20 % of tau = 0.01
 The range [tau_min, tau_max] is kept on the *stored* parameter by the engine after every optimizer step
 (`engine.TemperatureKeeper`, on DeepSpeed's fp32 master copy), never by a clamp inside forward: a forward clamp

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from neuclip_ds import config
 from neuclip_ds.config import ConfigError, TrainConfig, parse_config
 from neuclip_ds.launch import launch
+from neuclip_ds.presets import PRESETS
 from neuclip_ds.train import main
 
 OK = ["--synthetic-samples", "64", "--steps", "2", "--global-batch-size", "16", "--ds-config", "ds_configs/zero2.json"]
@@ -386,3 +387,41 @@ def test_build_ds_config_leaves_the_resolved_json_untouched():
 def test_config_yaml_holds_the_options_only():
     cfg = parse_config(OK).validate()
     assert "ds" not in cfg.to_dict() and set(cfg.to_dict()) == set(config._KINDS)
+
+
+def _documented_train_commands() -> list[tuple[str, list[str]]]:
+    """(where, neuclip-train argv) of every training command in a bash block of the README and docs/: direct
+    `neuclip-train` calls and the launchers' (`single_node.sh N ...`, `sbatch slurm.sbatch ...`), continuations
+    joined."""
+    import re
+    import shlex
+
+    from neuclip_ds.launch import REPO_ROOT
+
+    found = []
+    for doc in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(encoding="utf-8"), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                for i, word in enumerate(words):
+                    if word.endswith("neuclip-train") or word.endswith("slurm.sbatch"):
+                        found.append((f"{doc.name}: {line.strip()}", words[i + 1 :]))
+                    elif word.endswith("single_node.sh"):
+                        found.append((f"{doc.name}: {line.strip()}", words[i + 2 :]))
+    return found
+
+
+def test_documented_training_commands_parse(monkeypatch):
+    """A command a user copies from the README or docs/ names only options that exist, with valid values, and
+    the configs it names load."""
+    from neuclip_ds.launch import REPO_ROOT
+
+    monkeypatch.chdir(REPO_ROOT)
+    commands = _documented_train_commands()
+    assert len(commands) >= 3, commands  # the README's own-data and N-GPU examples at least
+    for where, argv in commands:
+        try:
+            cfg = parse_config(argv)
+        except (ConfigError, SystemExit) as e:
+            raise AssertionError(f"{where}\n  -> {e}") from e
+        assert cfg.preset in PRESETS, where

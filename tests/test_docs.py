@@ -37,12 +37,40 @@ def _defined_tags() -> set[str]:
 
 def test_cited_docs_exist():
     missing = []
-    for src in _sources("neuclip_ds", "tests", "benchmarks", "README.md"):
+    for src in _sources("neuclip_ds", "tests", "benchmarks", "docs", "README.md"):
         for lineno, line in enumerate(src.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             for ref in DOC_PATH.findall(line):
                 if not (ROOT / ref).is_file():
                     missing.append(f"{src.relative_to(ROOT)}:{lineno}: {ref}")
     assert not missing, "cited documentation files missing from the repository:\n" + "\n".join(missing)
+
+
+MD_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _heading_anchors(path: Path) -> set[str]:
+    """GitHub's anchors for a Markdown file's headings: lower case, punctuation dropped, spaces to hyphens."""
+    anchors = set()
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*$", path.read_text(encoding="utf-8"), re.MULTILINE):
+        anchors.add(re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-"))
+    return anchors
+
+
+def test_markdown_links_resolve():
+    """Every relative link of the README and the docs names a file of the repository, and a `#anchor` names one
+    of that file's headings: moving a section must not leave a dead link behind."""
+    broken = []
+    pages = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        for lineno, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            for target in MD_LINK.findall(line):
+                if "://" in target or target.startswith("mailto:"):
+                    continue
+                file, _, anchor = target.partition("#")
+                path = (page.parent / file).resolve() if file else page
+                if not path.exists() or (anchor and path.suffix == ".md" and anchor not in _heading_anchors(path)):
+                    broken.append(f"{page.relative_to(ROOT)}:{lineno}: {target}")
+    assert not broken, "links that lead nowhere:\n" + "\n".join(broken)
 
 
 def test_method_doc_defines_e1_to_e9_as_headings():
@@ -55,7 +83,7 @@ def test_method_doc_defines_e1_to_e9_as_headings():
 def test_every_cited_equation_is_defined():
     defined = _defined_tags()
     undefined = []
-    for src in _sources("neuclip_ds", "tests", "benchmarks", "README.md", suffixes={".py", ".md"}):
+    for src in _sources("neuclip_ds", "tests", "benchmarks", "docs", "README.md", suffixes={".py", ".md"}):
         for lineno, line in enumerate(src.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             for tag in TAG.findall(line):
                 if tag not in defined:

@@ -12,7 +12,7 @@ that states all of them::
 
     e.g. "a small red seven on a grey background"
 
-Why these choices (the task must teach the digit itself, README "Data"):
+Why these choices (the task must teach the digit itself, docs/data.md):
 - every digit is bright on a dark background, so its strokes have one contrast polarity: with light and dark
   backgrounds mixed, the tiny preset's vision tower barely learned the digit even from digit labels; with dark ones
   it does (benchmarks/digit_probe.py);
