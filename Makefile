@@ -73,6 +73,6 @@ openclip-venv: $(OPENCLIP_VENV)/.installed
 $(OPENCLIP_VENV)/.installed: pyproject.toml requirements.txt
 	@test -x $(OPENCLIP_VENV)/bin/python || $(PYTHON) -m venv $(OPENCLIP_VENV)
 	$(OPENCLIP_VENV)/bin/python -m pip install -q $(OPENCLIP_TORCH)
-	$(OPENCLIP_VENV)/bin/python -m pip install -q "open_clip_torch[training]" -e .
+	$(OPENCLIP_VENV)/bin/python -m pip install -q "open_clip_torch[training]==2.26.1" -e .
 	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(OPENCLIP_VENV)/torch_extensions $(OPENCLIP_VENV)/bin/python -m neuclip_ds.extensions
 	@touch $@

@@ -3,22 +3,50 @@ per-phase step times, and print + write a result table."""
 
 from __future__ import annotations
 
+import statistics
+import sys
 from pathlib import Path
 
-from neuclip_ds.launch import cpu_env, launch, metrics
+from _pinned import checked_threads
+
+from neuclip_ds.launch import TRAIN_MODULE, cpu_env, launch, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
+PINNED = ROOT / "benchmarks" / "_pinned.py"  # runs a module with its thread counts pinned and reported
 PHASES = ("data", "forward", "gather", "npn", "backward", "optimizer")  # the engine's timers (metrics.jsonl)
 
 
+def pinned_env(threads: int) -> dict[str, str]:
+    """The environment of a timed CPU run: no GPU in sight, `threads` OpenMP threads, and torch's intra- and
+    inter-op threads set to the same number by `_pinned.py`."""
+    return cpu_env(threads, hide_cuda=True, extra_env={"BENCH_THREADS": str(threads)})
+
+
 def train(args: list[str], out: Path, *, threads: int) -> list[dict]:
-    """One 1-rank `neuclip_ds.train` run on synthetic data (CPU, `threads` threads, no GPU in sight); its
-    metrics.jsonl rows."""
-    args = [*args, "--output-dir", str(out), "--report-to", "jsonl"]
-    proc = launch(args, env=cpu_env(threads, hide_cuda=True), timeout=None, check=False)
+    """One 1-rank `neuclip_ds.train` run on synthetic data (CPU, `threads` threads checked at start and exit, no
+    GPU in sight); its metrics.jsonl rows."""
+    args = [TRAIN_MODULE, *args, "--output-dir", str(out), "--report-to", "jsonl"]
+    proc = launch(args, script=str(PINNED), env=pinned_env(threads), timeout=None, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(proc.args)} failed:\n{proc.stderr[-3000:]}")
+    checked_threads(proc.stderr, threads, "neuclip_ds")
     return metrics(out)
+
+
+def interleaved(trainers: dict, repeats: int, run) -> dict[str, list]:
+    """`run(name, repeat)` for every trainer in every repeat, in the order A B C, C B A, A B C, ... (ABBA), so
+    that a steady drift of this shared machine hits every trainer alike; {name: [result of each repeat]}."""
+    results: dict[str, list] = {name: [] for name in trainers}
+    for r in range(repeats):
+        for name in list(trainers)[:: 1 if r % 2 == 0 else -1]:
+            print(f"[{Path(sys.argv[0]).stem}] {name} repeat {r + 1}/{repeats}", flush=True)
+            results[name].append(run(name, r))
+    return results
+
+
+def median_spread(values: list[float], digits: int = 3) -> str:
+    """'median (min–max)' of per-repeat figures: the spread is what a reader needs to trust a ratio."""
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
 def synthetic_run(preset: str, loss: str, *, batch: int, steps: int) -> list[str]:
@@ -31,10 +59,6 @@ def synthetic_run(preset: str, loss: str, *, batch: int, steps: int) -> list[str
     return [*args, "--ds-config", str(ROOT / "ds_configs" / "zero1.json")]
 
 
-def step_time(row: dict) -> float:
-    return sum(row[f"time_{p}"] for p in PHASES)
-
-
 def report(text: str, out: str | Path, *, write: bool) -> None:
     print(text)
     if write:
@@ -45,8 +69,6 @@ def report(text: str, out: str | Path, *, write: bool) -> None:
 
 def mean_std(values, *, digits: int = 2) -> str:
     """'m ± s' (sample std) of the numbers, the number itself for one, 'n/a' for none."""
-    import statistics
-
     values = [float(v) for v in values if v is not None]
     if not values:
         return "n/a"

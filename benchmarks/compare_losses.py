@@ -21,12 +21,14 @@ import statistics
 import sys
 from pathlib import Path
 
+from _common import ROOT, mean_std
+
+from neuclip_ds.data.embedded import dataset_paths
 from neuclip_ds.launch import cpu_env, launch, metrics, run_command, summary
 
-ROOT = Path(__file__).resolve().parents[1]
 LOSSES = ("neuclip", "fastclip", "mbcl", "siglip")
-# the small-batch regime (module docstring): n/B = 8000 / 64 = 125, m = B
-GLOBAL_BATCH, PROTOTYPES, STEPS_PER_EPOCH = 64, 64, 125
+# the small-batch regime (module docstring): n/B = 8000 / 64 = 125 on the embedded set, m = B
+GLOBAL_BATCH, PROTOTYPES = 64, 64
 # NeuCLIP ablations around that setting (m = 64, T_u = 5, T_r = 100), one seed each: E7.4's restarts (none, and
 # every 250 steps), E7's alternating updates (vs simultaneous), E4's m (16 < B), the generic-MLP NPN
 ABLATIONS = {
@@ -81,14 +83,6 @@ def norm_err_ratio(rows: list[dict]) -> float | None:
     when the run measured either not at all."""
     own, batch = late_norm_err(rows), late_norm_err(rows, "norm_err_mbcl")
     return own / batch if own is not None and batch else None
-
-
-def mean_std(values: list[float], digits: int = 2) -> str:
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(groups: dict[str, list[Path]]) -> str:
@@ -159,13 +153,13 @@ def ablation_table(groups: dict[str, list[Path]], seed: int) -> str:
     runs = {name: dirs[0] for name, dirs in groups.items() if name.startswith("neuclip-")}
     lines = [f"| ablation − NeuCLIP (seed {seed}) | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
     for name, d in runs.items():
-        rows, summary = load(d)
+        rows, run_summary = load(d)
         cells = [name]
         for key in keys.values():
             if key is None:
                 cells.append(f"{norm_err_ratio(rows) - norm_err_ratio(base_rows):+.3f}")
             else:
-                cells.append(f"{100 * (summary['eval'][key] - base['eval'][key]):+.2f}")
+                cells.append(f"{100 * (run_summary['eval'][key] - base['eval'][key]):+.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     finals = [load(d) for d in groups["neuclip"]]
     if len(finals) > 1:
@@ -197,11 +191,11 @@ def plots(groups: dict[str, list[Path]], out: Path, filename: str) -> Path:
                 continue
             series: dict[int, list[float]] = {}
             for d in dirs:
-                rows, summary = load(d)
+                rows, run_summary = load(d)
                 for r in rows:
                     value = r.get(key)
                     if value is None and key.startswith("eval/") and r is rows[-1]:
-                        value = summary["eval"][key.removeprefix("eval/")]
+                        value = run_summary["eval"][key.removeprefix("eval/")]
                     if value is not None:
                         series.setdefault(r["step"], []).append(value)
             if series:
@@ -242,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         env=cpu_env(threads=None),
         timeout=None,
     )
-    every = STEPS_PER_EPOCH  # normalizer error and evaluation once per epoch
+    data = dataset_paths(ROOT / "data" / "digits")
+    steps_per_epoch = data["num_train"] // GLOBAL_BATCH
+    every = steps_per_epoch  # normalizer error and evaluation once per epoch
     groups: dict[str, list[Path]] = {}
     for name in LOSSES:
         groups[name] = [run(name, s, [], runs, epochs=epochs, every=every) for s in seeds]
@@ -256,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(f"- {name} (seed {seeds[0]}) did not finish: {last[0] if last else 'see its log'}")
     header = (
         f"command: python benchmarks/compare_losses.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
-        + f"\nconfigs/tiny-neuclip.yaml with global batch {GLOBAL_BATCH} (n/B = {8000 // GLOBAL_BATCH}), m = "
-        f"{PROTOTYPES}, {epochs} epoch(s) x {STEPS_PER_EPOCH} steps, seeds {', '.join(map(str, seeds))}; "
-        "metrics in % of the 2,000 val samples, normalizer error in nats (256 training anchors)\n\n"
+        + f"\nconfigs/tiny-neuclip.yaml with global batch {GLOBAL_BATCH} (n/B = {steps_per_epoch}), m = "
+        f"{PROTOTYPES}, {epochs} epoch(s) x {steps_per_epoch} steps, seeds {', '.join(map(str, seeds))}; "
+        f"metrics in % of the {data['num_val']:,} val samples, normalizer error in nats (256 training anchors)\n\n"
     )
     md = header + table(groups) + ("\n\nAblations that did not finish:\n" + "\n".join(failed) if failed else "")
     md += "\n\nPaired over seeds " + ", ".join(map(str, seeds)) + ":\n\n" + paired_table(groups, seeds)

@@ -3,13 +3,15 @@
     python benchmarks/npn_overhead.py            # tiny + ViT-B-32, T_u = 10, m = 4096
     python benchmarks/npn_overhead.py --quick    # fewer steps (a few minutes on 2 CPU cores)
 
-Each run is `neuclip-train` on synthetic data (no files), 1 rank, fp32, ZeRO-1, timed by the engine's own per-phase
-timers (metrics.jsonl: time_data/forward/gather/npn/backward/optimizer). The NeuCLIP and MBCL runs of a preset are
-interleaved (A B A B ...) so that drift of this shared machine hits both alike; the ratio is the median step time of
-all NeuCLIP steps ÷ that of all MBCL steps, warm-up steps dropped, also given per repeat (its spread is this
-machine's noise between runs: ±5 % on 2 shared cores). The in-run ratio step ÷ (step − NPN phase), over the same
-NeuCLIP steps, needs no second run and so carries none of that noise; the NPN phase is the only work NeuCLIP adds
-to an MBCL step (its loss differs from MBCL's by O(B) terms). Absolute times are not comparable across runs.
+Each run is `neuclip-train` on synthetic data (no files), 1 rank, fp32, ZeRO-1, its threads pinned and checked
+(`_pinned.py`). The NeuCLIP and MBCL runs of a preset are interleaved N M, M N, ... so that drift of this shared
+machine hits both alike. A step's time is its wall time (metrics.jsonl `step_time_s`); each repeat gives a ratio of
+the median NeuCLIP step ÷ the median MBCL step, and the table shows every repeat's ratio with their median and
+spread (this machine's noise between runs). The in-run ratio step ÷ (step − NPN phase), over the same NeuCLIP steps,
+needs no second run and so carries none of that noise; the NPN phase is the only work NeuCLIP adds to an MBCL step
+(its loss differs from MBCL's by O(B) terms). The second table splits both losses' steps by the engine's phase
+timers (time_data/forward/gather/npn/backward/optimizer) and what no timer covers, side by side, so that a cost
+outside the NPN phase shows where it is.
 
 What the ratio means at scale: with `--npn-parallel replicated` (E8 option (a)) every rank runs the inner loop on
 the *global* batch, so its cost per rank grows with B_global while the encoders' grows with b_local; with
@@ -26,14 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import PHASES, ROOT, report, step_time, synthetic_run, train
-
-
-def run(
-    preset: str, loss: str, *, batch: int, steps: int, prototypes: int, inner_steps: int, threads: int, out: Path
-) -> list[dict]:
-    npn = f"--npn-prototypes {prototypes} --npn-inner-steps {inner_steps}".split()
-    return train([*synthetic_run(preset, loss, batch=batch, steps=steps), *npn], out, threads=threads)
+from _common import PHASES, ROOT, interleaved, median_spread, report, synthetic_run, train
 
 
 def npn_flops_share(preset: str, per_gpu_batch: int, world_size: int, prototypes: int, inner_steps: int) -> float:
@@ -87,56 +82,64 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[256, 32], help="global batch per preset")
     parser.add_argument("--prototypes", type=int, default=4096)
     parser.add_argument("--inner-steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="steps per run; the first --warmup are dropped")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "npn_overhead.md"))
     args = parser.parse_args(argv)
-    steps, repeats, warm = (6, 1, 2) if args.quick else (10, 3, 3)
+    steps, repeats, warm = (6, 2, 2) if args.quick else (args.steps, args.repeats, args.warmup)
     if len(args.batch) != len(args.presets):
         parser.error("--batch: give one global batch per preset")
 
     lines = [
         f"command: python benchmarks/npn_overhead.py {' '.join(argv or sys.argv[1:])}".rstrip(),
         f"1 rank, fp32, ZeRO-1, T_u = {args.inner_steps}, m = {args.prototypes}, {steps} steps per run "
-        f"(first {warm} dropped), {repeats} interleaved repeat(s) per loss, {args.threads} threads",
+        f"(first {warm} dropped), {repeats} repeats interleaved N M, M N, ..., {args.threads} intra-op and inter-op "
+        "threads checked in every run; step = wall time from fetching the batch to the end of the optimizer step",
         "",
-        "| preset | global batch | MBCL step (s) | NeuCLIP step (s) | NeuCLIP ÷ MBCL | per repeat "
-        "| in-run: step ÷ (step − NPN phase) | NPN phase share | NeuCLIP split data/fwd/gather/npn/bwd/opt (%) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| preset | global batch | MBCL step (s) | NeuCLIP step (s) | NeuCLIP ÷ MBCL per repeat "
+        "| median (min–max) | in-run: step ÷ (step − NPN phase) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    splits = [
+        "",
+        "Where the step goes (median seconds per phase over all kept steps; untimed = step − the phases):",
+        "",
+        "| preset | loss | " + " | ".join(PHASES) + " | untimed | step |",
+        "|---|---|" + "---|" * (len(PHASES) + 2),
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        for preset, batch in zip(args.presets, args.batch):
-            times: dict[str, list[float]] = {"mbcl": [], "neuclip": []}
-            per_repeat: dict[str, list[float]] = {"mbcl": [], "neuclip": []}
-            in_run: list[float] = []
-            split = {p: [] for p in PHASES}
-            for r in range(repeats):
-                for loss in ("neuclip", "mbcl"):
-                    print(f"[npn_overhead] {preset} {loss} repeat {r}", flush=True)
-                    rows = run(
-                        preset,
-                        loss,
-                        batch=batch,
-                        steps=steps,
-                        prototypes=args.prototypes,
-                        inner_steps=args.inner_steps,
-                        threads=args.threads,
-                        out=Path(tmp) / f"{preset}_{loss}_{r}",
-                    )[warm:]
-                    times[loss] += [step_time(row) for row in rows]
-                    per_repeat[loss].append(statistics.median(step_time(row) for row in rows))
-                    if loss == "neuclip":
-                        in_run += [step_time(row) / (step_time(row) - row["time_npn"]) for row in rows]
-                        for p in PHASES:
-                            split[p] += [row[f"time_{p}"] for row in rows]
-            mb, nc = statistics.median(times["mbcl"]), statistics.median(times["neuclip"])
-            total = sum(statistics.median(v) for v in split.values())
-            shares = "/".join(f"{100 * statistics.median(split[p]) / total:.1f}" for p in PHASES)
-            ratios = ", ".join(f"{n / m:.3f}" for n, m in zip(per_repeat["neuclip"], per_repeat["mbcl"]))
+        for preset, batch in zip(args.presets, args.batch, strict=True):
+
+            def one_run(loss: str, r: int, preset: str = preset, batch: int = batch) -> list[dict]:
+                out = Path(tmp) / f"{preset}_{loss}_{r}"
+                npn = f"--npn-prototypes {args.prototypes} --npn-inner-steps {args.inner_steps}".split()
+                args_ = [*synthetic_run(preset, loss, batch=batch, steps=steps), *npn]
+                return train(args_, out, threads=args.threads)[warm:]
+
+            runs = interleaved({"neuclip": None, "mbcl": None}, repeats, one_run)
+            per_repeat = {
+                loss: [statistics.median(row["step_time_s"] for row in rows) for rows in reps]
+                for loss, reps in runs.items()
+            }
+            ratios = [n / m for n, m in zip(per_repeat["neuclip"], per_repeat["mbcl"], strict=True)]
+            in_run = [
+                row["step_time_s"] / (row["step_time_s"] - row["time_npn"]) for rows in runs["neuclip"] for row in rows
+            ]
+            mb, nc = (statistics.median(v) for v in (per_repeat["mbcl"], per_repeat["neuclip"]))
             lines.append(
-                f"| {preset} | {batch} | {mb:.3f} | {nc:.3f} | **{nc / mb:.3f}** | {ratios} | "
-                f"{statistics.median(in_run):.3f} | {100 * statistics.median(split['npn']) / total:.1f} % "
-                f"| {shares} |"
+                f"| {preset} | {batch} | {mb:.3f} | {nc:.3f} | {', '.join(f'{x:.3f}' for x in ratios)} | "
+                f"**{median_spread(ratios)}** | {statistics.median(in_run):.3f} |"
             )
+            for loss, reps in runs.items():
+                rows = [row for rows in reps for row in rows]
+                phase = {p: statistics.median(row[f"time_{p}"] for row in rows) for p in PHASES}
+                untimed = statistics.median(row["step_time_s"] - sum(row[f"time_{p}"] for p in PHASES) for row in rows)
+                step = statistics.median(row["step_time_s"] for row in rows)
+                cells = " | ".join(f"{phase[p]:.3f}" for p in PHASES)
+                splits.append(f"| {preset} | {loss} | {cells} | {untimed:.3f} | {step:.3f} |")
+    lines += splits
     lines += flops_table(args.presets, args.prototypes, args.inner_steps)
     report("\n".join(lines), args.out, write=not args.quick)
     return 0

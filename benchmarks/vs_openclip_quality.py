@@ -69,16 +69,13 @@ How each setting is matched
   `longest` is mathematically the same, only its rounding differs).
 - Temperature. open_clip stores logit_scale = log(1/tau), initialized to log(1/0.07), in its no-decay group at the
   encoders' lr and schedule, and clamps the parameter to [0, log 100] (tau in [0.01, 1]) after every step.
-  neuclip_ds gets `--init-tau 0.07 --tau-min 0.01 --tau-max 1.0` and, where its CLI has them, `--tau-param log
-  --lr-tau <lr> --lr-tau-schedule cosine`: the same parameter, its own no-decay AdamW group at the same lr and
-  schedule, the range kept on the stored parameter after each step (neuclip_ds's TemperatureKeeper) - i.e. matched.
-  A neuclip_ds without `--tau-param` stores tau itself (clamped in forward): Adam moves a parameter by about lr
-  per step, so its tau moves ~1/tau times as far per step as open_clip's (14 x at 0.07, 100 x at 0.01); the
-  table's notes then say so. Every neuclip_ds command line is parsed by neuclip_ds itself and compared with the
-  open_clip settings (`differences_from_openclip`): what `--extra-neuclip-args` changes (e.g. `--lr-tau`,
-  `--tau-param raw`) is listed under the tables. Reported: final tau = 1 / exp(logit_scale) of each checkpoint
-  (after the last update; the results JSON also has the tau each trainer used in its last step, e.g.
-  metrics.jsonl's last `tau`).
+  neuclip_ds gets `--init-tau 0.07 --tau-min 0.01 --tau-max 1.0 --tau-param log --lr-tau <lr> --lr-tau-schedule
+  cosine`: the same parameter, its own no-decay AdamW group at the same lr and schedule, the range kept on the
+  stored parameter after each step (neuclip_ds's TemperatureKeeper) - i.e. matched. Every neuclip_ds command
+  line is parsed by neuclip_ds itself and compared with the open_clip settings (`differences_from_openclip`): what
+  `--extra-neuclip-args` changes (e.g. `--lr-tau`, `--tau-param raw`) is listed under the tables. Reported: final
+  tau = 1 / exp(logit_scale) of each checkpoint (after the last update; the results JSON also has the tau each
+  trainer used in its last step, e.g. metrics.jsonl's last `tau`).
 - Loss. open_clip: ClipLoss (1 process). neuclip_ds `--loss mbcl` is the same loss (mean of the two
   cross-entropies); other `--losses` (neuclip, fastclip) take their loss-specific settings (rho, eps, NPN /
   FastCLIP options) from configs/tiny-neuclip.yaml or neuclip_ds's defaults, passed explicitly.
@@ -106,7 +103,6 @@ So the "paired" difference pairs runs by seed only; its spread is the spread of 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import math
@@ -210,17 +206,12 @@ def loss_args(loss: str, yaml_config: dict) -> list[str]:
 
 
 def temperature_args(lr: float) -> list[str]:
-    """neuclip-train flags that put its temperature where open_clip's is: init 0.07, range [0.01, 1] and, where
-    this neuclip_ds has the options, stored as log(1/tau) (open_clip's logit_scale) with the encoders' lr and
-    schedule (--tau-param log, --lr-tau = --lr, --lr-tau-schedule cosine)."""
-    from neuclip_ds.config import TrainConfig
-
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    out = ["--init-tau", str(TAU["init"]), "--tau-min", str(TAU["min"]), "--tau-max", str(TAU["max"])]
-    for name, value in (("tau_param", "log"), ("lr_tau", lr), ("lr_tau_schedule", "cosine")):
-        if name in known:
-            out += ["--" + name.replace("_", "-"), str(value)]
-    return out
+    """neuclip-train flags that put its temperature where open_clip's is: init 0.07, range [0.01, 1], stored as
+    log(1/tau) (open_clip's logit_scale) with the encoders' lr and schedule."""
+    return (
+        f"--init-tau {TAU['init']} --tau-min {TAU['min']} --tau-max {TAU['max']} --tau-param log --lr-tau {lr}"
+        " --lr-tau-schedule cosine"
+    ).split()
 
 
 def neuclip_args(
@@ -274,15 +265,11 @@ def differences_from_openclip(
     out = []
     for key, want in expected.items():
         flag = "--" + key.replace("_", "-")
-        if not hasattr(cfg, key):
-            if key == "tau_param":
-                out.append("tau stored as tau itself (this neuclip_ds has no --tau-param; open_clip: log(1/tau))")
-            continue
         got = getattr(cfg, key)
         same = math.isclose(got, want, rel_tol=1e-12) if isinstance(want, float) and got is not None else got == want
         if not same:
             out.append(f"{flag} {got} (open_clip: {want})")
-    tau_lr = getattr(cfg, "lr_tau", None)
+    tau_lr = cfg.lr_tau
     if tau_lr is not None and not math.isclose(tau_lr, cfg.lr, rel_tol=1e-12):
         out.append(f"--lr-tau {tau_lr} (open_clip: the encoders' lr {cfg.lr})")
     return out

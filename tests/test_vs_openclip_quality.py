@@ -54,8 +54,7 @@ def test_neuclip_command_line_parses_to_the_matched_settings():
     assert cfg.loss == "neuclip" and cfg.rho == 2.0 and cfg.npn_prototypes == 512
     assert cfg.npn_inner_steps == 10  # not in the yaml: neuclip_ds's default, passed explicitly
     assert cfg.text_padding == "max_length"
-    if hasattr(cfg, "tau_param"):  # neuclip_ds with the log temperature: open_clip's
-        assert cfg.tau_param == "log" and cfg.lr_tau == 2e-3 and cfg.lr_tau_schedule == "cosine"
+    assert cfg.tau_param == "log" and cfg.lr_tau == 2e-3 and cfg.lr_tau_schedule == "cosine"  # open_clip's
     assert bench.loss_args("mbcl", {"rho": 2.0}) == ["--loss", "mbcl"]
 
 
@@ -64,18 +63,14 @@ def test_differences_from_openclip_lists_what_extra_args_change():
     same = dict(SCHEDULE, seed=0)
     cfg = parse_config(bench.neuclip_args(**common))
     diffs = bench.differences_from_openclip(cfg, **same)
-    if hasattr(cfg, "tau_param"):
-        assert diffs == []  # everything as open_clip's run
-    else:  # an older neuclip_ds: only the raw temperature differs
-        assert len(diffs) == 1 and diffs[0].startswith("tau stored as tau itself")
+    assert diffs == []  # everything as open_clip's run
     diffs = bench.differences_from_openclip(parse_config(bench.neuclip_args(**common, extra="--wd 0.2")), **same)
     assert "--wd 0.2 (open_clip: 0.1)" in diffs
-    if hasattr(cfg, "lr_tau"):
-        diffs = bench.differences_from_openclip(
-            parse_config(bench.neuclip_args(**common, extra="--lr-tau 1e-4 --tau-param raw")), **same
-        )
-        assert "--lr-tau 0.0001 (open_clip: the encoders' lr 0.002)" in diffs
-        assert "--tau-param raw (open_clip: log)" in diffs
+    diffs = bench.differences_from_openclip(
+        parse_config(bench.neuclip_args(**common, extra="--lr-tau 1e-4 --tau-param raw")), **same
+    )
+    assert "--lr-tau 0.0001 (open_clip: the encoders' lr 0.002)" in diffs
+    assert "--tau-param raw (open_clip: log)" in diffs
 
 
 def test_openclip_command_line():
