@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from neuclip_ds.flops import matmul_dtype, measure_matmul_tflops, step_flops
+from neuclip_ds import metrics as M
+from neuclip_ds.flops import Peak, matmul_dtype, measure_matmul_tflops, step_flops, throughput_metrics
 from neuclip_ds.model import build_model
 from neuclip_ds.presets import PRESETS, Preset, get_preset
 
@@ -74,3 +75,19 @@ def test_matmul_peak_is_measured():
     assert matmul_dtype("fp32") is torch.float32
     assert matmul_dtype("bf16") is matmul_dtype("pure_bf16") is torch.bfloat16
     assert matmul_dtype("fp16") is torch.float16
+
+
+def test_throughput_metrics_and_the_plot_panel():
+    assert throughput_metrics(int(2e12), 4.0, Peak(1.0, "--peak-tflops")) == {"tflops_per_rank": 0.5, "mfu": 0.5}
+    assert throughput_metrics(int(2e12), 4.0, Peak(None, "unknown on cuda")) == {"tflops_per_rank": 0.5}
+    rows = [{"step": s, "loss": 1.0, "tau": 0.07, "lr": 1e-3, "samples_per_s": 10.0} for s in (1, 2, 3)]
+    titles = [ax.get_title() for ax in M.training_figure(rows).axes]
+    assert "MFU (model FLOPs / peak)" not in titles and "TFLOPS per rank" not in titles
+    for r in rows:
+        r.update(tflops_per_rank=0.05)
+    assert "TFLOPS per rank" in [ax.get_title() for ax in M.training_figure(rows).axes]
+    for r in rows:
+        r.update(mfu=0.4)
+    axes = {ax.get_title(): ax for ax in M.training_figure(rows).axes}
+    assert list(axes)[3:5] == ["samples / s", "MFU (model FLOPs / peak)"]
+    assert list(axes["MFU (model FLOPs / peak)"].lines[0].get_ydata()) == pytest.approx([0.4] * 3)
