@@ -358,10 +358,11 @@ def startup_banner(
 
 
 def format_flops(p: Preset, text_padding: str) -> str:
-    """`44.1 GFLOP fwd+bwd (vision 26.5 + text 17.6 at 77 text positions; ...)`: Preset.flops_per_sample."""
+    """`44.1 GFLOP fwd+bwd (vision 26.22 + text 17.88 at 77 text positions, ...)`: Preset.flops_per_sample at the
+    full context (a --text-padding longest run counts each micro-batch at its longest caption, flops.step_flops)."""
     vision = 3 * p.vision_flops() - p.patch_embedding_flops()
     text = 3 * p.text_flops()
-    fewer = "; fewer positions: each batch's longest caption" if text_padding == "longest" else ""
+    fewer = ", fewer with --text-padding longest" if text_padding == "longest" else ""
     return (
         f"{p.flops_per_sample() / 1e9:.4g} GFLOP fwd+bwd (vision {vision / 1e9:.4g} + text {text / 1e9:.4g} at "
         f"{p.context_length} text positions{fewer})"

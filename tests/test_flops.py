@@ -6,7 +6,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from neuclip_ds import metrics as M
-from neuclip_ds.flops import Peak, matmul_dtype, measure_matmul_tflops, step_flops, throughput_metrics
+from neuclip_ds.flops import (
+    Peak,
+    matmul_dtype,
+    measure_matmul_tflops,
+    resolve_peak,
+    step_flops,
+    throughput_metrics,
+)
 from neuclip_ds.model import build_model
 from neuclip_ds.presets import PRESETS, Preset, get_preset
 
@@ -91,3 +98,10 @@ def test_throughput_metrics_and_the_plot_panel():
     axes = {ax.get_title(): ax for ax in M.training_figure(rows).axes}
     assert list(axes)[3:5] == ["samples / s", "MFU (model FLOPs / peak)"]
     assert list(axes["MFU (model FLOPs / peak)"].lines[0].get_ydata()) == pytest.approx([0.4] * 3)
+
+
+def test_peak_is_the_flag_else_measured_on_cpu_else_unknown():
+    given = resolve_peak(989.0, "bf16", torch.device("cuda"))
+    assert given.tflops == 989.0 and given.describe() == "989 TFLOPS (--peak-tflops)"
+    unknown = resolve_peak(None, "bf16", torch.device("cuda"))
+    assert unknown.tflops is None and "--peak-tflops" in unknown.describe()
