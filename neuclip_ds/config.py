@@ -252,6 +252,12 @@ class TrainConfig:
         SYSTEM,
     )
     norm_err_anchors: int = opt(256, "number of fixed anchors of the normalizer-error diagnostic", SYSTEM)
+    peak_tflops: float | None = opt(
+        None,
+        "peak TFLOPS of one rank's device in the run's precision, for mfu (achieved model TFLOPS / peak) in "
+        "metrics.jsonl (unset: on CPU a matmul timed at start-up; on a GPU mfu is left out; docs/performance.md)",
+        SYSTEM,
+    )
     debug: bool = opt(
         False, "an error prints its full traceback from every rank (otherwise one line, from the first rank)", SYSTEM
     )
@@ -352,7 +358,7 @@ class TrainConfig:
         ):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{_flag(name)}: must be >= 0, got {getattr(self, name)}")
-        for name in ("npn_lr", "lr", "lr_tau", "init_tau", "tau_min", "tau_max"):
+        for name in ("npn_lr", "lr", "lr_tau", "init_tau", "tau_min", "tau_max", "peak_tflops"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{_flag(name)}: must be > 0, got {getattr(self, name)}")
         if not self.tau_min < self.tau_max:

@@ -207,7 +207,8 @@ def _is_headline_eval(key: str) -> bool:
 
 
 def training_figure(rows: list[dict], final_eval: tuple[int, dict] | None = None) -> Figure:
-    """Against the step: loss, tau, learning rate, throughput and the NPN's share of the step; the normalizer error
+    """Against the step: loss, tau, learning rate, throughput, MFU (or TFLOPS per rank without a peak; when
+    logged) and the NPN's share of the step; the normalizer error
     (`norm_err_*` columns) and the evaluations (eval/... columns of the periodic ones, plus `final_eval` = (step,
     evaluate()'s results)) when present. Sparse series are drawn as points joined by lines."""
     import matplotlib
@@ -227,6 +228,11 @@ def training_figure(rows: list[dict], final_eval: tuple[int, dict] | None = None
         ("samples_per_s", "samples / s"),
         ("npn_time_frac", "NPN share of step time"),
     ]
+    # model FLOPs utilization when the peak was known (flops.py), else the achieved TFLOPS when logged
+    if any(r.get("mfu") is not None for r in rows):
+        panels.insert(4, ("mfu", "MFU (model FLOPs / peak)"))
+    elif any(r.get("tflops_per_rank") is not None for r in rows):
+        panels.insert(4, ("tflops_per_rank", "TFLOPS per rank"))
     sparse = {}  # panel key -> (label, [(step, value or None)]) of each line drawn there
     norm_err_keys = sorted({k for r in rows for k in r if k.startswith("norm_err_") and r[k] is not None})
     if norm_err_keys:

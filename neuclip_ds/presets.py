@@ -3,6 +3,7 @@
 Widths, depths, heads and embed dims follow OpenCLIP's model configs (ViT-B-32.json, ViT-B-16.json,
 ViT-L-14.json, ViT-H-14.json). `tiny` is ours: it trains in minutes on 2 CPU cores with 32x32 images.
 Nothing here downloads anything: models are built from these configs (or from a local HF directory, see model.py).
+`Preset.flops_per_sample` counts the training FLOPs of one image-text pair (docs/performance.md: MFU).
 """
 
 from __future__ import annotations
@@ -31,6 +32,76 @@ class Preset:
     context_length: int = 77
     vocab_size: int = CLIP_VOCAB_SIZE
     hidden_act: str = "gelu"
+    text_mlp_ratio: float = 4.0
+
+    @classmethod
+    def from_configs(cls, vision: CLIPVisionConfig, text: CLIPTextConfig, name: str = "custom") -> Preset:
+        """The preset of towers built from other configs (a --pretrained-hf directory's), for `flops_per_sample`."""
+        return cls(
+            name,
+            embed_dim=vision.projection_dim,
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            vision_width=vision.hidden_size,
+            vision_layers=vision.num_hidden_layers,
+            vision_heads=vision.num_attention_heads,
+            vision_mlp_ratio=vision.intermediate_size / vision.hidden_size,
+            text_width=text.hidden_size,
+            text_layers=text.num_hidden_layers,
+            text_heads=text.num_attention_heads,
+            context_length=text.max_position_embeddings,
+            vocab_size=text.vocab_size,
+            hidden_act=vision.hidden_act,
+            text_mlp_ratio=text.intermediate_size / text.hidden_size,
+        )
+
+    def vision_flops(self) -> int:
+        """Forward FLOPs of the vision tower for one image: matmuls (2 m n k each): the patch embedding (a
+        convolution of stride = kernel, i.e. one matmul over the patches), per layer the q, k, v and output
+        projections, the attention scores (q k^T) and values (p v) over patches + 1 positions and the MLP, and the
+        projection of the pooled token."""
+        patches = (self.image_size // self.patch_size) ** 2
+        return self.patch_embedding_flops() + _tower_flops(
+            positions=patches + 1,
+            width=self.vision_width,
+            mlp=int(self.vision_width * self.vision_mlp_ratio),
+            layers=self.vision_layers,
+            embed_dim=self.embed_dim,
+        )
+
+    def patch_embedding_flops(self) -> int:
+        """Forward FLOPs of the patch embedding of one image (its backward computes the weight gradient only)."""
+        patches = (self.image_size // self.patch_size) ** 2
+        return 2 * patches * 3 * self.patch_size**2 * self.vision_width
+
+    def text_flops(self, text_tokens: int | None = None) -> int:
+        """Forward FLOPs of the text tower for one caption over `text_tokens` positions (default: the context
+        length), counted as in `vision_flops` (the token embedding is a lookup: no FLOPs). The causal mask is not
+        exploited: attention counts all positions x positions, as the kernels compute them."""
+        positions = self.context_length if text_tokens is None else text_tokens
+        if not 1 <= positions <= self.context_length:
+            raise ValueError(f"text_tokens: must be in [1, {self.context_length}], got {text_tokens}")
+        return _tower_flops(
+            positions=positions,
+            width=self.text_width,
+            mlp=int(self.text_width * self.text_mlp_ratio),
+            layers=self.text_layers,
+            embed_dim=self.embed_dim,
+        )
+
+    def flops_per_sample(self, text_tokens: int | None = None) -> int:
+        """Training FLOPs of one image-text pair, forward + backward, vision + text: the model FLOPs of MFU.
+
+        Backward = 2x forward for every matmul (the gradients of its input and of its weight), except the patch
+        embedding, whose input (the pixels) needs no gradient: 1x. So 3 x forward - the patch embedding's
+        forward. Only matmuls count: layer norms, softmax, GELU, residual adds, embeddings lookups, the loss (a
+        B x B similarity per step, negligible next to the towers) and the NPN are ignored; so is recomputation
+        (activation checkpointing, the re-encoding of micro-batches under accumulation), as MFU does.
+
+        text_tokens: the text positions the text tower ran (default: the context length, 77 for the OpenCLIP
+        presets; with --text-padding longest each micro-batch runs only up to its longest caption, and the run
+        counts that)."""
+        return 3 * (self.vision_flops() + self.text_flops(text_tokens)) - self.patch_embedding_flops()
 
     def vision_config(self) -> CLIPVisionConfig:
         return CLIPVisionConfig(
@@ -71,7 +142,7 @@ class Preset:
         return CLIPTextConfig(
             vocab_size=vocab_size,
             hidden_size=self.text_width,
-            intermediate_size=4 * self.text_width,
+            intermediate_size=int(self.text_width * self.text_mlp_ratio),
             num_hidden_layers=self.text_layers,
             num_attention_heads=self.text_heads,
             max_position_embeddings=self.context_length,
@@ -79,6 +150,14 @@ class Preset:
             hidden_act=self.hidden_act,
             **kwargs,
         )
+
+
+def _tower_flops(*, positions: int, width: int, mlp: int, layers: int, embed_dim: int) -> int:
+    """Forward matmul FLOPs of a pre-LN transformer tower over `positions` tokens of one sample, plus the
+    projection of its pooled token to `embed_dim`."""
+    projections = 2 * positions * (4 * width * width + 2 * width * mlp)  # q, k, v, out; MLP up and down
+    attention = 2 * 2 * positions * positions * width  # q k^T and p v, over all heads
+    return layers * (projections + attention) + 2 * width * embed_dim
 
 
 PRESETS: dict[str, Preset] = {

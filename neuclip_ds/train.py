@@ -21,7 +21,7 @@ from . import distributed
 from .checkpoint import seed_everything
 from .config import ConfigError, TrainConfig, parse_config
 from .metrics import format_scalars
-from .presets import get_preset
+from .presets import Preset, get_preset
 from .rundir import RunFiles
 from .stopping import FaultWatchdog, StopSignals, report_failure
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # imported where used: deepspeed and the data stack load only
     from .data.tokenizer import TextTokenizer
     from .diagnostics import NormErrProbe
     from .engine import DistInfo, NeuCLIPEngine
+    from .flops import Peak
     from .model import CLIPDualEncoder
 
 
@@ -137,6 +138,7 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
     (`stop_signals`) ends it at the next step boundary with a checkpoint of that step, on every rank alike."""
     from . import checkpoint
     from .engine import NeuCLIPEngine, TooManySkippedSteps, build_ds_config
+    from .flops import Peak, resolve_peak, step_flops, throughput_metrics
     from .metrics import MetricsLogger, plot_training, read_metrics
 
     out_dir = Path(cfg.output_dir)
@@ -176,9 +178,19 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
         start_step = state.load_state_dict(saved, resume_dir)
 
     probe = build_norm_err_probe(cfg, info, stream, tokenizer) if cfg.norm_err_every else None
-    if info.rank == 0:
+    # the towers as built (a --pretrained-hf directory's may differ from the preset): their FLOPs per sample
+    flops = Preset.from_configs(model.visual.config, model.text.config, name=cfg.preset)
+    peak = Peak(None, "rank 0 reports")
+    if info.rank == 0:  # the one that writes metrics.jsonl
+        peak = resolve_peak(cfg.peak_tflops, cfg.precision, info.device)
         banner = startup_banner(
-            cfg, info, model, steps_per_epoch=steps_per_epoch, total_steps=total_steps, start_step=start_step
+            cfg,
+            info,
+            model,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+            start_step=start_step,
+            peak=peak,
         )
         print(banner, file=sys.stderr, flush=True)
 
@@ -242,6 +254,8 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
                 "lr": eng.scheduler.get_last_lr()[0],
                 "samples_per_s": cfg.global_batch_size / elapsed,
                 "step_time_s": elapsed,
+                # model FLOPs of this rank's samples (at the text positions they ran) / step time; mfu: / peak
+                **throughput_metrics(step_flops(flops, micro_batches, cfg.text_padding), elapsed, peak),
                 "npn_time_frac": times["npn"] / elapsed,
                 "skipped_steps": eng.skipped_steps,
                 "optimizer_steps": eng.ds.global_steps,
@@ -296,10 +310,18 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
 
 
 def startup_banner(
-    cfg: TrainConfig, info: DistInfo, model: CLIPDualEncoder, *, steps_per_epoch: int, total_steps: int, start_step: int
+    cfg: TrainConfig,
+    info: DistInfo,
+    model: CLIPDualEncoder,
+    *,
+    steps_per_epoch: int,
+    total_steps: int,
+    start_step: int,
+    peak: Peak | None = None,
 ) -> str:
     """What the run is about to do, in aligned lines, printed once by rank 0 before its first step: the sizes and
-    settings a cluster user checks before waiting for a queue's worth of steps."""
+    settings a cluster user checks before waiting for a queue's worth of steps; the FLOPs of a sample and the
+    peak that mfu in metrics.jsonl divides by (`peak`: none given, no line)."""
     from .config import format_bytes, model_state_bytes, npn_state_bytes
 
     def count(module: torch.nn.Module) -> int:  # ZeRO-3 (zero.Init) leaves each rank a shard: ds_numel is the whole
@@ -323,13 +345,28 @@ def startup_banner(
         ("ZeRO stage", f"{cfg.ds.zero_stage}"),
         ("precision", cfg.precision),
         ("memory/rank", f"~{memory} (estimate; activations come on top)"),
+        ("FLOPs/sample", format_flops(Preset.from_configs(model.visual.config, model.text.config), cfg.text_padding)),
         ("epoch", f"{samples:,} samples, {steps_per_epoch} steps"),
         ("steps", f"{total_steps}{resumed}"),
         ("output dir", str(cfg.output_dir)),
     ]
+    if peak is not None:
+        rows.insert([label for label, _ in rows].index("FLOPs/sample") + 1, ("peak/rank", peak.describe()))
     width = max(len(label) for label, _ in rows) + 2
     # no "neuclip-train:" prefix: that marks the one-line errors and notices (tests/test_fault_tolerance.py counts them)
     return "neuclip-train run\n" + "\n".join(f"  {label:<{width}}{value}" for label, value in rows)
+
+
+def format_flops(p: Preset, text_padding: str) -> str:
+    """`44.1 GFLOP fwd+bwd (vision 26.22 + text 17.88 at 77 text positions, ...)`: Preset.flops_per_sample at the
+    full context (a --text-padding longest run counts each micro-batch at its longest caption, flops.step_flops)."""
+    vision = 3 * p.vision_flops() - p.patch_embedding_flops()
+    text = 3 * p.text_flops()
+    fewer = ", fewer with --text-padding longest" if text_padding == "longest" else ""
+    return (
+        f"{p.flops_per_sample() / 1e9:.4g} GFLOP fwd+bwd (vision {vision / 1e9:.4g} + text {text / 1e9:.4g} at "
+        f"{p.context_length} text positions{fewer})"
+    )
 
 
 def where_to_restart(last_clean: Path | None) -> str:

@@ -14,6 +14,7 @@ import pytest
 from neuclip_ds import metrics as M
 from neuclip_ds.config import model_state_bytes
 from neuclip_ds.launch import launch, launch_ranks
+from neuclip_ds.presets import PRESETS
 from neuclip_ds.rundir import previous_run, remove_previous_run
 
 SYNTHETIC = ["--synthetic-samples", "64", "--global-batch-size", "16", "--ds-config", "zero2", "--lr", "1e-3"]
@@ -57,7 +58,23 @@ def test_startup_banner_once_before_step_1(plain_run):
     vision, text, total = (int(n.replace(",", "")) for n in counts.groups())
     assert vision > 0 and text > 0 and vision + text < total  # the temperature comes on top
     assert banner["memory/rank"].startswith("~") and "model states" in banner["memory/rank"]
+    gflop = PRESETS["tiny"].flops_per_sample() / 1e9
+    assert banner["FLOPs/sample"].startswith(f"{gflop:.4g} GFLOP fwd+bwd (vision "), banner["FLOPs/sample"]
+    assert re.fullmatch(r"[\d.e+-]+ TFLOPS \(measured: float32 matmul on \d+ threads; .*\)", banner["peak/rank"])
     assert err.index("  parameters") < err.index("step 5/12")
+
+
+def test_metrics_have_tflops_per_rank_and_mfu(plain_run):
+    """Without --peak-tflops on CPU: mfu against the matmul peak measured at start-up (one peak for every step).
+    Synthetic captions are 8 words + bos + eos: --text-padding longest runs 10 of the 32 text positions."""
+    _, out = plain_run
+    rows = M.read_metrics(out / "metrics.jsonl")
+    flops = 16 * PRESETS["tiny"].flops_per_sample(10)
+    for r in rows:
+        assert r["tflops_per_rank"] == pytest.approx(flops / r["step_time_s"] / 1e12)
+        assert 0 < r["mfu"] < 2
+    peaks = {r["tflops_per_rank"] / r["mfu"] for r in rows}
+    assert max(peaks) == pytest.approx(min(peaks))
 
 
 def test_plain_progress_lines_when_stderr_is_not_a_terminal(plain_run):

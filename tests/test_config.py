@@ -48,6 +48,7 @@ def run_main(capsys, args, world_size=None, monkeypatch=None):
         (["--lr", "ten"], "--lr: expected a number, got 'ten'"),
         (["--seed", "1.5"], "--seed: expected an integer, got '1.5'"),
         (["--log-every", "0"], "--log-every: must be > 0, got 0"),
+        (["--peak-tflops", "0"], "--peak-tflops: must be > 0, got 0"),
     ],
 )
 def test_config_errors_are_one_line_exit_2(capsys, args, needle):
