@@ -113,6 +113,21 @@ def test_resume_at_another_world_size(reference, tmp_path, loss, old, new):
         assert len(set(summary(out)["npn_checksums"])) == 1
 
 
+def test_one_rank_zero0_resume_is_bit_exact(tmp_path):
+    """The shipped `zero0` (no partitioning: what one rank needs) saves DeepSpeed's plain checkpoint, without ZeRO
+    files; resuming it at step 4 continues the uninterrupted run exactly."""
+    base = [*BASE, "--ds-config", "zero0", "--loss", "neuclip"]
+    launch([*base, "--output-dir", str(tmp_path / "whole")])
+    tag = tmp_path / "whole" / "checkpoints" / "step00000004"
+    assert (tag / "mp_rank_00_model_states.pt").is_file() and not list(tag.glob("*optim_states.pt"))
+    launch([*base, "--output-dir", str(tmp_path / "resumed"), "--resume", str(tag)])
+    resumed = metrics(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == list(range(5, STEPS + 1))
+    whole = metrics(tmp_path / "whole")[4:]
+    for a, b in zip(resumed, whole, strict=True):
+        assert [a[k] for k in KEYS] == [b[k] for k in KEYS], a["step"]
+
+
 def test_resume_bad_inputs_are_one_line_and_touch_nothing(tmp_path):
     out = tmp_path / "run"
     args = [*BASE, "--steps", "2", "--output-dir", str(out)]
