@@ -49,14 +49,14 @@ def median_spread(values: list[float], digits: int = 3) -> str:
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
-def synthetic_run(preset: str, loss: str, *, batch: int, steps: int) -> list[str]:
-    """The speed benchmarks' neuclip-train arguments: `steps` steps of `batch` synthetic samples, fp32, ZeRO-1,
-    lr 1e-4 after 1 warmup step."""
+def synthetic_run(preset: str, loss: str, *, batch: int, steps: int, ds_config: str = "zero1") -> list[str]:
+    """The speed benchmarks' neuclip-train arguments: `steps` steps of `batch` synthetic samples, fp32, a shipped
+    DeepSpeed config (ZeRO-1 unless told), lr 1e-4 after 1 warmup step."""
     args = (
         f"--preset {preset} --loss {loss} --synthetic-samples {batch * steps} --global-batch-size {batch}"
         f" --steps {steps} --precision fp32 --lr 1e-4 --warmup 1"
     ).split()
-    return [*args, "--ds-config", str(ROOT / "ds_configs" / "zero1.json")]
+    return [*args, "--ds-config", ds_config]
 
 
 def report(text: str, out: str | Path, *, write: bool) -> None:

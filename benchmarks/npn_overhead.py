@@ -30,27 +30,8 @@ from pathlib import Path
 
 from _common import PHASES, ROOT, interleaved, median_spread, report, synthetic_run, train
 
-
-def npn_flops_share(preset: str, per_gpu_batch: int, world_size: int, prototypes: int, inner_steps: int) -> float:
-    """FLOPs of T_u inner steps on the global batch ÷ FLOPs of the encoders' fwd+bwd on the local batch.
-
-    Encoders: 6 × params × tokens (fwd 2, bwd 4 per parameter and token); NPN per inner step and side:
-    fwd 2·B·m·d (similarities) + bwd 4·B·m·d."""
-    import torch
-
-    from neuclip_ds.model import build_model
-    from neuclip_ds.presets import get_preset
-
-    p = get_preset(preset)
-    with torch.device("meta"):
-        model = build_model(preset)
-    vis = sum(x.numel() for x in model.visual.parameters())
-    txt = sum(x.numel() for x in model.text.parameters())
-    patches = (p.image_size // p.patch_size) ** 2 + 1
-    encoder = 6 * per_gpu_batch * (vis * patches + txt * p.context_length)
-    d = p.embed_dim
-    npn = inner_steps * 2 * 6 * (per_gpu_batch * world_size) * prototypes * d
-    return npn / encoder
+from neuclip_ds.flops import npn_flops_share
+from neuclip_ds.presets import get_preset
 
 
 def flops_table(presets: list[str], prototypes: int, inner_steps: int, per_gpu_batch: int = 256) -> list[str]:
@@ -67,7 +48,14 @@ def flops_table(presets: list[str], prototypes: int, inner_steps: int, per_gpu_b
     for preset in (p for p in presets if p != "tiny"):
         for mode in ("replicated", "sharded"):
             shares = [
-                npn_flops_share(preset, per_gpu_batch, w if mode == "replicated" else 1, prototypes, inner_steps)
+                npn_flops_share(
+                    get_preset(preset),
+                    per_rank_batch=per_gpu_batch,
+                    world_size=w,
+                    prototypes=prototypes,
+                    inner_steps=inner_steps,
+                    parallel=mode,
+                )
                 for w in (1, 8, 64)
             ]
             cells = [f"{100 * x:.1f} %" for x in shares]

@@ -92,3 +92,57 @@ def throughput_metrics(flops: int, seconds: float, peak: Peak) -> dict:
     if peak.tflops is not None:
         out["mfu"] = achieved / peak.tflops
     return out
+
+
+def npn_flops_per_step(rows: int, prototypes: int, dim: int, inner_steps: int) -> int:
+    """FLOPs of the NPN's part of a step (E7.2) on `rows` anchors per side: T_u AdaGrad steps on E5, each the
+    [rows x m] similarities to the prototypes forward (2·rows·m·d) and backward (2·rows·m·d: the prototypes'
+    gradient only, the anchors are constants of E5), then one forward to predict α; both sides (image and text).
+    `rows` is this rank's local batch under --npn-parallel sharded, the global batch under replicated (E8)."""
+    per_side = inner_steps * 4 * rows * prototypes * dim + 2 * rows * prototypes * dim
+    return 2 * per_side
+
+
+def npn_flops_share(
+    preset: Preset,
+    *,
+    per_rank_batch: int,
+    world_size: int,
+    prototypes: int,
+    inner_steps: int,
+    parallel: str = "sharded",
+    text_tokens: int | None = None,
+) -> float:
+    """The NPN's FLOPs ÷ the encoders' model FLOPs (fwd + bwd) of one rank's step."""
+    rows = per_rank_batch if parallel == "sharded" else per_rank_batch * world_size
+    npn = npn_flops_per_step(rows, prototypes, preset.embed_dim, inner_steps)
+    return npn / (per_rank_batch * preset.flops_per_sample(text_tokens))
+
+
+# A paper-scale reference for the banner: ViT-B-16 on one node of 8 GPUs at 256 per GPU, m = 4096, T_u = 10 (the
+# method's defaults, docs/method.md; the paper reports the NPN at 6-9 % of a step's time on 8 x H100).
+PAPER_SCALE = {"preset": "ViT-B-16", "per_rank_batch": 256, "world_size": 8, "prototypes": 4096, "inner_steps": 10}
+
+
+def describe_npn_share(
+    preset: Preset, *, per_rank_batch: int, world_size: int, prototypes: int, inner_steps: int, parallel: str
+) -> str:
+    """The banner's NPN line: its FLOP share of this run's step beside the share at the paper's scale, so that
+    the NPN's share of a small model's step *time* (kernel launches and one all-reduce per inner step, which a
+    large model's step hides) is not read as NeuCLIP's cost at scale."""
+    from .presets import get_preset
+
+    here = npn_flops_share(
+        preset,
+        per_rank_batch=per_rank_batch,
+        world_size=world_size,
+        prototypes=prototypes,
+        inner_steps=inner_steps,
+        parallel=parallel,
+    )
+    ref = dict(PAPER_SCALE)
+    paper = npn_flops_share(get_preset(ref.pop("preset")), **ref, parallel=parallel)
+    return (
+        f"m {prototypes}, T_u {inner_steps}, {parallel}: {here:.2%} of a step's model FLOPs here, "
+        f"{paper:.2%} for ViT-B-16 at 256/GPU on 8 GPUs with m 4096, T_u 10"
+    )

@@ -323,6 +323,7 @@ def startup_banner(
     settings a cluster user checks before waiting for a queue's worth of steps; the FLOPs of a sample and the
     peak that mfu in metrics.jsonl divides by (`peak`: none given, no line)."""
     from .config import format_bytes, model_state_bytes, npn_state_bytes
+    from .flops import describe_npn_share
 
     def count(module: torch.nn.Module) -> int:  # ZeRO-3 (zero.Init) leaves each rank a shard: ds_numel is the whole
         return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
@@ -352,6 +353,16 @@ def startup_banner(
     ]
     if peak is not None:
         rows.insert([label for label, _ in rows].index("FLOPs/sample") + 1, ("peak/rank", peak.describe()))
+    if cfg.loss == "neuclip":
+        npn = describe_npn_share(
+            Preset.from_configs(model.visual.config, model.text.config),
+            per_rank_batch=cfg.global_batch_size // info.world_size,
+            world_size=info.world_size,
+            prototypes=cfg.npn_prototypes,
+            inner_steps=cfg.npn_inner_steps,
+            parallel=cfg.npn_parallel,
+        )
+        rows.insert([label for label, _ in rows].index("FLOPs/sample") + 1, ("NPN", npn))
     width = max(len(label) for label, _ in rows) + 2
     # no "neuclip-train:" prefix: that marks the one-line errors and notices (tests/test_fault_tolerance.py counts them)
     return "neuclip-train run\n" + "\n".join(f"  {label:<{width}}{value}" for label, value in rows)

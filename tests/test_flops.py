@@ -105,3 +105,33 @@ def test_peak_is_the_flag_else_measured_on_cpu_else_unknown():
     assert given.tflops == 989.0 and given.describe() == "989 TFLOPS (--peak-tflops)"
     unknown = resolve_peak(None, "bf16", torch.device("cuda"))
     assert unknown.tflops is None and "--peak-tflops" in unknown.describe()
+
+
+@pytest.mark.parametrize("rows,prototypes,inner_steps", [(64, 128, 5), (16, 256, 3)])
+def test_npn_flops_match_the_counter(rows, prototypes, inner_steps):
+    """flops.npn_flops_per_step is what the NPN computes: FlopCounterMode over NPN.fit's T_u inner steps and the
+    prediction of alpha."""
+    from neuclip_ds.flops import npn_flops_per_step
+    from neuclip_ds.npn import NPN
+
+    dim, gen = 32, torch.Generator().manual_seed(0)
+    npn = NPN(dim, num_prototypes=prototypes)
+    img, txt = (torch.nn.functional.normalize(torch.randn(rows, dim, generator=gen), dim=-1) for _ in range(2))
+    tau, targets = torch.tensor([0.07]), torch.randn(2, rows, generator=gen)
+    with FlopCounterMode(display=False) as counter:
+        npn.fit(img, txt, targets[0], targets[1], tau, inner_steps)
+        npn.predict(img, txt, tau)
+    assert counter.get_total_flops() == npn_flops_per_step(rows, prototypes, dim, inner_steps)
+
+
+def test_npn_share_is_per_rank_rows_when_sharded():
+    from neuclip_ds.flops import describe_npn_share, npn_flops_share
+
+    p = get_preset("ViT-B-32")
+    kw = dict(per_rank_batch=256, prototypes=4096, inner_steps=10)
+    sharded = [npn_flops_share(p, world_size=w, **kw) for w in (1, 8)]
+    replicated = [npn_flops_share(p, world_size=w, parallel="replicated", **kw) for w in (1, 8)]
+    assert sharded[0] == sharded[1] == replicated[0]  # E8 (b): each rank its own rows, whatever the world size
+    assert replicated[1] == pytest.approx(8 * replicated[0])  # E8 (a): every rank the global batch
+    line = describe_npn_share(p, world_size=8, parallel="sharded", **kw)
+    assert f"{sharded[0]:.2%} of a step's model FLOPs here" in line and "ViT-B-16" in line
