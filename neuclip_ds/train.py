@@ -78,7 +78,9 @@ def build_data(
             drop_last=True,
             dataset_size=cfg.dataset_size,
         )
-        stream = LoaderStream(loader, accumulation=accumulation, max_bad_fraction=cfg.max_bad_fraction)
+        stream = LoaderStream(
+            loader, accumulation=accumulation, max_bad_fraction=cfg.max_bad_fraction, device=info.device
+        )
         return stream, cfg.dataset_size or cfg.train_num_samples, stream.steps_per_epoch
     from .synthetic import SyntheticPairs, SyntheticStream
 
