@@ -440,7 +440,9 @@ class ClipLoader:
         while cur is not None:
             seen += 1
             samples += len(cur["key"])
-            capped = (self.num_batches is not None and self.stream.resampled and seen >= self.num_batches) or (
+            # resampled or drop_last: at most len(self) batches (the trainer counts its steps per epoch from it)
+            exact = self.stream.resampled or self.stream.drop_last
+            capped = (self.num_batches is not None and exact and seen >= self.num_batches) or (
                 self._sample_cap is not None and samples >= self._sample_cap
             )
             nxt = None if capped else next(batches, None)  # look ahead: know whether cur ends the epoch
@@ -498,7 +500,8 @@ def make_train_loader(
 
     ``num_samples`` (per epoch, all ranks together): non-resampled, it caps a rank at ``ceil(num_samples /
     world_size)`` samples (stopping after the batch that reaches the cap; set it >= the data size to read
-    everything once); resampled, an epoch is exactly ``max(1, num_samples // (batch_size * world_size))`` full
+    everything once), and with ``drop_last`` also at ``len(loader)`` = ``max(1, num_samples // (batch_size *
+    world_size))`` batches; resampled, an epoch is exactly ``max(1, num_samples // (batch_size * world_size))`` full
     batches per rank, split exactly over the workers, the same on every rank (for multi-rank training, where
     every rank must take the same number of steps). ``dataset_size``: samples whose index is not below it are
     skipped (``bad_index``)."""
