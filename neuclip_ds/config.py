@@ -26,6 +26,9 @@ import yaml
 from .data.shards import expand_shards
 from .presets import PRESETS
 
+if typing.TYPE_CHECKING:
+    from .model import Geometry
+
 ZERO_STAGES = (0, 1, 2, 3)
 REPORTERS = ("jsonl", "wandb", "tensorboard", "none")
 DEFAULT_GLOBAL_BATCH = 64
@@ -310,6 +313,7 @@ class TrainConfig:
             raise ConfigError(f"--preset: unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
         if self.pretrained_hf is not None and not (Path(self.pretrained_hf) / "config.json").is_file():
             raise ConfigError(f"--pretrained-hf: {self.pretrained_hf} is not a transformers CLIPModel directory")
+        self.geometry()  # a config.json that is not a CLIPModel's: one line now, not a traceback on every rank
         for f in _OPTIONS:
             value, choices = getattr(self, f.name), _KINDS[f.name].choices
             if choices and value not in choices:
@@ -414,6 +418,15 @@ class TrainConfig:
             return PRESETS[self.preset].embed_dim
         with open(Path(self.pretrained_hf) / "config.json") as f:
             return int(json.load(f).get("projection_dim", 512))  # transformers' CLIPConfig default
+
+    def geometry(self) -> Geometry:
+        """Image size, context length and vocabulary of the model: --pretrained-hf's when given, else the preset's."""
+        from .model import model_geometry
+
+        try:
+            return model_geometry(self.preset, self.pretrained_hf)
+        except ValueError as e:
+            raise ConfigError(f"--pretrained-hf: {e}") from None
 
     def _check_memory(self, world_size: int) -> None:
         """Refuse sizes whose per-rank state alone cannot fit where it will live (the encoders and activations

@@ -21,7 +21,6 @@ from . import distributed
 from .checkpoint import seed_everything
 from .config import ConfigError, TrainConfig, parse_config
 from .metrics import format_scalars
-from .presets import get_preset
 from .rundir import RunFiles
 from .stopping import FaultWatchdog, StopSignals, report_failure
 
@@ -35,17 +34,17 @@ if TYPE_CHECKING:  # imported where used: deepspeed and the data stack load only
 
 def build_tokenizer_vocab(cfg: TrainConfig) -> tuple[TextTokenizer | None, dict[str, int]]:
     """The tokenizer (None for synthetic data) and the ids the text tower must know."""
-    preset = get_preset(cfg.preset)
+    geometry = cfg.geometry()
     if cfg.tokenizer is None:
         return None, {
-            "vocab_size": preset.vocab_size,
-            "eos_token_id": preset.vocab_size - 1,
-            "bos_token_id": preset.vocab_size - 2,
-            "pad_token_id": 0,
+            "vocab_size": geometry.vocab_size,
+            "eos_token_id": geometry.eos_token_id,
+            "bos_token_id": geometry.bos_token_id,
+            "pad_token_id": geometry.pad_token_id,
         }
     from .data.tokenizer import TextTokenizer
 
-    tok = TextTokenizer(cfg.tokenizer, context_length=preset.context_length)
+    tok = TextTokenizer(cfg.tokenizer, context_length=geometry.context_length)
     return tok, {
         "vocab_size": tok.vocab_size,
         "eos_token_id": tok.eos_token_id,
@@ -58,7 +57,7 @@ def build_data(
     cfg: TrainConfig, info: DistInfo, accumulation: int, vocab: dict, tokenizer: TextTokenizer | None
 ) -> tuple[StepStream, int | None, int]:
     """The training stream: per optimizer step, this rank's list of micro-batches."""
-    preset = get_preset(cfg.preset)
+    geometry = cfg.geometry()
     micro = cfg.global_batch_size // (info.world_size * accumulation)
     if cfg.train_data is not None:
         from .data.loader import make_train_loader
@@ -67,7 +66,7 @@ def build_data(
         loader = make_train_loader(
             cfg.train_data,
             tokenizer=tokenizer,
-            image_size=preset.image_size,
+            image_size=geometry.image_size,
             batch_size=micro,
             num_samples=cfg.train_num_samples,
             rank=info.rank,
@@ -86,8 +85,8 @@ def build_data(
 
     data = SyntheticPairs(
         cfg.synthetic_samples,
-        image_size=preset.image_size,
-        context_length=preset.context_length,
+        image_size=geometry.image_size,
+        context_length=geometry.context_length,
         vocab_size=vocab["vocab_size"],
         eos_token_id=vocab["eos_token_id"],
         bos_token_id=vocab["bos_token_id"],
@@ -316,7 +315,7 @@ def startup_banner(
     samples = cfg.train_num_samples if cfg.train_data is not None else cfg.synthetic_samples
     resumed = f", resuming after step {start_step}" if start_step else ""
     rows = [
-        ("model", f"{cfg.preset}, loss {cfg.loss}"),
+        ("model", f"{cfg.pretrained_hf or cfg.preset}, loss {cfg.loss}"),
         ("parameters", f"vision {vision:,}  text {text:,}  total {total:,}"),
         ("ranks", f"{info.world_size}"),
         ("micro-batch", f"{micro} per rank"),
@@ -372,8 +371,7 @@ def build_norm_err_probe(
         return NormErrProbe(anchors, lambda: (data.batch(i) for i in mine.split(256)), eps=cfg.normalizer_eps)
     from .data.loader import make_eval_loader
 
-    preset = get_preset(cfg.preset)
-    common = dict(tokenizer=tokenizer, image_size=preset.image_size, dataset_size=cfg.dataset_size)
+    common = dict(tokenizer=tokenizer, image_size=cfg.geometry().image_size, dataset_size=cfg.dataset_size)
     anchors = next(iter(make_eval_loader(cfg.train_data, batch_size=S, **common)))
     share = make_eval_loader(cfg.train_data, batch_size=256, rank=info.rank, world_size=info.world_size, **common)
     return NormErrProbe(anchors, lambda: iter(share), eps=cfg.normalizer_eps)
