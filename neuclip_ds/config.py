@@ -235,8 +235,8 @@ class TrainConfig:
     zeroshot_frequency: int = opt(0, "evaluate every N epochs, as OpenCLIP (0: as --eval-every)", SYSTEM)
     report_to: str = opt(
         "jsonl",
-        "comma list of " + ", ".join(REPORTERS) + " (wandb, tensorboard: also jsonl; tensorboard: event files in "
-        "<output-dir>/tensorboard/; none: nothing)",
+        "comma list of " + ", ".join(REPORTERS) + ": metrics.jsonl is always written; wandb/tensorboard add "
+        "reporters (tensorboard: event files in <output-dir>/tensorboard/); none = no other reporter",
         SYSTEM,
     )
     wandb_project: str = opt("neuclip_ds", "wandb project (--report-to wandb)", SYSTEM, aliases=("wandb_project_name",))
@@ -387,14 +387,14 @@ class TrainConfig:
                 raise ConfigError("--train-num-samples: required with --train-data (samples per epoch)")
         if self.val_data is not None:
             _check_shards("--val-data", self.val_data)
-        if self.epochs is not None and self.train_data is None and self.synthetic_samples == 0:
-            raise ConfigError("--epochs: needs a data set size (--train-num-samples)")
         if self.loss == "fastclip" and self.train_data is not None and self.dataset_size is None:
             raise ConfigError("--dataset-size: FastCLIP's u tables need the number of samples in the data set")
         if self.tokenizer is not None and not Path(self.tokenizer).is_dir():
             raise ConfigError(f"--tokenizer: {self.tokenizer} is not a directory")
         if self.train_data is not None and self.tokenizer is None:
             raise ConfigError("--tokenizer: required with --train-data (a local HF tokenizer directory)")
+        if self.val_data is not None and self.tokenizer is None:  # synthetic training data need none, evaluation does
+            raise ConfigError("--tokenizer: required with --val-data (a local HF tokenizer directory)")
 
     def _check_deepspeed(self, world_size: int) -> None:
         _check_zero_keys(self.ds.settings.get("zero_optimization", {}), self.ds.path)
@@ -409,7 +409,7 @@ class TrainConfig:
                 f"--global-batch-size: {self.global_batch_size} is not divisible by ranks x "
                 f"accumulation = {world_size} x {accum}"
             )
-        if self.global_batch_size // world_size < 2 and world_size == 1:
+        if self.global_batch_size < 2:  # a multiple of the ranks: only a single rank can get here
             raise ConfigError("--global-batch-size: need at least 2 pairs for negatives")
 
     def embed_dim(self) -> int:

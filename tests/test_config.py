@@ -48,6 +48,7 @@ def run_main(capsys, args, world_size=None, monkeypatch=None):
         (["--lr", "ten"], "--lr: expected a number, got 'ten'"),
         (["--seed", "1.5"], "--seed: expected an integer, got '1.5'"),
         (["--log-every", "0"], "--log-every: must be > 0, got 0"),
+        (["--global-batch-size", "1"], "--global-batch-size: need at least 2 pairs for negatives"),
     ],
 )
 def test_config_errors_are_one_line_exit_2(capsys, args, needle):
@@ -223,6 +224,16 @@ def test_shard_glob_is_accepted_and_an_empty_one_refused(shard_dir, default_digi
     with_data(f"{shard_dir}/*.tar").validate(world_size=2)
     with pytest.raises(ConfigError, match=r"--train-data: no shard matches '.*/\*\.zip'"):
         with_data(f"{shard_dir}/*.zip").validate()
+
+
+def test_val_data_needs_a_tokenizer_even_with_synthetic_training_data(shard_dir, default_digits):
+    """Evaluation tokenizes the class prompts and captions: without a tokenizer it would fail after training."""
+    val = ["--val-data", f"{shard_dir}/{{00000..00003}}.tar"]
+    with pytest.raises(
+        ConfigError, match=r"^--tokenizer: required with --val-data \(a local HF tokenizer directory\)$"
+    ):
+        parse_config([*OK, *val]).validate()
+    parse_config([*OK, *val, "--tokenizer", "data/digits/tokenizer"]).validate()
 
 
 def test_shards_that_are_not_readable_files_are_refused(tmp_path):
