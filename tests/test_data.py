@@ -614,3 +614,21 @@ def test_bad_sample_counts_are_all_reduced_on_the_runs_device(ds, tok, monkeypat
     with pytest.raises(Reduced):
         stream.check_bad_samples()
     assert seen == [torch.device("meta")]
+
+
+def test_shard_warnings_come_from_rank_0_only(ds, tok, tmp_path, monkeypatch):
+    """Every rank finds the same missing shards and the same shortage: one warning for the run, not one per rank;
+    each rank still counts its share of the missing shards."""
+    from neuclip_ds import distributed
+
+    spec = f"{ds / 'train' / '00000.tar'}::{tmp_path / 'missing.tar'}"
+    kw = dict(tokenizer=tok, image_size=32, batch_size=8, num_samples=40, world_size=2)
+    with pytest.warns(UserWarning) as record:
+        make_train_loader(spec, rank=0, **kw)
+    messages = " ".join(str(w.message) for w in record)
+    assert "missing_shard" in messages and "some workers get no shard" in messages
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaders = [make_train_loader(spec, rank=r, **kw) for r in range(2)]
+    assert [loader.bad_sample_totals["missing_shard"] for loader in loaders] == [1, 0]

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+from .. import distributed
 from .bad_samples import BadSample, BadSampleWarning, WorkerBadCounts, merge_counts
 from .shards import expand_shards, is_local, local_path
 from .transforms import ImageTransform, to_rgb
@@ -345,7 +346,8 @@ class ClipLoader:
         self.batches_in_epoch = 0
         self._attached: Counter = Counter()  # counts handed out in batches
         self._pending: Counter = Counter()
-        if self.missing_shards:
+        # every rank expands the same spec and finds the same: rank 0 says it for all of them
+        if self.missing_shards and distributed.rank() == 0:
             warnings.warn(
                 f"data: skipped (missing_shard) {len(self.missing_shards)} of "
                 f"{len(self.urls) + len(self.missing_shards)} "
@@ -354,10 +356,10 @@ class ClipLoader:
                 BadSampleWarning,
                 stacklevel=3,
             )
-            # attribute missing shard i to rank i % world_size, so summing over ranks counts each once
-            mine = len(self.missing_shards[stream.rank :: stream.world_size])
-            if mine:
-                self._pending["missing_shard"] += mine
+        # attribute missing shard i to rank i % world_size, so summing over ranks counts each once
+        mine = len(self.missing_shards[stream.rank :: stream.world_size])
+        if mine:
+            self._pending["missing_shard"] += mine
         gb = stream.batch_size * stream.world_size
         if stream.resampled:
             self.num_batches = stream.batches_per_epoch
@@ -368,7 +370,8 @@ class ClipLoader:
         else:
             self.num_batches = None
             self._sample_cap = None
-        if not stream.resampled and len(self.urls) < stream.world_size * max(1, self.workers):
+        few = not stream.resampled and len(self.urls) < stream.world_size * max(1, self.workers)
+        if few and distributed.rank() == 0:
             warnings.warn(
                 f"data: {len(self.urls)} shard(s) for {stream.world_size} rank(s) x "
                 f"{max(1, self.workers)} worker(s): some workers get no shard",
