@@ -447,7 +447,7 @@ class TrainConfig:
 
         try:
             paths = dataset_paths(self.dataset_dir)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"--dataset-dir: {e}") from None
         return {
             "train_data": self.train_data or paths["train"],

@@ -518,7 +518,10 @@ def run_cli(args: argparse.Namespace) -> dict:
     if val_data is None and dataset_dir is not None:
         from .data.embedded import dataset_paths
 
-        val_data = dataset_paths(dataset_dir)["val"]
+        try:
+            val_data = dataset_paths(dataset_dir)["val"]
+        except ValueError as e:
+            raise EvalError(f"--dataset-dir: {e}") from None
     if val_data is None and run_config.get("val_data"):
         val_data = str(_resolve_path(run_config["val_data"], run_dir))
     if val_data is None:

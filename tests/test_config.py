@@ -236,6 +236,24 @@ def test_val_data_needs_a_tokenizer_even_with_synthetic_training_data(shard_dir,
     parse_config([*OK, *val, "--tokenizer", "data/digits/tokenizer"]).validate()
 
 
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"name": "someone-elses", "version": "1"}, r"is not a neuclip-digits v\S+ manifest \('someone-elses' v1\)"),
+        ({"splits": {"train": {"shards": "train/x.tar"}}}, r"splits\.train needs shards and num_samples >= 1"),
+        ({"tokenizer": "../../elsewhere"}, r"tokenizer '\.\./\.\./elsewhere' leads outside"),
+        ({"tokenizer": "/etc"}, r"tokenizer '/etc' leads outside"),
+        ({"classnames": None}, r"classnames must be a relative path, got None"),
+    ],
+)
+def test_a_foreign_or_malformed_dataset_json_is_one_line(tmp_path, default_digits, change, message):
+    manifest = json.loads((default_digits / "dataset.json").read_text())
+    (tmp_path / "dataset.json").write_text(json.dumps(dict(manifest, **change)))
+    with pytest.raises(ConfigError, match=r"^--dataset-dir: .*" + message) as err:
+        parse_config([*OK, "--dataset-dir", str(tmp_path)]).validate()
+    assert "\n" not in str(err.value)
+
+
 def test_shards_that_are_not_readable_files_are_refused(tmp_path):
     for name in ("00000.tar", "00001.tar"):
         (tmp_path / name).mkdir()

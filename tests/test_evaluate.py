@@ -514,6 +514,9 @@ def test_cli_errors(ds, tmp_path, capsys, model):
     one_line_error(capsys, ["--hf-dir", str(hf), "--val-data", str(tmp_path / "val/{00000..00003}.tar")], "--val-data")
     one_line_error(capsys, ["--hf-dir", str(hf)], "no validation data")
     one_line_error(capsys, ["--hf-dir", str(hf), "--dataset-dir", str(tmp_path / "empty")], "--dataset-dir")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "dataset.json").write_text('{"name": "other"}')
+    one_line_error(capsys, ["--hf-dir", str(hf), "--dataset-dir", str(tmp_path / "foreign")], "manifest ('other'")
     one_line_error(
         capsys,
         ["--hf-dir", str(hf), "--val-data", dataset_paths(ds)["val"], "--tokenizer", str(tmp_path / "notok")],
