@@ -267,6 +267,10 @@ class TrainConfig:
         """--lr-tau, or the encoders' --lr when unset."""
         return self.lr if self.lr_tau is None else self.lr_tau
 
+    def micro_batch(self, world_size: int) -> int:
+        """Pairs per rank and micro-batch: the global batch over ranks x accumulation (on a resolved config)."""
+        return self.global_batch_size // (world_size * self.ds.gradient_accumulation_steps)
+
     def to_dict(self) -> dict:
         """The options (what config.yaml holds, and --config reads back)."""
         return {f.name: getattr(self, f.name) for f in _OPTIONS}

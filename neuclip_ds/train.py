@@ -56,9 +56,10 @@ def build_tokenizer_vocab(cfg: TrainConfig) -> tuple[TextTokenizer | None, dict[
 def build_data(
     cfg: TrainConfig, info: DistInfo, accumulation: int, vocab: dict, tokenizer: TextTokenizer | None
 ) -> tuple[StepStream, int | None, int]:
-    """The training stream: per optimizer step, this rank's list of micro-batches."""
+    """The training stream (per optimizer step, this rank's list of micro-batches), the data set size FastCLIP's u
+    tables cover, and the steps per epoch."""
     geometry = cfg.geometry()
-    micro = cfg.global_batch_size // (info.world_size * accumulation)
+    micro = cfg.micro_batch(info.world_size)
     if cfg.train_data is not None:
         from .data.loader import make_train_loader
         from .data.stream import LoaderStream
@@ -101,7 +102,7 @@ def build_data(
         accumulation=accumulation,
         seed=cfg.seed,
     )
-    return stream, cfg.synthetic_samples, stream.steps_per_epoch
+    return stream, cfg.dataset_size or cfg.synthetic_samples, stream.steps_per_epoch
 
 
 def build_model_for(cfg: TrainConfig, ds_config: dict, vocab: dict) -> CLIPDualEncoder:
@@ -156,9 +157,7 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
     resized = saved is not None and saved["world_size"] != info.world_size
     load_dir = checkpoint.to_universal(resume_dir) if resized else resume_dir
     model = build_model_for(cfg, build_ds_config(cfg, info.world_size), vocab)
-    eng = NeuCLIPEngine(
-        cfg, model, info, total_steps=total_steps, dataset_size=cfg.dataset_size or dataset_size, load_universal=resized
-    )
+    eng = NeuCLIPEngine(cfg, model, info, total_steps=total_steps, dataset_size=dataset_size, load_universal=resized)
 
     state = checkpoint.TrainState(
         eng,
@@ -308,7 +307,7 @@ def startup_banner(
 
     vision, text, total = count(model.visual), count(model.text), count(model)
     accumulation = cfg.ds.gradient_accumulation_steps
-    micro = cfg.global_batch_size // (info.world_size * accumulation)
+    micro = cfg.micro_batch(info.world_size)
     memory = f"{format_bytes(model_state_bytes(total, cfg.precision, cfg.ds.zero_stage, info.world_size))} model states"
     if cfg.loss == "neuclip" and cfg.npn_variant == "tailored":
         memory += f" + {format_bytes(npn_state_bytes(cfg.npn_prototypes, cfg.embed_dim()))} NPN"

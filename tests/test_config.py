@@ -76,6 +76,16 @@ def test_batch_not_divisible_by_ranks_times_accumulation(capsys, tmp_path, monke
     assert code == 2 and "not divisible by ranks x accumulation = 2 x 3" in err[0]
 
 
+def test_micro_batch_is_the_global_batch_over_ranks_and_accumulation(tmp_path):
+    from neuclip_ds.engine import build_ds_config
+
+    acc = tmp_path / "acc.json"
+    acc.write_text(json.dumps({"gradient_accumulation_steps": 3, "zero_optimization": {"stage": 2}}))
+    args = [*OK, "--ds-config", str(acc), "--global-batch-size", "48", "--output-dir", str(tmp_path / "run")]
+    cfg = parse_config(args).validate(world_size=2)
+    assert cfg.micro_batch(2) == 8 == build_ds_config(cfg, 2)["train_micro_batch_size_per_gpu"]
+
+
 def test_missing_data(capsys):
     code, err = run_main(capsys, ["--steps", "2"])
     assert code == 2 and "--train-data: no training data" in err[0]
