@@ -317,7 +317,8 @@ class TrainConfig:
             raise ConfigError(f"--preset: unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
         if self.pretrained_hf is not None and not (Path(self.pretrained_hf) / "config.json").is_file():
             raise ConfigError(f"--pretrained-hf: {self.pretrained_hf} is not a transformers CLIPModel directory")
-        self.geometry()  # a config.json that is not a CLIPModel's: one line now, not a traceback on every rank
+        if self.pretrained_hf is not None:  # a config.json that is not a CLIPModel's: one line, not a traceback
+            self.geometry()
         for f in _OPTIONS:
             value, choices = getattr(self, f.name), _KINDS[f.name].choices
             if choices and value not in choices:
