@@ -26,6 +26,9 @@ import yaml
 from .data.shards import expand_shards
 from .presets import PRESETS
 
+if typing.TYPE_CHECKING:
+    from .model import Geometry
+
 ZERO_STAGES = (0, 1, 2, 3)
 REPORTERS = ("jsonl", "wandb", "tensorboard", "none")
 DEFAULT_GLOBAL_BATCH = 64
@@ -232,8 +235,8 @@ class TrainConfig:
     zeroshot_frequency: int = opt(0, "evaluate every N epochs, as OpenCLIP (0: as --eval-every)", SYSTEM)
     report_to: str = opt(
         "jsonl",
-        "comma list of " + ", ".join(REPORTERS) + " (wandb, tensorboard: also jsonl; tensorboard: event files in "
-        "<output-dir>/tensorboard/; none: nothing)",
+        "comma list of " + ", ".join(REPORTERS) + ": metrics.jsonl is always written; wandb/tensorboard add "
+        "reporters (tensorboard: event files in <output-dir>/tensorboard/); none = no other reporter",
         SYSTEM,
     )
     wandb_project: str = opt("neuclip_ds", "wandb project (--report-to wandb)", SYSTEM, aliases=("wandb_project_name",))
@@ -269,6 +272,10 @@ class TrainConfig:
     def tau_lr(self) -> float:
         """--lr-tau, or the encoders' --lr when unset."""
         return self.lr if self.lr_tau is None else self.lr_tau
+
+    def micro_batch(self, world_size: int) -> int:
+        """Pairs per rank and micro-batch: the global batch over ranks x accumulation (on a resolved config)."""
+        return self.global_batch_size // (world_size * self.ds.gradient_accumulation_steps)
 
     def to_dict(self) -> dict:
         """The options (what config.yaml holds, and --config reads back)."""
@@ -316,6 +323,8 @@ class TrainConfig:
             raise ConfigError(f"--preset: unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
         if self.pretrained_hf is not None and not (Path(self.pretrained_hf) / "config.json").is_file():
             raise ConfigError(f"--pretrained-hf: {self.pretrained_hf} is not a transformers CLIPModel directory")
+        if self.pretrained_hf is not None:  # a config.json that is not a CLIPModel's: one line, not a traceback
+            self.geometry()
         for f in _OPTIONS:
             value, choices = getattr(self, f.name), _KINDS[f.name].choices
             if choices and value not in choices:
@@ -389,14 +398,14 @@ class TrainConfig:
                 raise ConfigError("--train-num-samples: required with --train-data (samples per epoch)")
         if self.val_data is not None:
             _check_shards("--val-data", self.val_data)
-        if self.epochs is not None and self.train_data is None and self.synthetic_samples == 0:
-            raise ConfigError("--epochs: needs a data set size (--train-num-samples)")
         if self.loss == "fastclip" and self.train_data is not None and self.dataset_size is None:
             raise ConfigError("--dataset-size: FastCLIP's u tables need the number of samples in the data set")
         if self.tokenizer is not None and not Path(self.tokenizer).is_dir():
             raise ConfigError(f"--tokenizer: {self.tokenizer} is not a directory")
         if self.train_data is not None and self.tokenizer is None:
             raise ConfigError("--tokenizer: required with --train-data (a local HF tokenizer directory)")
+        if self.val_data is not None and self.tokenizer is None:  # synthetic training data need none, evaluation does
+            raise ConfigError("--tokenizer: required with --val-data (a local HF tokenizer directory)")
 
     def _check_deepspeed(self, world_size: int) -> None:
         _check_zero_keys(self.ds.settings.get("zero_optimization", {}), self.ds.path)
@@ -411,7 +420,7 @@ class TrainConfig:
                 f"--global-batch-size: {self.global_batch_size} is not divisible by ranks x "
                 f"accumulation = {world_size} x {accum}"
             )
-        if self.global_batch_size // world_size < 2 and world_size == 1:
+        if self.global_batch_size < 2:  # a multiple of the ranks: only a single rank can get here
             raise ConfigError("--global-batch-size: need at least 2 pairs for negatives")
 
     def embed_dim(self) -> int:
@@ -420,6 +429,15 @@ class TrainConfig:
             return PRESETS[self.preset].embed_dim
         with open(Path(self.pretrained_hf) / "config.json") as f:
             return int(json.load(f).get("projection_dim", 512))  # transformers' CLIPConfig default
+
+    def geometry(self) -> Geometry:
+        """Image size, context length and vocabulary of the model: --pretrained-hf's when given, else the preset's."""
+        from .model import model_geometry
+
+        try:
+            return model_geometry(self.preset, self.pretrained_hf)
+        except ValueError as e:
+            raise ConfigError(f"--pretrained-hf: {e}") from None
 
     def _check_memory(self, world_size: int) -> None:
         """Refuse sizes whose per-rank state alone cannot fit where it will live (the encoders and activations
@@ -440,7 +458,7 @@ class TrainConfig:
 
         try:
             paths = dataset_paths(self.dataset_dir)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"--dataset-dir: {e}") from None
         return {
             "train_data": self.train_data or paths["train"],

@@ -27,6 +27,7 @@ __all__ = [
     "is_initialized",
     "max_over_ranks",
     "rank",
+    "sum_over_ranks",
     "world_size",
 ]
 
@@ -58,6 +59,15 @@ def max_over_ranks(value: int, device: torch.device | str | None = None) -> int:
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def sum_over_ranks(values: list[float], device: torch.device | str | None = None) -> list[float]:
+    """Collective: the element-wise sum of every rank's `values` (same length on every rank), in float64, the same
+    on every rank (one all-reduce). `device`: as in `max_over_ranks` (NCCL has no CPU tensors)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_distributed():
+        dist.all_reduce(t)
+    return t.tolist()
 
 
 def any_rank(flag: bool, device: torch.device | str | None = None) -> bool:

@@ -96,7 +96,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
     ds = copy.deepcopy(cfg.ds.settings)  # DeepSpeed and callers edit what they get; cfg.ds stays as read
     accum = cfg.ds.gradient_accumulation_steps
     ds["train_batch_size"] = cfg.global_batch_size
-    ds["train_micro_batch_size_per_gpu"] = cfg.global_batch_size // (world_size * accum)
+    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch(world_size)
     ds["gradient_accumulation_steps"] = accum
     pure = cfg.precision == "pure_bf16"  # no fp32 copy at all: ZeRO's bf16 master weights, gradients and moments
     ds["bf16"] = {

@@ -288,7 +288,9 @@ def find_dataset_dir(*paths: str | os.PathLike | None) -> Path | None:
 def _warn_if_collapsed(what: str, x: torch.Tensor, *, pairwise: bool = False, atol: float = 1e-5) -> None:
     """Ties count against the correct candidate, so collapsed embeddings score ~0: say so. ``pairwise`` (small
     matrices only, e.g. a zero-shot classifier) also reports partly duplicated rows, whose classes lose every tie
-    between them."""
+    between them. Rank 0 only: under ZeRO-3 every rank evaluates the same split and would say it again."""
+    if distributed.rank() != 0:
+        return
     x = x.detach().double()
     if x.shape[0] < 2:
         return
@@ -353,7 +355,8 @@ def evaluate(
     if image_size is None:
         image_size = module.image_size
     if classnames is None:
-        ddir = Path(dataset_dir) if dataset_dir is not None else find_dataset_dir(val_data)
+        specs = [val_data] if isinstance(val_data, (str, os.PathLike)) else val_data
+        ddir = Path(dataset_dir) if dataset_dir is not None else find_dataset_dir(*specs)
         if ddir is not None and (ddir / "classnames.json").is_file():
             from .data.embedded import load_classnames, load_templates
 
@@ -381,9 +384,10 @@ def evaluate(
         try:
             for attr, names in classnames.items():
                 if attr not in emb["labels"]:
-                    warnings.warn(
-                        f"eval: no labels for attribute {attr!r} in the validation data; skipped", stacklevel=2
-                    )
+                    if distributed.rank() == 0:  # every rank of a ZeRO-3 run finds the same
+                        warnings.warn(
+                            f"eval: no labels for attribute {attr!r} in the validation data; skipped", stacklevel=2
+                        )
                     continue
                 tmpl = list(templates.get(attr) or ["a photo of a {}."])
                 clf = zero_shot_classifier(
@@ -514,7 +518,10 @@ def run_cli(args: argparse.Namespace) -> dict:
     if val_data is None and dataset_dir is not None:
         from .data.embedded import dataset_paths
 
-        val_data = dataset_paths(dataset_dir)["val"]
+        try:
+            val_data = dataset_paths(dataset_dir)["val"]
+        except ValueError as e:
+            raise EvalError(f"--dataset-dir: {e}") from None
     if val_data is None and run_config.get("val_data"):
         val_data = str(_resolve_path(run_config["val_data"], run_dir))
     if val_data is None:

@@ -14,7 +14,9 @@ features.
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -133,6 +135,37 @@ class CLIPDualEncoder(nn.Module):
         return out
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """What the data must look like for a model: the image side, the text context length, and the vocabulary with
+    its special ids (the ids synthetic captions use; a tokenizer brings its own)."""
+
+    image_size: int
+    context_length: int
+    vocab_size: int
+    eos_token_id: int
+    bos_token_id: int
+    pad_token_id: int
+
+
+def model_geometry(preset: str, hf_dir: str | Path | None = None) -> Geometry:
+    """The input geometry of the model `build_model` makes: a local HF CLIPModel directory's (`hf_dir`, read from
+    its config.json), else the preset's. ValueError when `hf_dir` holds no readable CLIP config."""
+    if hf_dir is None:
+        p = get_preset(preset)
+        return Geometry(p.image_size, p.context_length, p.vocab_size, p.vocab_size - 1, p.vocab_size - 2, 0)
+    try:
+        config = CLIPConfig.from_pretrained(hf_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{hf_dir} holds no readable CLIPModel config.json ({str(e).splitlines()[0]})") from None
+    text, vision = config.text_config, config.vision_config
+    # eos 2 is transformers' mark of OpenAI's configs, which pool at the largest id: synthetic captions end there
+    eos = text.vocab_size - 1 if text.eos_token_id == 2 else text.eos_token_id
+    return Geometry(
+        vision.image_size, text.max_position_embeddings, text.vocab_size, eos, text.bos_token_id, text.pad_token_id
+    )
+
+
 def build_model(
     preset: str,
     *,
@@ -199,9 +232,12 @@ def load_hf_clip(
     clip = CLIPModel.from_pretrained(hf_dir, local_files_only=True)
     tau = float(torch.exp(-clip.logit_scale.detach().float()))
     tau = min(max(tau, tau_min), tau_max)
+    # CLIPModel sizes its projections by the top-level projection_dim, whatever the tower configs say
+    vision_config, text_config = copy.deepcopy(clip.config.vision_config), copy.deepcopy(clip.config.text_config)
+    vision_config.projection_dim = text_config.projection_dim = clip.config.projection_dim
     model = CLIPDualEncoder(
-        clip.config.vision_config,
-        clip.config.text_config,
+        vision_config,
+        text_config,
         init_tau=tau,
         tau_min=tau_min,
         tau_max=tau_max,

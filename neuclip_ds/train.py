@@ -21,7 +21,7 @@ from . import distributed
 from .checkpoint import seed_everything
 from .config import ConfigError, TrainConfig, parse_config
 from .metrics import format_scalars
-from .presets import Preset, get_preset
+from .presets import Preset
 from .rundir import RunFiles
 from .stopping import FaultWatchdog, StopSignals, report_failure
 
@@ -36,17 +36,17 @@ if TYPE_CHECKING:  # imported where used: deepspeed and the data stack load only
 
 def build_tokenizer_vocab(cfg: TrainConfig) -> tuple[TextTokenizer | None, dict[str, int]]:
     """The tokenizer (None for synthetic data) and the ids the text tower must know."""
-    preset = get_preset(cfg.preset)
+    geometry = cfg.geometry()
     if cfg.tokenizer is None:
         return None, {
-            "vocab_size": preset.vocab_size,
-            "eos_token_id": preset.vocab_size - 1,
-            "bos_token_id": preset.vocab_size - 2,
-            "pad_token_id": 0,
+            "vocab_size": geometry.vocab_size,
+            "eos_token_id": geometry.eos_token_id,
+            "bos_token_id": geometry.bos_token_id,
+            "pad_token_id": geometry.pad_token_id,
         }
     from .data.tokenizer import TextTokenizer
 
-    tok = TextTokenizer(cfg.tokenizer, context_length=preset.context_length)
+    tok = TextTokenizer(cfg.tokenizer, context_length=geometry.context_length)
     return tok, {
         "vocab_size": tok.vocab_size,
         "eos_token_id": tok.eos_token_id,
@@ -58,9 +58,10 @@ def build_tokenizer_vocab(cfg: TrainConfig) -> tuple[TextTokenizer | None, dict[
 def build_data(
     cfg: TrainConfig, info: DistInfo, accumulation: int, vocab: dict, tokenizer: TextTokenizer | None
 ) -> tuple[StepStream, int | None, int]:
-    """The training stream: per optimizer step, this rank's list of micro-batches."""
-    preset = get_preset(cfg.preset)
-    micro = cfg.global_batch_size // (info.world_size * accumulation)
+    """The training stream (per optimizer step, this rank's list of micro-batches), the data set size FastCLIP's u
+    tables cover, and the steps per epoch."""
+    geometry = cfg.geometry()
+    micro = cfg.micro_batch(info.world_size)
     if cfg.train_data is not None:
         from .data.loader import make_train_loader
         from .data.stream import LoaderStream
@@ -68,7 +69,7 @@ def build_data(
         loader = make_train_loader(
             cfg.train_data,
             tokenizer=tokenizer,
-            image_size=preset.image_size,
+            image_size=geometry.image_size,
             batch_size=micro,
             num_samples=cfg.train_num_samples,
             rank=info.rank,
@@ -79,14 +80,16 @@ def build_data(
             drop_last=True,
             dataset_size=cfg.dataset_size,
         )
-        stream = LoaderStream(loader, accumulation=accumulation, max_bad_fraction=cfg.max_bad_fraction)
+        stream = LoaderStream(
+            loader, accumulation=accumulation, max_bad_fraction=cfg.max_bad_fraction, device=info.device
+        )
         return stream, cfg.dataset_size or cfg.train_num_samples, stream.steps_per_epoch
     from .synthetic import SyntheticPairs, SyntheticStream
 
     data = SyntheticPairs(
         cfg.synthetic_samples,
-        image_size=preset.image_size,
-        context_length=preset.context_length,
+        image_size=geometry.image_size,
+        context_length=geometry.context_length,
         vocab_size=vocab["vocab_size"],
         eos_token_id=vocab["eos_token_id"],
         bos_token_id=vocab["bos_token_id"],
@@ -101,7 +104,7 @@ def build_data(
         accumulation=accumulation,
         seed=cfg.seed,
     )
-    return stream, cfg.synthetic_samples, stream.steps_per_epoch
+    return stream, cfg.dataset_size or cfg.synthetic_samples, stream.steps_per_epoch
 
 
 def build_model_for(cfg: TrainConfig, ds_config: dict, vocab: dict) -> CLIPDualEncoder:
@@ -157,9 +160,7 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
     resized = saved is not None and saved["world_size"] != info.world_size
     load_dir = checkpoint.to_universal(resume_dir) if resized else resume_dir
     model = build_model_for(cfg, build_ds_config(cfg, info.world_size), vocab)
-    eng = NeuCLIPEngine(
-        cfg, model, info, total_steps=total_steps, dataset_size=cfg.dataset_size or dataset_size, load_universal=resized
-    )
+    eng = NeuCLIPEngine(cfg, model, info, total_steps=total_steps, dataset_size=dataset_size, load_universal=resized)
 
     state = checkpoint.TrainState(
         eng,
@@ -330,14 +331,14 @@ def startup_banner(
 
     vision, text, total = count(model.visual), count(model.text), count(model)
     accumulation = cfg.ds.gradient_accumulation_steps
-    micro = cfg.global_batch_size // (info.world_size * accumulation)
+    micro = cfg.micro_batch(info.world_size)
     memory = f"{format_bytes(model_state_bytes(total, cfg.precision, cfg.ds.zero_stage, info.world_size))} model states"
     if cfg.loss == "neuclip" and cfg.npn_variant == "tailored":
         memory += f" + {format_bytes(npn_state_bytes(cfg.npn_prototypes, cfg.embed_dim()))} NPN"
     samples = cfg.train_num_samples if cfg.train_data is not None else cfg.synthetic_samples
     resumed = f", resuming after step {start_step}" if start_step else ""
     rows = [
-        ("model", f"{cfg.preset}, loss {cfg.loss}"),
+        ("model", f"{cfg.pretrained_hf or cfg.preset}, loss {cfg.loss}"),
         ("parameters", f"vision {vision:,}  text {text:,}  total {total:,}"),
         ("ranks", f"{info.world_size}"),
         ("micro-batch", f"{micro} per rank"),
@@ -418,8 +419,7 @@ def build_norm_err_probe(
         return NormErrProbe(anchors, lambda: (data.batch(i) for i in mine.split(256)), eps=cfg.normalizer_eps)
     from .data.loader import make_eval_loader
 
-    preset = get_preset(cfg.preset)
-    common = dict(tokenizer=tokenizer, image_size=preset.image_size, dataset_size=cfg.dataset_size)
+    common = dict(tokenizer=tokenizer, image_size=cfg.geometry().image_size, dataset_size=cfg.dataset_size)
     anchors = next(iter(make_eval_loader(cfg.train_data, batch_size=S, **common)))
     share = make_eval_loader(cfg.train_data, batch_size=256, rank=info.rank, world_size=info.world_size, **common)
     return NormErrProbe(anchors, lambda: iter(share), eps=cfg.normalizer_eps)

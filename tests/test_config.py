@@ -49,6 +49,7 @@ def run_main(capsys, args, world_size=None, monkeypatch=None):
         (["--seed", "1.5"], "--seed: expected an integer, got '1.5'"),
         (["--log-every", "0"], "--log-every: must be > 0, got 0"),
         (["--peak-tflops", "0"], "--peak-tflops: must be > 0, got 0"),
+        (["--global-batch-size", "1"], "--global-batch-size: need at least 2 pairs for negatives"),
     ],
 )
 def test_config_errors_are_one_line_exit_2(capsys, args, needle):
@@ -74,6 +75,16 @@ def test_batch_not_divisible_by_ranks_times_accumulation(capsys, tmp_path, monke
     acc.write_text(json.dumps({"gradient_accumulation_steps": 3, "zero_optimization": {"stage": 2}}))
     code, err = run_main(capsys, [*OK, "--ds-config", str(acc)], world_size=2, monkeypatch=monkeypatch)
     assert code == 2 and "not divisible by ranks x accumulation = 2 x 3" in err[0]
+
+
+def test_micro_batch_is_the_global_batch_over_ranks_and_accumulation(tmp_path):
+    from neuclip_ds.engine import build_ds_config
+
+    acc = tmp_path / "acc.json"
+    acc.write_text(json.dumps({"gradient_accumulation_steps": 3, "zero_optimization": {"stage": 2}}))
+    args = [*OK, "--ds-config", str(acc), "--global-batch-size", "48", "--output-dir", str(tmp_path / "run")]
+    cfg = parse_config(args).validate(world_size=2)
+    assert cfg.micro_batch(2) == 8 == build_ds_config(cfg, 2)["train_micro_batch_size_per_gpu"]
 
 
 def test_missing_data(capsys):
@@ -224,6 +235,34 @@ def test_shard_glob_is_accepted_and_an_empty_one_refused(shard_dir, default_digi
     with_data(f"{shard_dir}/*.tar").validate(world_size=2)
     with pytest.raises(ConfigError, match=r"--train-data: no shard matches '.*/\*\.zip'"):
         with_data(f"{shard_dir}/*.zip").validate()
+
+
+def test_val_data_needs_a_tokenizer_even_with_synthetic_training_data(shard_dir, default_digits):
+    """Evaluation tokenizes the class prompts and captions: without a tokenizer it would fail after training."""
+    val = ["--val-data", f"{shard_dir}/{{00000..00003}}.tar"]
+    with pytest.raises(
+        ConfigError, match=r"^--tokenizer: required with --val-data \(a local HF tokenizer directory\)$"
+    ):
+        parse_config([*OK, *val]).validate()
+    parse_config([*OK, *val, "--tokenizer", "data/digits/tokenizer"]).validate()
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"name": "someone-elses", "version": "1"}, r"is not a neuclip-digits v\S+ manifest \('someone-elses' v1\)"),
+        ({"splits": {"train": {"shards": "train/x.tar"}}}, r"splits\.train needs shards and num_samples >= 1"),
+        ({"tokenizer": "../../elsewhere"}, r"tokenizer '\.\./\.\./elsewhere' leads outside"),
+        ({"tokenizer": "/etc"}, r"tokenizer '/etc' leads outside"),
+        ({"classnames": None}, r"classnames must be a relative path, got None"),
+    ],
+)
+def test_a_foreign_or_malformed_dataset_json_is_one_line(tmp_path, default_digits, change, message):
+    manifest = json.loads((default_digits / "dataset.json").read_text())
+    (tmp_path / "dataset.json").write_text(json.dumps(dict(manifest, **change)))
+    with pytest.raises(ConfigError, match=r"^--dataset-dir: .*" + message) as err:
+        parse_config([*OK, "--dataset-dir", str(tmp_path)]).validate()
+    assert "\n" not in str(err.value)
 
 
 def test_shards_that_are_not_readable_files_are_refused(tmp_path):

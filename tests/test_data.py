@@ -570,3 +570,65 @@ def test_key_seen_twice_in_a_shard_is_counted_and_skipped(tmp_path, ds, tok):
         )
         assert len([k for bt in loader for k in bt["key"]]) == 40
     assert not loader.bad_sample_totals
+
+
+# ------------------------------------------------------------------------------------------------ epoch length, devices
+def test_drop_last_epoch_yields_exactly_len_batches(ds, tok):
+    """200 of the 240 samples over 2 ranks, 16 per batch: len = 200 // 32 = 6 batches a rank, and each rank yields
+    6 (its 100-sample cap alone would let a 7th through, out of step with the steps per epoch)."""
+    spec = str(ds / "train" / "{00000..00005}.tar")
+    for rank in range(2):
+        loader = make_train_loader(
+            spec, tokenizer=tok, image_size=32, batch_size=16, num_samples=200, rank=rank, world_size=2,
+            drop_last=True,
+        )  # fmt: skip
+        for _epoch in range(2):
+            batches, _ = run_epoch(loader)
+            assert len(batches) == len(loader) == 6
+            assert all(len(b["key"]) == 16 for b in batches)
+
+
+def test_bad_sample_counts_are_all_reduced_on_the_runs_device(ds, tok, monkeypatch):
+    """Under NCCL a CPU tensor has no backend: the counts go to the device the stream was given."""
+    import torch.distributed as dist
+
+    from neuclip_ds import distributed
+    from neuclip_ds.data.stream import LoaderStream
+
+    loader = make_train_loader(
+        str(ds / "train" / "00000.tar"), tokenizer=tok, image_size=32, batch_size=8, num_samples=40
+    )
+    stream = LoaderStream(loader, accumulation=1, max_bad_fraction=0.5, device="meta")
+    stream.next_step()
+    seen = []
+
+    class Reduced(Exception):
+        pass
+
+    def all_reduce(t, *args, **kwargs):
+        seen.append(t.device)
+        raise Reduced  # a meta tensor has no values to read back
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    with pytest.raises(Reduced):
+        stream.check_bad_samples()
+    assert seen == [torch.device("meta")]
+
+
+def test_shard_warnings_come_from_rank_0_only(ds, tok, tmp_path, monkeypatch):
+    """Every rank finds the same missing shards and the same shortage: one warning for the run, not one per rank;
+    each rank still counts its share of the missing shards."""
+    from neuclip_ds import distributed
+
+    spec = f"{ds / 'train' / '00000.tar'}::{tmp_path / 'missing.tar'}"
+    kw = dict(tokenizer=tok, image_size=32, batch_size=8, num_samples=40, world_size=2)
+    with pytest.warns(UserWarning) as record:
+        make_train_loader(spec, rank=0, **kw)
+    messages = " ".join(str(w.message) for w in record)
+    assert "missing_shard" in messages and "some workers get no shard" in messages
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaders = [make_train_loader(spec, rank=r, **kw) for r in range(2)]
+    assert [loader.bad_sample_totals["missing_shard"] for loader in loaders] == [1, 0]

@@ -243,6 +243,15 @@ def test_zero_shot_metrics_known_answers_and_clipping():
         E.zero_shot_metrics(img, clf, torch.tensor([0, 1]))
 
 
+def test_collapse_warnings_come_from_rank_0_only(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(E.distributed, "rank", lambda: 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        E._warn_if_collapsed("text embeddings", unit(torch.ones(5, 4)))
+
+
 # ------------------------------------------------------------------------------------------------ embeddings
 def test_compute_embeddings_matches_direct_encoding(model, ds, tok):
     loader = make_eval_loader(dataset_paths(ds)["val"], tokenizer=tok, image_size=32, batch_size=24)
@@ -325,6 +334,14 @@ def test_evaluate_end_to_end(results, model, ds, tok, tmp_path):
     assert "image -> text" in table and "digit" in table and "R@10" in table and "samples: 64" in table
     out = E.write_results(results, tmp_path / "sub" / "results.json")
     assert json.loads(out.read_text()) == results
+
+
+def test_evaluate_takes_a_list_of_shards(results, model, ds, tok):
+    """The data set's class names are found from the first shard of a list as from a pattern."""
+    shards = [str(p) for p in sorted((ds / "val").glob("*.tar"))]
+    assert len(shards) == 2
+    listed = E.evaluate(model, val_data=shards, tokenizer=tok, batch_size=32, progress=False)
+    assert_same_results(listed, results)
 
 
 def test_evaluate_missing_val_data(model, tok, tmp_path):
@@ -497,6 +514,9 @@ def test_cli_errors(ds, tmp_path, capsys, model):
     one_line_error(capsys, ["--hf-dir", str(hf), "--val-data", str(tmp_path / "val/{00000..00003}.tar")], "--val-data")
     one_line_error(capsys, ["--hf-dir", str(hf)], "no validation data")
     one_line_error(capsys, ["--hf-dir", str(hf), "--dataset-dir", str(tmp_path / "empty")], "--dataset-dir")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "dataset.json").write_text('{"name": "other"}')
+    one_line_error(capsys, ["--hf-dir", str(hf), "--dataset-dir", str(tmp_path / "foreign")], "manifest ('other'")
     one_line_error(
         capsys,
         ["--hf-dir", str(hf), "--val-data", dataset_paths(ds)["val"], "--tokenizer", str(tmp_path / "notok")],

@@ -63,3 +63,31 @@ def test_installed_tool_runs_outside_the_repository(wheel, tmp_path):
     rows = [json.loads(line) for line in (work / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert (work / "out" / "summary.json").is_file()
+
+
+def test_every_third_party_import_of_the_package_is_a_requirement():
+    """A module the package imports only through another requirement (psutil via DeepSpeed) is still listed:
+    pyproject.toml takes its dependencies from requirements.txt."""
+    import ast
+    import re
+    from importlib.metadata import packages_distributions
+
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    required = {
+        canonical(re.split(r"[<>=!~\[; ]", line.strip(), maxsplit=1)[0])
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    }
+    imported = set()
+    for path in (ROOT / "neuclip_ds").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"neuclip_ds", "__future__"}
+    dists = packages_distributions()
+    missing = {m for m in third_party if not {canonical(d) for d in dists.get(m, [m])} & required}
+    assert not missing, f"imported by neuclip_ds but not in requirements.txt: {sorted(missing)}"

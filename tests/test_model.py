@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from neuclip_ds.model import build_model, load_hf_clip
+from neuclip_ds.model import build_model, load_hf_clip, model_geometry
 from neuclip_ds.presets import PRESETS, get_preset
 
 # total parameters of OpenCLIP's models (open_clip model configs, logit_scale included), in millions
@@ -89,3 +89,45 @@ def test_load_local_hf_clip_directory(tmp_path):
     assert float(out["tau"]) == pytest.approx(0.05, rel=1e-5)
     with pytest.raises(ValueError, match=r"^hf_dir:"):
         load_hf_clip(tmp_path / "missing")
+
+
+@pytest.fixture(scope="module")
+def hf_48(tmp_path_factory):
+    """A CLIPModel directory whose sizes are not the tiny preset's: 48 px images, 20 text positions, 300 tokens."""
+    from transformers import CLIPConfig
+
+    out = tmp_path_factory.mktemp("hf48")
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "max_position_embeddings": 20, "vocab_size": 300, "eos_token_id": 299, "bos_token_id": 298,
+                     "pad_token_id": 0},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 48, "patch_size": 16},
+        projection_dim=16,
+    )  # fmt: skip
+    CLIPModel(config).save_pretrained(out)
+    return out
+
+
+def test_pretrained_hf_geometry_is_the_directorys(hf_48, tmp_path):
+    from neuclip_ds.config import ConfigError, parse_config
+
+    args = ["--synthetic-samples", "32", "--steps", "2", "--output-dir", str(tmp_path / "run")]
+    assert parse_config(args).validate(world_size=1).geometry() == model_geometry("tiny")
+    g = parse_config([*args, "--pretrained-hf", str(hf_48)]).validate(world_size=1).geometry()
+    assert (g.image_size, g.context_length, g.vocab_size, g.eos_token_id) == (48, 20, 300, 299)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"^--pretrained-hf: .*broken holds no readable CLIPModel config.json"):
+        parse_config([*args, "--pretrained-hf", str(broken)]).validate(world_size=1)
+
+
+def test_synthetic_run_fine_tunes_a_model_of_other_sizes(hf_48, tmp_path):
+    """The data take the directory's sizes: with the tiny preset's 32 px images and 32 tokens the first step fails."""
+    from neuclip_ds.launch import launch, summary
+
+    out = tmp_path / "run"
+    run = "--synthetic-samples 32 --steps 2 --global-batch-size 8 --npn-prototypes 8 --npn-inner-steps 1".split()
+    launch([*run, "--pretrained-hf", str(hf_48), "--output-dir", str(out)], timeout=300)
+    assert summary(out)["final"]["step"] == 2

@@ -24,7 +24,7 @@ EIGHT_GPU_CONFIGS = {
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory, default_digits):
     """Shards enough for 8 ranks x 8 workers, a tokenizer directory, and a small CLIPModel directory that holds
-    that tokenizer (as a saved OpenAI/OpenCLIP model does)."""
+    that tokenizer (as a saved OpenAI/OpenCLIP model does), with an image size that is not the default preset's."""
     root = tmp_path_factory.mktemp("stand_ins")
     for i in range(64):
         shutil.copy(next((default_digits / "train").glob("*.tar")), root / f"{i:05d}.tar")
@@ -33,7 +33,7 @@ def stand_ins(tmp_path_factory, default_digits):
     config = CLIPConfig(
         text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2},
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
+                       "image_size": 48, "patch_size": 16},
         projection_dim=32,
     )  # fmt: skip
     CLIPModel(config).save_pretrained(hf)
@@ -61,3 +61,4 @@ def test_eight_gpu_config_validates_at_8_ranks(name, stand_ins, tmp_path):
     assert cfg.precision == "bf16"
     if "pretrained_hf" in written:  # the tokenizer comes with the pretrained directory
         assert cfg.tokenizer == stand_ins["hf"]
+        assert cfg.geometry().image_size == 48  # the data are made for the pretrained model, not --preset

@@ -366,7 +366,11 @@ def build_embedded_dataset(
 
 
 def dataset_paths(out_dir: str | os.PathLike) -> dict:
-    """Absolute paths of a built data set: train/val shard patterns, tokenizer dir, classnames/templates files."""
+    """Absolute paths of a built data set: train/val shard patterns, tokenizer dir, classnames/templates files.
+
+    FileNotFoundError without a dataset.json; ValueError (one line) when it is not this version's manifest or names
+    a path outside the directory: the run would otherwise fail later with a KeyError, or read files it was not
+    pointed at."""
     out = Path(out_dir).resolve()
     m = load_manifest(out)
     if m is None:
@@ -374,14 +378,38 @@ def dataset_paths(out_dir: str | os.PathLike) -> dict:
             f"embedded: no dataset.json in {str(out)!r}; build it with "
             f"`python -m neuclip_ds.data.embedded --out {out_dir}`"
         )
+    rebuild = f"rebuild it with `python -m neuclip_ds.data.embedded --out {out_dir} --force`"
+    if not isinstance(m, dict) or m.get("name") != DATASET_NAME or m.get("version") != DATASET_VERSION:
+        found = f"{m.get('name')!r} v{m.get('version')}" if isinstance(m, dict) else "not a JSON object"
+        raise ValueError(
+            f"{out / 'dataset.json'} is not a {DATASET_NAME} v{DATASET_VERSION} manifest ({found}); {rebuild}"
+        )
+
+    def inside(value: object, key: str) -> str:
+        """A relative path that stays inside the data set directory, made absolute."""
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{out / 'dataset.json'}: {key} must be a relative path, got {value!r}; {rebuild}")
+        path = Path(os.path.normpath(out / value))  # by name: a symlink inside to shards elsewhere is the user's own
+        if Path(value).is_absolute() or not path.is_relative_to(out):
+            raise ValueError(f"{out / 'dataset.json'}: {key} {value!r} leads outside {out}")
+        return str(path)
+
+    def split(name: str) -> tuple[str, int]:
+        entry = m.get("splits", {}).get(name) if isinstance(m.get("splits"), dict) else None
+        count = entry.get("num_samples") if isinstance(entry, dict) else None
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"{out / 'dataset.json'}: splits.{name} needs shards and num_samples >= 1; {rebuild}")
+        return inside(entry.get("shards"), f"splits.{name}.shards"), count
+
+    (train, num_train), (val, num_val) = split("train"), split("val")
     return {
-        "train": str(out / m["splits"]["train"]["shards"]),
-        "val": str(out / m["splits"]["val"]["shards"]),
-        "tokenizer": str(out / m["tokenizer"]),
-        "classnames": str(out / m["classnames"]),
-        "templates": str(out / m["templates"]),
-        "num_train": m["splits"]["train"]["num_samples"],
-        "num_val": m["splits"]["val"]["num_samples"],
+        "train": train,
+        "val": val,
+        "tokenizer": inside(m.get("tokenizer"), "tokenizer"),
+        "classnames": inside(m.get("classnames"), "classnames"),
+        "templates": inside(m.get("templates"), "templates"),
+        "num_train": num_train,
+        "num_val": num_val,
     }
 
 

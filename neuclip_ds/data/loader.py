@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+from .. import distributed
 from .bad_samples import BadSample, BadSampleWarning, WorkerBadCounts, merge_counts
 from .shards import expand_shards, is_local, local_path
 from .transforms import ImageTransform, to_rgb
@@ -345,7 +346,8 @@ class ClipLoader:
         self.batches_in_epoch = 0
         self._attached: Counter = Counter()  # counts handed out in batches
         self._pending: Counter = Counter()
-        if self.missing_shards:
+        # every rank expands the same spec and finds the same: rank 0 says it for all of them
+        if self.missing_shards and distributed.rank() == 0:
             warnings.warn(
                 f"data: skipped (missing_shard) {len(self.missing_shards)} of "
                 f"{len(self.urls) + len(self.missing_shards)} "
@@ -354,10 +356,10 @@ class ClipLoader:
                 BadSampleWarning,
                 stacklevel=3,
             )
-            # attribute missing shard i to rank i % world_size, so summing over ranks counts each once
-            mine = len(self.missing_shards[stream.rank :: stream.world_size])
-            if mine:
-                self._pending["missing_shard"] += mine
+        # attribute missing shard i to rank i % world_size, so summing over ranks counts each once
+        mine = len(self.missing_shards[stream.rank :: stream.world_size])
+        if mine:
+            self._pending["missing_shard"] += mine
         gb = stream.batch_size * stream.world_size
         if stream.resampled:
             self.num_batches = stream.batches_per_epoch
@@ -368,7 +370,8 @@ class ClipLoader:
         else:
             self.num_batches = None
             self._sample_cap = None
-        if not stream.resampled and len(self.urls) < stream.world_size * max(1, self.workers):
+        few = not stream.resampled and len(self.urls) < stream.world_size * max(1, self.workers)
+        if few and distributed.rank() == 0:
             warnings.warn(
                 f"data: {len(self.urls)} shard(s) for {stream.world_size} rank(s) x "
                 f"{max(1, self.workers)} worker(s): some workers get no shard",
@@ -440,7 +443,9 @@ class ClipLoader:
         while cur is not None:
             seen += 1
             samples += len(cur["key"])
-            capped = (self.num_batches is not None and self.stream.resampled and seen >= self.num_batches) or (
+            # resampled or drop_last: at most len(self) batches (the trainer counts its steps per epoch from it)
+            exact = self.stream.resampled or self.stream.drop_last
+            capped = (self.num_batches is not None and exact and seen >= self.num_batches) or (
                 self._sample_cap is not None and samples >= self._sample_cap
             )
             nxt = None if capped else next(batches, None)  # look ahead: know whether cur ends the epoch
@@ -498,7 +503,8 @@ def make_train_loader(
 
     ``num_samples`` (per epoch, all ranks together): non-resampled, it caps a rank at ``ceil(num_samples /
     world_size)`` samples (stopping after the batch that reaches the cap; set it >= the data size to read
-    everything once); resampled, an epoch is exactly ``max(1, num_samples // (batch_size * world_size))`` full
+    everything once), and with ``drop_last`` also at ``len(loader)`` = ``max(1, num_samples // (batch_size *
+    world_size))`` batches; resampled, an epoch is exactly ``max(1, num_samples // (batch_size * world_size))`` full
     batches per rank, split exactly over the workers, the same on every rank (for multi-rank training, where
     every rank must take the same number of steps). ``dataset_size``: samples whose index is not below it are
     skipped (``bad_index``)."""

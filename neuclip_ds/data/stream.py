@@ -3,14 +3,14 @@ the epoch they belong to, a resumable position, and bad-sample accounting summed
 
 from __future__ import annotations
 
-from typing import Protocol
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Protocol
 
 from .. import distributed
 from .bad_samples import MIN_SEEN, BadSampleTracker, check_bad_fraction
 from .loader import ClipLoader
+
+if TYPE_CHECKING:
+    import torch
 
 
 class StepStream(Protocol):
@@ -34,9 +34,16 @@ class StepStream(Protocol):
 
 class LoaderStream:
     def __init__(
-        self, loader: ClipLoader, *, accumulation: int, max_bad_fraction: float, min_seen: int = MIN_SEEN
+        self,
+        loader: ClipLoader,
+        *,
+        accumulation: int,
+        max_bad_fraction: float,
+        min_seen: int = MIN_SEEN,
+        device: torch.device | str | None = None,
     ) -> None:
-        self.loader, self.A = loader, accumulation
+        """`device`: where the bad-sample all-reduce runs (the run's device: NCCL has no CPU tensors)."""
+        self.loader, self.A, self.device = loader, accumulation, device
         self.steps_per_epoch = max(1, len(loader) // accumulation)
         self.tracker = BadSampleTracker(max_bad_fraction, min_seen=min_seen)
         self.epoch = loader.epoch
@@ -64,10 +71,8 @@ class LoaderStream:
     def check_bad_samples(self) -> int:
         """Bad samples skipped so far over all ranks (one small all-reduce, so every rank decides alike);
         ``check_bad_fraction`` raises once they pass ``max_bad_fraction``."""
-        counts = torch.tensor([self.tracker.good, self.tracker.total], dtype=torch.float64)
-        if distributed.is_distributed():
-            dist.all_reduce(counts)
-        good, bad = (int(x) for x in counts.tolist())
+        counts = distributed.sum_over_ranks([self.tracker.good, self.tracker.total], self.device)
+        good, bad = (int(x) for x in counts)
         check_bad_fraction(good, bad, self.tracker.max_fraction, min_seen=self.tracker.min_seen)
         return bad
 
