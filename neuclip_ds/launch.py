@@ -239,9 +239,16 @@ def read_back(file: typing.IO[str]) -> str:
 
 
 def metrics(out_dir: str | Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl."""
-    text = (Path(out_dir) / "metrics.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """The rows of a run's metrics.jsonl; a line still being written (a run going on, or killed) is skipped."""
+    from neuclip_ds.metrics import read_metrics  # not at the top: metrics.py imports tqdm and the config
+
+    return read_metrics(Path(out_dir) / "metrics.jsonl")
+
+
+def last_step(out_dir: str | Path) -> int:
+    """The last step a run's metrics.jsonl shows so far (0: no file yet, or no complete line)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    return max((row.get("step", 0) for row in metrics(out_dir)), default=0) if path.exists() else 0
 
 
 def summary(out_dir: str | Path) -> dict:

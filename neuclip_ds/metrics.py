@@ -9,10 +9,12 @@ import os
 import sys
 import time
 import typing
+import warnings
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .config import DEFAULT_LOG_EVERY
 from .rundir import RunFiles
 
@@ -123,10 +125,11 @@ class MetricsLogger:
             )
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines of steps after the checkpoint (they will be recomputed)."""
-        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+        """On resume, drop lines of steps after the checkpoint (they will be recomputed) and any torn line (a kill
+        mid-write): appending after a line with no newline would glue the next record to it. Atomically, so that a
+        kill here leaves the old file, not an empty one."""
+        kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= step]
+        atomic_write(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def _report(self, scalars: dict, step: int) -> None:
         """Numbers to wandb and TensorBoard (those asked for)."""
@@ -196,8 +199,30 @@ class MetricsLogger:
             self.tensorboard.close()
 
 
+def parse_metrics(text: str, *, source: str = "metrics.jsonl") -> list[dict]:
+    """The records of metrics.jsonl's text, skipping lines that are not a JSON object: a last line cut short by a
+    kill (or a full disk) mid-write is expected and skipped silently; one elsewhere is warned about (once)."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    rows, torn = [], []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            torn.append(number)
+    if torn and torn != [len(lines)]:
+        warnings.warn(
+            f"{source}: skipped {len(torn)} line(s) that are not JSON records (line {torn[0]} first)", stacklevel=2
+        )
+    return rows
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """The records of a metrics.jsonl file (`parse_metrics`: torn lines skipped)."""
+    return parse_metrics(Path(path).read_text(), source=str(path))
 
 
 # the eval panel's lines: the headline numbers of evaluate.py (each zero-shot attribute's top-1, their mean, R@1

@@ -1,8 +1,6 @@
 """DeepSpeed's JIT op folder: per venv, and a dead build lock is cleared instead of waited on forever."""
 
 import concurrent.futures
-import contextlib
-import json
 import os
 import time
 import types
@@ -50,32 +48,22 @@ RUN = "--synthetic-samples 32 --global-batch-size 8 --npn-prototypes 8 --ds-conf
 SHARED_STEPS = 40  # ample margin for /dev/shm to be looked at between the first and the last step
 
 
-def _last_step(out: Path) -> int:
-    """The last step metrics.jsonl shows so far (0: none; a line still being written is skipped)."""
-    path = out / "metrics.jsonl"
-    steps = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        with contextlib.suppress(ValueError):
-            steps.append(json.loads(line)["step"])
-    return max(steps, default=0)
-
-
 @pytest.fixture(scope="module")
 def one_rank_run(tmp_path_factory):
     """The one 1-rank run under the deepspeed launcher that both 1-rank tests below use: /dev/shm is looked at
     while it trains (after its first step, before its last) and after it finished."""
-    from neuclip_ds.launch import free_port, launch
+    from neuclip_ds.launch import free_port, last_step, launch
 
     port = free_port()
     out = tmp_path_factory.mktemp("shm") / "run"
     args = [*RUN, "--steps", str(SHARED_STEPS), "--output-dir", str(out)]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         run = pool.submit(launch, args, nproc=1, launcher=True, port=port)
-        while _last_step(out) < 1 and not run.done():
+        while last_step(out) < 1 and not run.done():
             time.sleep(0.01)
         assert not run.done(), f"the run ended before /dev/shm was looked at: {run.result().stderr[-2000:]}"
         while_training = shm_buffers(port)
-        assert _last_step(out) < SHARED_STEPS, "looked at /dev/shm after the last step: raise SHARED_STEPS"
+        assert last_step(out) < SHARED_STEPS, "looked at /dev/shm after the last step: raise SHARED_STEPS"
         proc = run.result()
     return types.SimpleNamespace(port=port, proc=proc, while_training=while_training)
 
