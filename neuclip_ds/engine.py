@@ -153,6 +153,12 @@ class TemperatureLR:
         self.schedule, self.warmup, self.total = schedule, warmup, total
         self.tau, self.threshold, self.ratio = float(tau), threshold, ratio
 
+    def follow(self, schedule: str, warmup: int, total: int) -> None:
+        """Take this run's schedule and lengths after a checkpoint load: the scheduler's state restores every
+        attribute as saved, while the encoders' factor (a closure, which the state cannot hold) follows this run's
+        --steps and --warmup; both must follow the same ones. A resume with unchanged options changes nothing."""
+        self.schedule, self.warmup, self.total = schedule, warmup, total
+
     def __call__(self, step: int) -> float:
         if self.schedule == "cosine":
             return cosine_with_warmup(self.warmup, self.total)(step)
@@ -439,6 +445,7 @@ class NeuCLIPEngine:
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
         optimizer = build_optimizer(model, cfg)
         scheduler, self.temperature_lr = build_scheduler(optimizer, cfg, total_steps)
+        self._tau_schedule = (cfg.lr_tau_schedule, cfg.warmup, total_steps)  # the schedule `follow`s on resume
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
@@ -653,7 +660,9 @@ class NeuCLIPEngine:
         return {"steps_at_bound": self.temperature.steps_at_bound}
 
     def load_temperature_state(self, state: dict) -> None:
-        """After a checkpoint load: the stored tau as loaded (the scheduler restored its own copy of tau)."""
+        """After a checkpoint load: the stored tau as loaded (the scheduler restored its own copy of tau), and this
+        run's temperature schedule (TemperatureLR.follow)."""
+        self.temperature_lr.follow(*self._tau_schedule)
         self.temperature.value = self.temperature._read()
         self.temperature.steps_at_bound = int(state.get("steps_at_bound", 0))
 
