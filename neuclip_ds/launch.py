@@ -192,26 +192,27 @@ def launch_ranks(
             for _ in range(nproc)
         ]
         started = time.monotonic()
-        children = [
-            subprocess.Popen(
-                [sys.executable, *target, *args],
-                cwd=cwd,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-                env=dict(
-                    base_env,
-                    RANK=str(r),
-                    LOCAL_RANK=str(r),
-                    WORLD_SIZE=str(nproc),
-                    MASTER_ADDR="127.0.0.1",
-                    MASTER_PORT=port,
-                ),
-            )
-            for r, (out, err) in enumerate(logs)
-        ]
+        children: list[subprocess.Popen] = []
         exited: dict[int, float] = {}
-        try:
+        try:  # from the first start on: a rank that fails to start leaves none of those already started running
+            for r, (out, err) in enumerate(logs):
+                children.append(
+                    subprocess.Popen(
+                        [sys.executable, *target, *args],
+                        cwd=cwd,
+                        stdout=out,
+                        stderr=err,
+                        start_new_session=True,
+                        env=dict(
+                            base_env,
+                            RANK=str(r),
+                            LOCAL_RANK=str(r),
+                            WORLD_SIZE=str(nproc),
+                            MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=port,
+                        ),
+                    )
+                )
             while len(exited) < nproc:
                 for rank, child in enumerate(children):
                     if rank not in exited and child.poll() is not None:
