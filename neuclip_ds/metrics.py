@@ -87,7 +87,10 @@ class MetricsLogger:
         initial_step: int = 0,
         resume: bool = False,
         log_every: int | None = None,
+        run_id: str | None = None,
     ) -> None:
+        """`run_id`: the run's id (kept across resumes), the wandb run's id, so that a resumed run continues its
+        wandb run instead of starting another one."""
         self.rank = rank
         files = RunFiles(Path(output_dir))
         self.path = files.metrics
@@ -104,25 +107,34 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume and self.path.exists():
             self._truncate_after(initial_step)
-        self.file = open(self.path, "a" if resume else "w", buffering=1)  # noqa: SIM115 (closed in close())
-        if self.log_every is None:
-            self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
         reporters = report_to.split(",")
-        if "wandb" in reporters:
-            if wandb_offline:
-                os.environ["WANDB_MODE"] = "offline"
-            import wandb
+        try:  # a reporter that fails to start leaves nothing open
+            if "wandb" in reporters:
+                if wandb_offline:
+                    os.environ["WANDB_MODE"] = "offline"
+                import wandb
 
-            self.wandb = wandb.init(
-                project=wandb_project, config=config, dir=str(output_dir), name=Path(output_dir).name, resume="allow"
-            )
-        if "tensorboard" in reporters:
-            from tensorboardX import SummaryWriter
+                self.wandb = wandb.init(
+                    project=wandb_project,
+                    config=config,
+                    dir=str(output_dir),
+                    name=Path(output_dir).name,
+                    id=run_id,
+                    resume="allow",
+                )
+            if "tensorboard" in reporters:
+                from tensorboardX import SummaryWriter
 
-            # on resume, events past the checkpoint's step are dropped as metrics.jsonl's lines are (recomputed)
-            self.tensorboard = SummaryWriter(
-                logdir=str(files.tensorboard), purge_step=initial_step + 1 if resume else None
-            )
+                # on resume, events past the checkpoint's step are dropped as metrics.jsonl's lines are (recomputed)
+                self.tensorboard = SummaryWriter(
+                    logdir=str(files.tensorboard), purge_step=initial_step + 1 if resume else None
+                )
+            self.file = open(self.path, "a" if resume else "w", buffering=1)  # noqa: SIM115 (closed in close())
+            if self.log_every is None:
+                self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
+        except BaseException:
+            self.close()
+            raise
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines of steps after the checkpoint (they will be recomputed) and any torn line (a kill
@@ -197,6 +209,7 @@ class MetricsLogger:
             self.wandb.finish()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        self.file = self.bar = self.wandb = self.tensorboard = None
 
 
 def parse_metrics(text: str, *, source: str = "metrics.jsonl") -> list[dict]:
