@@ -215,7 +215,8 @@ class TrainState:
 
     `state_dict()` gives the two payloads a checkpoint stores: "shared" (rank 0 writes it once) and "rank" (each
     rank its own). `load_state_dict()` restores them, exactly at the same world size; at another one (a universal
-    checkpoint) everything but the per-rank RNG streams and the webdataset sample order carries over."""
+    checkpoint) the per-rank RNG streams are reseeded, a webdataset stream restarts its epoch in another sample
+    order with its bad-sample counts reset (`_load_resharded`); the rest carries over."""
 
     def __init__(
         self, eng: NeuCLIPEngine, stream: StepStream, *, config: dict, seed: int, rank: int, world_size: int

@@ -212,8 +212,9 @@ class TemperatureKeeper:
         p = self.param
         if hasattr(p, "ds_id"):
             # ZeRO-3: each rank's fp32 partition is a slice of the parameter padded to world x partition size;
-            # DeepSpeed's set_full_hp_param slices the unpadded value, which fails on ranks that hold only padding
-            # (a 1-element tau lives on rank 0), so only ranks that hold real elements write; the rest is padding.
+            # DeepSpeed's set_full_hp_param slices the unpadded value, which fails on ranks that hold only padding,
+            # so only ranks whose whole partition lies inside the parameter write: for the 1-element tau (one
+            # element per partition) that is rank 0, which holds the value; the other ranks hold padding.
             part = p.ds_tensor.numel()
             if (distributed.rank() + 1) * part <= p.ds_numel:
                 deepspeed.utils.safe_set_full_fp32_param(
