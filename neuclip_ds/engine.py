@@ -602,7 +602,10 @@ class NeuCLIPEngine:
             with t("optimizer"):
                 self.ds.step()  # updates after the A-th micro-batch only
         if self.ds.skipped_steps != ds_skipped:  # the same verdict on every rank (DeepSpeed all-reduces it)
-            return self._skip_overflow(snapshot, loss_value, float(batch.tau))
+            self.estimator.restore(snapshot)
+            if self.cfg.precision != "fp16":  # no loss scaler to recover: non-finite gradients, as a NaN step
+                return self._skip("non-finite gradients")
+            return self._skip_overflow(loss_value, float(batch.tau))
         with t("optimizer"):
             # the parameter back inside [tau_min, tau_max]; the tau-LR factor of the next step sees the new tau
             self.temperature_lr.tau = self.temperature.after_step(step)
@@ -687,11 +690,10 @@ class NeuCLIPEngine:
         self.temperature.value = self.temperature._read()
         self.temperature.steps_at_bound = int(state.get("steps_at_bound", 0))
 
-    def _skip_overflow(self, snapshot: Any, loss_value: torch.Tensor, tau: float) -> dict:
-        """An fp16 loss-scale overflow: DeepSpeed skipped the update (and lowered the scale), so the estimator's
-        update of this step is undone too, and the step counts as skipped. Not towards --max-skipped-in-a-row, nor
-        as a step that makes a checkpoint unsafe: the weights are untouched and the scaler recovers by itself."""
-        self.estimator.restore(snapshot)
+    def _skip_overflow(self, loss_value: torch.Tensor, tau: float) -> dict:
+        """An fp16 loss-scale overflow: DeepSpeed skipped the update (and lowered the scale); the estimator's update
+        of this step has been undone, and the step counts as skipped. Not towards --max-skipped-in-a-row, nor as a
+        step that makes a checkpoint unsafe: the weights are untouched and the scaler recovers by itself."""
         self.skipped_steps += 1
         return {
             "loss": self._mean_over_ranks(loss_value),

@@ -73,6 +73,7 @@ def fake_engine(estimator, *, overflow: bool) -> NeuCLIPEngine:
     eng.accumulation, eng.timer, eng.estimator = 1, PhaseTimer(torch.device("cpu")), estimator
     eng.skipped_steps, eng.skipped_in_a_row = 0, 0
     eng.ds = _FakeDeepSpeed(overflow)
+    eng.cfg = types.SimpleNamespace(precision="fp16", max_skipped_in_a_row=5)
     eng.temperature = types.SimpleNamespace(after_step=lambda step: 0.07)
     eng.temperature_lr = types.SimpleNamespace(tau=0.07)
     eng.optimizer = types.SimpleNamespace(param_groups=[{"is_temperature": True, "lr": 1e-3}])
@@ -97,6 +98,19 @@ def test_fp16_overflow_undoes_the_fastclip_update_and_counts_the_step():
     m = eng.train_step([{}], step=2, epoch=0)
     assert not m["skipped"] and eng.skipped_steps == 1 and eng.ds.applied == 1
     assert not all(torch.equal(a, b) for a, b in zip(before, tables(est)))
+
+
+def test_a_skipped_update_without_fp16_is_a_non_finite_step():
+    """ZeRO's optimizers skip an update with non-finite gradients in any precision; without a loss scaler to
+    recover, that is a non-finite step (towards --max-skipped-in-a-row), the estimator's update undone too."""
+    est = TableEstimator(FastCLIPLoss(N))
+    before = tables(est)
+    eng = fake_engine(est, overflow=True)
+    eng.cfg.precision = "bf16"
+    eng._gather = lambda outputs, mbs, step, epoch: (None, step_batch(step, list(range(B))))
+    m = eng.train_step([{}], step=0, epoch=0)
+    assert m["skip_reason"] == "non-finite gradients" and eng.skipped_steps == eng.skipped_in_a_row == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, tables(est)))
 
 
 class _FakeNPN:
