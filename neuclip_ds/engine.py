@@ -12,7 +12,8 @@ One optimizer step, as `NeuCLIPEngine.train_step` reads:
 The gradients of the A micro-batches are summed (`scale_wrt_gas=False`: each chunk's loss is already the loss of
 the whole step), and tau / the SigLIP bias take their gradient from chunk 0 only, so 2 x b accumulation gives the
 gradients of 1 x 2b. A non-finite step is skipped on every rank with no parameter, NPN or u-table update; so is a
-step whose update DeepSpeed's fp16 loss scaler skipped (overflow): the estimator's update is undone after the fact.
+step whose update DeepSpeed skipped (an fp16 loss-scale overflow; under ZeRO also non-finite gradients): the
+estimator's update is undone after the fact.
 """
 
 from __future__ import annotations
@@ -585,7 +586,7 @@ class NeuCLIPEngine:
         if not self._all_finite(batch.img, batch.txt, batch.tau, batch.log_g_img, batch.log_g_txt):
             return self._skip("non-finite features")
         self.last_global_batch = (batch.img, batch.txt, batch.index)  # the normalizer-error diagnostic's MBCL estimate
-        ds_skipped = self.ds.skipped_steps  # DeepSpeed's count of updates its fp16 loss scaler skipped
+        ds_skipped = self.ds.skipped_steps  # DeepSpeed's count of the updates it skipped (overflow)
         with t("npn"):
             snapshot = self.estimator.snapshot(batch)
             loss_args, metrics = self.estimator.prepare(batch)  # E7.2: alpha with the encoders frozen (E9: u)
