@@ -215,7 +215,8 @@ class TrainState:
 
     `state_dict()` gives the two payloads a checkpoint stores: "shared" (rank 0 writes it once) and "rank" (each
     rank its own). `load_state_dict()` restores them, exactly at the same world size; at another one (a universal
-    checkpoint) everything but the per-rank RNG streams and the webdataset sample order carries over."""
+    checkpoint) the per-rank RNG streams are reseeded, a webdataset stream restarts its epoch in another sample
+    order with its bad-sample counts reset (`_load_resharded`); the rest carries over."""
 
     def __init__(
         self, eng: NeuCLIPEngine, stream: StepStream, *, config: dict, seed: int, rank: int, world_size: int
@@ -495,14 +496,14 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
         latest = Path(output_dir) / CHECKPOINT_DIR / "latest"
         if not latest.is_file():
             return None
-        tag_dir = latest.parent / latest.read_text().strip()
+        tag_dir = latest.parent / read_latest(latest, "--resume")
     else:
         path = Path(resume)
         if not path.exists():
             raise CheckpointError(f"--resume: {resume} does not exist")
         for candidate in (path / CHECKPOINT_DIR / "latest", path / "latest"):
             if candidate.is_file():
-                path = candidate.parent / candidate.read_text().strip()
+                path = candidate.parent / read_latest(candidate, "--resume")
                 break
         tag_dir = path
     if not (tag_dir / COMPLETE).is_file() or not (tag_dir / SHARED_FILE).is_file():
@@ -513,8 +514,37 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     return tag_dir
 
 
+def read_latest(latest: Path, option: str) -> str:
+    """The tag a `latest` file names. Only a tag of ours (TAG_PATTERN) is joined to its directory: whatever else
+    the file holds (`../../etc`, an absolute path) would lead outside the checkpoints, so it is refused."""
+    name = latest.read_text().strip()
+    if not TAG_PATTERN.fullmatch(name):
+        raise CheckpointError(f"{option}: {latest} names {name[:100]!r}, not a checkpoint tag (stepNNNNNNNN)")
+    return name
+
+
+# what neuclip_state.pt must hold, and of which type, for a resume to use it (other keys are optional)
+SHARED_SCHEMA = {"step": int, "world_size": int, "config": dict, "estimator": dict, "data_rank0": dict}
+
+
 def read_shared(tag_dir: Path) -> dict:
-    return load_data(tag_dir / SHARED_FILE)
+    """The checkpoint's neuclip_state.pt, checked against SHARED_SCHEMA: a file of another program or version is
+    a one-line CheckpointError here, not a KeyError deep in the resume."""
+    path = tag_dir / SHARED_FILE
+    shared = load_data(path)
+    if not isinstance(shared, dict):
+        raise CheckpointError(f"--resume: {path} holds a {type(shared).__name__}, not neuclip_ds's state")
+    missing = [key for key in SHARED_SCHEMA if key not in shared]
+    if missing:
+        raise CheckpointError(f"--resume: {path} is not neuclip_ds's state (no {', '.join(missing)})")
+    for key, kind in SHARED_SCHEMA.items():
+        value = shared[key]
+        wrong = not isinstance(value, kind) or isinstance(value, bool)
+        if not wrong and kind is int:
+            wrong = value < (1 if key == "world_size" else 0)
+        if wrong:
+            raise CheckpointError(f"--resume: {path}: {key} is {value!r:.60}, not a valid {kind.__name__}")
+    return shared
 
 
 def read_rank(tag_dir: Path, rank: int) -> dict:
@@ -639,7 +669,7 @@ def resolve_checkpoint(path: str | os.PathLike, tag: str | None = None) -> tuple
         p = p / "checkpoints"
     if (p / "latest").is_file() or (tag is not None and (p / tag).is_dir()):
         ckpt_dir = p
-        tag = tag or (p / "latest").read_text().strip()
+        tag = tag or read_latest(p / "latest", "--checkpoint")
     elif any(p.glob("*model_states.pt")):
         ckpt_dir, tag = p.parent, tag or p.name
     else:
@@ -687,7 +717,7 @@ def read_run_config(
         shared = Path(ckpt_dir) / tag / SHARED_FILE  # written by save() above (plain values)
         if shared.is_file():
             blob = load_data(shared, map_location="cpu")
-            if isinstance(blob.get("config"), dict):
+            if isinstance(blob, dict) and isinstance(blob.get("config"), dict):
                 return blob["config"]
     raise CheckpointError(f"--checkpoint: no config.yaml in {run_dir} (needed to rebuild the model)")
 

@@ -591,8 +591,8 @@ def model_state_bytes(params: int, precision: str, zero_stage: int, world_size: 
 
 def fastclip_table_bytes(samples: int, world_size: int) -> int:
     """One rank's FastCLIP u tables (losses.ShardedLogTable, on the host): 2 tables of this rank's
-    ceil(n / world_size) samples in fp32, plus the engine's per-step snapshot of both."""
-    return 2 * 2 * -(-samples // world_size) * _FP32
+    ceil(n / world_size) samples in fp32 (the engine's per-step snapshot holds the batch's rows only)."""
+    return 2 * -(-samples // world_size) * _FP32
 
 
 def uses_cuda() -> bool:

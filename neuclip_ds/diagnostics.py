@@ -91,22 +91,23 @@ def exact_log_normalizers(
     anchor_img: Tensor,
     anchor_txt: Tensor,
     anchor_index: Tensor,
-    all_img_chunks: Iterable[tuple[Tensor, Tensor, Tensor]],
+    chunks: Iterable[tuple[Tensor, Tensor, Tensor]],
     tau: Tensor | float,
     eps: float,
 ) -> tuple[Tensor, Tensor]:
     """Exact log(eps + g1_i), log(eps + g2_i) of E1 over the whole data set for the anchors S, float64, [S] each.
 
     anchor_img, anchor_txt: [S, d] normalized features of the anchors; anchor_index: [S] their dataset indices.
-    all_img_chunks: iterable of (img [c, d], txt [c, d], index [c]) chunks. Together (over all ranks, when
+    chunks: iterable of (img [c, d], txt [c, d], index [c]) chunks. Together (over all ranks, when
     torch.distributed is initialized) they must cover the data set, each sample exactly once; n is the number of
     samples seen. The pair j == i is excluded by comparing DATASET INDICES (not positions or features), so an
     anchor's own row is skipped wherever it occurs in the stream and a different sample with identical features is
     still a negative.
 
     Normalization (E1): an anchor found in the stream has n - 1 negatives -> divide by n - 1. An anchor whose index
-    is absent from the stream (a held-out anchor) is compared with all n samples -> divide by n. An index seen
-    twice raises ValueError (the chunks do not list each sample once).
+    is absent from the stream (a held-out anchor) is compared with all n samples -> divide by n. An anchor's index
+    seen twice raises ValueError; a repeated index of a non-anchor sample is not detected (it counts twice in n
+    and in the sums).
 
     Streaming: a running logsumexp per anchor and side is updated chunk by chunk, so memory is O(S * c), never
     O(S * n). Distributed: each rank streams its own chunks; the per-rank running logsumexps L_r and counts are
@@ -131,10 +132,10 @@ def exact_log_normalizers(
     lse2 = torch.full_like(lse1, float("-inf"))  # running LSE_j, side 2
     found = torch.zeros(S, dtype=torch.float64, device=device)  # times each anchor's index was seen
     n_local = 0
-    for img, txt, index in all_img_chunks:
+    for img, txt, index in chunks:
         if img.dim() != 2 or img.shape != txt.shape or img.shape[1] != a_img.shape[1] or index.shape != (img.shape[0],):
             raise ValueError(
-                f"all_img_chunks: expected (img [c, {a_img.shape[1]}], txt [c, {a_img.shape[1]}], "
+                f"chunks: expected (img [c, {a_img.shape[1]}], txt [c, {a_img.shape[1]}], "
                 f"index [c]) chunks, got shapes {tuple(img.shape)}, {tuple(txt.shape)}, "
                 f"{tuple(index.shape)}"
             )
@@ -168,12 +169,11 @@ def exact_log_normalizers(
 
     if bool((found > 1).any()):
         raise ValueError(
-            "all_img_chunks: an anchor's dataset index occurs more than once; the chunks must list "
-            "each sample exactly once"
+            "chunks: an anchor's dataset index occurs more than once; the chunks must list each sample exactly once"
         )
     negatives = n - found  # n - 1 (E1), or n for held-out
     if bool((negatives < 1).any()):
-        raise ValueError(f"all_img_chunks: need at least one negative per anchor, saw n = {n} samples")
+        raise ValueError(f"chunks: need at least one negative per anchor, saw n = {n} samples")
     log_neg = torch.log(negatives)
     return log_eps_plus(lse1 - log_neg, eps), log_eps_plus(lse2 - log_neg, eps)
 

@@ -11,7 +11,9 @@ One optimizer step, as `NeuCLIPEngine.train_step` reads:
      of the local anchors against the global batch, DeepSpeed's `backward` and `step` (`NeuCLIPEngine.ds`).
 The gradients of the A micro-batches are summed (`scale_wrt_gas=False`: each chunk's loss is already the loss of
 the whole step), and tau / the SigLIP bias take their gradient from chunk 0 only, so 2 x b accumulation gives the
-gradients of 1 x 2b. A non-finite step is skipped on every rank with no parameter, NPN or u-table update.
+gradients of 1 x 2b. A non-finite step is skipped on every rank with no parameter, NPN or u-table update; so is a
+step whose update DeepSpeed skipped (an fp16 loss-scale overflow; under ZeRO also non-finite gradients): the
+estimator's update is undone after the fact.
 """
 
 from __future__ import annotations
@@ -153,6 +155,12 @@ class TemperatureLR:
         self.schedule, self.warmup, self.total = schedule, warmup, total
         self.tau, self.threshold, self.ratio = float(tau), threshold, ratio
 
+    def follow(self, schedule: str, warmup: int, total: int) -> None:
+        """Take this run's schedule and lengths after a checkpoint load: the scheduler's state restores every
+        attribute as saved, while the encoders' factor (a closure, which the state cannot hold) follows this run's
+        --steps and --warmup; both must follow the same ones. A resume with unchanged options changes nothing."""
+        self.schedule, self.warmup, self.total = schedule, warmup, total
+
     def __call__(self, step: int) -> float:
         if self.schedule == "cosine":
             return cosine_with_warmup(self.warmup, self.total)(step)
@@ -205,8 +213,9 @@ class TemperatureKeeper:
         p = self.param
         if hasattr(p, "ds_id"):
             # ZeRO-3: each rank's fp32 partition is a slice of the parameter padded to world x partition size;
-            # DeepSpeed's set_full_hp_param slices the unpadded value, which fails on ranks that hold only padding
-            # (a 1-element tau lives on rank 0), so only ranks that hold real elements write; the rest is padding.
+            # DeepSpeed's set_full_hp_param slices the unpadded value, which fails on ranks that hold only padding,
+            # so only ranks whose whole partition lies inside the parameter write: for the 1-element tau (one
+            # element per partition) that is rank 0, which holds the value; the other ranks hold padding.
             part = p.ds_tensor.numel()
             if (distributed.rank() + 1) * part <= p.ds_numel:
                 deepspeed.utils.safe_set_full_fp32_param(
@@ -293,11 +302,12 @@ class Estimator(Protocol):
 
     `prepare(batch)` returns the keyword arguments of the loss for this rank's anchors (the same for each of its
     micro-batches: every micro-batch's loss covers all of this rank's anchors, E8) and its metrics (floats).
-    `snapshot`/`restore` undo a `prepare` whose step is skipped; `state_dict`/`load_state_dict` checkpoint it."""
+    `snapshot(batch)`/`restore` undo a `prepare(batch)` whose step is skipped; `state_dict`/`load_state_dict`
+    checkpoint it."""
 
     def prepare(self, batch: StepBatch) -> tuple[dict[str, torch.Tensor], dict[str, float]]: ...
 
-    def snapshot(self) -> Any: ...
+    def snapshot(self, batch: StepBatch) -> Any: ...
 
     def restore(self, snap: Any) -> None: ...
 
@@ -321,7 +331,7 @@ class NoEstimator:
     def prepare(self, batch: StepBatch) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         return {}, {}
 
-    def snapshot(self) -> None:
+    def snapshot(self, batch: StepBatch) -> None:
         return None
 
     def restore(self, snap: None) -> None:
@@ -343,6 +353,15 @@ class NPNEstimator:
 
     def __init__(self, npn: NPN, cfg: TrainConfig) -> None:
         self.npn, self.cfg = npn, cfg
+        # the step of the last restart (None: none known, as in a checkpoint that predates it): a restart due at a
+        # skipped step happens at the next step that is not skipped, not a whole restart period later
+        self.last_restart: int | None = None
+
+    def _restart_due(self, step: int) -> bool:
+        every = self.cfg.npn_restart_every
+        if self.last_restart is None:
+            return step % every == 0
+        return step // every > self.last_restart // every
 
     def _predict(self, batch: StepBatch, rows: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
         if rows is None:
@@ -353,7 +372,8 @@ class NPNEstimator:
         cfg = self.cfg
         sharded = cfg.npn_parallel == "sharded" and distributed.is_distributed()
         rows = batch.rows if sharded else None
-        if batch.step % cfg.npn_restart_every == 0:  # E7.4 (step 0 included: start from the data, not at random)
+        if self._restart_due(batch.step):  # E7.4 (step 0 included: start from the data, not at random)
+            self.last_restart = batch.step
             self.npn.restart(
                 batch.img,
                 batch.txt,
@@ -370,17 +390,20 @@ class NPNEstimator:
         loss_args, err = alpha_arguments(*alpha, batch)
         return loss_args, {"npn_loss": npn_loss, "npn_batch_err": err}
 
-    def snapshot(self) -> dict:
-        return copy.deepcopy(self.npn.state_dict())  # the NPN is small: a copy per step is cheap
+    def snapshot(self, batch: StepBatch) -> dict:
+        # the NPN is small: a copy per step is cheap
+        return {"npn": copy.deepcopy(self.npn.state_dict()), "last_restart": self.last_restart}
 
     def restore(self, snap: dict) -> None:
-        self.npn.load_state_dict(snap)
+        self.npn.load_state_dict(snap["npn"])
+        self.last_restart = snap["last_restart"]
 
     def state_dict(self) -> dict:
-        return {"npn": self.npn.state_dict()}
+        return {"npn": self.npn.state_dict(), "last_restart": self.last_restart}
 
     def load_state_dict(self, state: dict) -> None:
         self.npn.load_state_dict(state["npn"])
+        self.last_restart = state.get("last_restart")
 
 
 class TableEstimator:
@@ -394,12 +417,14 @@ class TableEstimator:
         loss_args, err = alpha_arguments(*alpha, batch)
         return loss_args, {"fastclip_gamma": self.loss_fn.gamma(batch.epoch), "u_batch_err": err}
 
-    def snapshot(self) -> list[torch.Tensor]:
-        return [t.log_u.clone() for t in (self.loss_fn.u_img, self.loss_fn.u_txt)]
+    def snapshot(self, batch: StepBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The rows `prepare(batch)` writes, not the tables: O(B) per step, where a copy of this rank's share of the
+        tables would be O(n / W) (1 GB at 10^9 samples on 8 ranks)."""
+        return [t.snapshot_rows(batch.index) for t in (self.loss_fn.u_img, self.loss_fn.u_txt)]
 
-    def restore(self, snap: list[torch.Tensor]) -> None:
-        for t, saved in zip((self.loss_fn.u_img, self.loss_fn.u_txt), snap):
-            t.log_u.copy_(saved)
+    def restore(self, snap: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for t, (rows, values) in zip((self.loss_fn.u_img, self.loss_fn.u_txt), snap):
+            t.restore_rows(rows, values)
 
     def state_dict(self) -> dict:
         return {"u_img": self.loss_fn.u_img.state_dict(), "u_txt": self.loss_fn.u_txt.state_dict()}
@@ -439,6 +464,7 @@ class NeuCLIPEngine:
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
         optimizer = build_optimizer(model, cfg)
         scheduler, self.temperature_lr = build_scheduler(optimizer, cfg, total_steps)
+        self._tau_schedule = (cfg.lr_tau_schedule, cfg.warmup, total_steps)  # the schedule `follow`s on resume
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
@@ -560,8 +586,9 @@ class NeuCLIPEngine:
         if not self._all_finite(batch.img, batch.txt, batch.tau, batch.log_g_img, batch.log_g_txt):
             return self._skip("non-finite features")
         self.last_global_batch = (batch.img, batch.txt, batch.index)  # the normalizer-error diagnostic's MBCL estimate
+        ds_skipped = self.ds.skipped_steps  # DeepSpeed's count of the updates it skipped (overflow)
         with t("npn"):
-            snapshot = self.estimator.snapshot()
+            snapshot = self.estimator.snapshot(batch)
             loss_args, metrics = self.estimator.prepare(batch)  # E7.2: alpha with the encoders frozen (E9: u)
         for a, micro_batch in enumerate(micro_batches):
             with t("backward"):
@@ -575,6 +602,11 @@ class NeuCLIPEngine:
                 self.ds.backward(loss, scale_wrt_gas=False)  # each chunk's loss is the whole step's
             with t("optimizer"):
                 self.ds.step()  # updates after the A-th micro-batch only
+        if self.ds.skipped_steps != ds_skipped:  # the same verdict on every rank (DeepSpeed all-reduces it)
+            self.estimator.restore(snapshot)
+            if self.cfg.precision != "fp16":  # no loss scaler to recover: non-finite gradients, as a NaN step
+                return self._skip("non-finite gradients")
+            return self._skip_overflow(loss_value, float(batch.tau))
         with t("optimizer"):
             # the parameter back inside [tau_min, tau_max]; the tau-LR factor of the next step sees the new tau
             self.temperature_lr.tau = self.temperature.after_step(step)
@@ -653,9 +685,23 @@ class NeuCLIPEngine:
         return {"steps_at_bound": self.temperature.steps_at_bound}
 
     def load_temperature_state(self, state: dict) -> None:
-        """After a checkpoint load: the stored tau as loaded (the scheduler restored its own copy of tau)."""
+        """After a checkpoint load: the stored tau as loaded (the scheduler restored its own copy of tau), and this
+        run's temperature schedule (TemperatureLR.follow)."""
+        self.temperature_lr.follow(*self._tau_schedule)
         self.temperature.value = self.temperature._read()
         self.temperature.steps_at_bound = int(state.get("steps_at_bound", 0))
+
+    def _skip_overflow(self, loss_value: torch.Tensor, tau: float) -> dict:
+        """An fp16 loss-scale overflow: DeepSpeed skipped the update (and lowered the scale); the estimator's update
+        of this step has been undone, and the step counts as skipped. Not towards --max-skipped-in-a-row, nor as a
+        step that makes a checkpoint unsafe: the weights are untouched and the scaler recovers by itself."""
+        self.skipped_steps += 1
+        return {
+            "loss": self._mean_over_ranks(loss_value),
+            "tau": tau,
+            "skipped": True,
+            "skip_reason": "fp16 loss-scale overflow",
+        }
 
     def _skip(self, why: str) -> dict:
         """No parameter, NPN or u update happened; count it and abort after K in a row."""

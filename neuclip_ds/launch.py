@@ -192,26 +192,27 @@ def launch_ranks(
             for _ in range(nproc)
         ]
         started = time.monotonic()
-        children = [
-            subprocess.Popen(
-                [sys.executable, *target, *args],
-                cwd=cwd,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-                env=dict(
-                    base_env,
-                    RANK=str(r),
-                    LOCAL_RANK=str(r),
-                    WORLD_SIZE=str(nproc),
-                    MASTER_ADDR="127.0.0.1",
-                    MASTER_PORT=port,
-                ),
-            )
-            for r, (out, err) in enumerate(logs)
-        ]
+        children: list[subprocess.Popen] = []
         exited: dict[int, float] = {}
-        try:
+        try:  # from the first start on: a rank that fails to start leaves none of those already started running
+            for r, (out, err) in enumerate(logs):
+                children.append(
+                    subprocess.Popen(
+                        [sys.executable, *target, *args],
+                        cwd=cwd,
+                        stdout=out,
+                        stderr=err,
+                        start_new_session=True,
+                        env=dict(
+                            base_env,
+                            RANK=str(r),
+                            LOCAL_RANK=str(r),
+                            WORLD_SIZE=str(nproc),
+                            MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=port,
+                        ),
+                    )
+                )
             while len(exited) < nproc:
                 for rank, child in enumerate(children):
                     if rank not in exited and child.poll() is not None:
@@ -239,9 +240,16 @@ def read_back(file: typing.IO[str]) -> str:
 
 
 def metrics(out_dir: str | Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl."""
-    text = (Path(out_dir) / "metrics.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """The rows of a run's metrics.jsonl; a line still being written (a run going on, or killed) is skipped."""
+    from neuclip_ds.metrics import read_metrics  # not at the top: metrics.py imports tqdm and the config
+
+    return read_metrics(Path(out_dir) / "metrics.jsonl")
+
+
+def last_step(out_dir: str | Path) -> int:
+    """The last step a run's metrics.jsonl shows so far (0: no file yet, or no complete line)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    return max((row.get("step", 0) for row in metrics(out_dir)), default=0) if path.exists() else 0
 
 
 def summary(out_dir: str | Path) -> dict:

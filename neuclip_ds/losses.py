@@ -342,6 +342,18 @@ class ShardedLogTable:
             dist.all_reduce(out, op=dist.ReduceOp.MAX)
         return out
 
+    def snapshot_rows(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows, their log u): what `update(index, ...)` may overwrite on this rank, for `restore_rows`. Indices
+        outside the table are left out (update refuses them before writing anything)."""
+        index = index.to(self.log_u.device)
+        mine = ((index % self.world_size) == self.rank) & (index >= 0) & (index < self.num_samples)
+        rows = index[mine] // self.world_size
+        return rows, self.log_u[rows].clone()
+
+    def restore_rows(self, rows: Tensor, values: Tensor) -> None:
+        """Undo an `update` from its `snapshot_rows` (a row repeated in the batch was saved with the same value)."""
+        self.log_u[rows] = values
+
     def lookup_local(self, index: Tensor) -> Tensor:
         """log u of indices this rank owns (for checkpoints and diagnostics)."""
         if ((index % self.world_size) != self.rank).any():

@@ -9,10 +9,12 @@ import os
 import sys
 import time
 import typing
+import warnings
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .config import DEFAULT_LOG_EVERY
 from .rundir import RunFiles
 
@@ -85,7 +87,10 @@ class MetricsLogger:
         initial_step: int = 0,
         resume: bool = False,
         log_every: int | None = None,
+        run_id: str | None = None,
     ) -> None:
+        """`run_id`: the run's id (kept across resumes), the wandb run's id, so that a resumed run continues its
+        wandb run instead of starting another one."""
         self.rank = rank
         files = RunFiles(Path(output_dir))
         self.path = files.metrics
@@ -102,31 +107,41 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume and self.path.exists():
             self._truncate_after(initial_step)
-        self.file = open(self.path, "a" if resume else "w", buffering=1)  # noqa: SIM115 (closed in close())
-        if self.log_every is None:
-            self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
         reporters = report_to.split(",")
-        if "wandb" in reporters:
-            if wandb_offline:
-                os.environ["WANDB_MODE"] = "offline"
-            import wandb
+        try:  # a reporter that fails to start leaves nothing open
+            if "wandb" in reporters:
+                if wandb_offline:
+                    os.environ["WANDB_MODE"] = "offline"
+                import wandb
 
-            self.wandb = wandb.init(
-                project=wandb_project, config=config, dir=str(output_dir), name=Path(output_dir).name, resume="allow"
-            )
-        if "tensorboard" in reporters:
-            from tensorboardX import SummaryWriter
+                self.wandb = wandb.init(
+                    project=wandb_project,
+                    config=config,
+                    dir=str(output_dir),
+                    name=Path(output_dir).name,
+                    id=run_id,
+                    resume="allow",
+                )
+            if "tensorboard" in reporters:
+                from tensorboardX import SummaryWriter
 
-            # on resume, events past the checkpoint's step are dropped as metrics.jsonl's lines are (recomputed)
-            self.tensorboard = SummaryWriter(
-                logdir=str(files.tensorboard), purge_step=initial_step + 1 if resume else None
-            )
+                # on resume, events past the checkpoint's step are dropped as metrics.jsonl's lines are (recomputed)
+                self.tensorboard = SummaryWriter(
+                    logdir=str(files.tensorboard), purge_step=initial_step + 1 if resume else None
+                )
+            self.file = open(self.path, "a" if resume else "w", buffering=1)  # noqa: SIM115 (closed in close())
+            if self.log_every is None:
+                self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
+        except BaseException:
+            self.close()
+            raise
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines of steps after the checkpoint (they will be recomputed)."""
-        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+        """On resume, drop lines of steps after the checkpoint (they will be recomputed) and any torn line (a kill
+        mid-write): appending after a line with no newline would glue the next record to it. Atomically, so that a
+        kill here leaves the old file, not an empty one."""
+        kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= step]
+        atomic_write(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def _report(self, scalars: dict, step: int) -> None:
         """Numbers to wandb and TensorBoard (those asked for)."""
@@ -194,10 +209,33 @@ class MetricsLogger:
             self.wandb.finish()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        self.file = self.bar = self.wandb = self.tensorboard = None
+
+
+def parse_metrics(text: str, *, source: str = "metrics.jsonl") -> list[dict]:
+    """The records of metrics.jsonl's text, skipping lines that are not a JSON object: a last line cut short by a
+    kill (or a full disk) mid-write is expected and skipped silently; one elsewhere is warned about (once)."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    rows, torn = [], []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            torn.append(number)
+    if torn and torn != [len(lines)]:
+        warnings.warn(
+            f"{source}: skipped {len(torn)} line(s) that are not JSON records (line {torn[0]} first)", stacklevel=2
+        )
+    return rows
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """The records of a metrics.jsonl file (`parse_metrics`: torn lines skipped)."""
+    return parse_metrics(Path(path).read_text(), source=str(path))
 
 
 # the eval panel's lines: the headline numbers of evaluate.py (each zero-shot attribute's top-1, their mean, R@1

@@ -206,6 +206,7 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
         initial_step=start_step,
         resume=saved is not None,
         log_every=cfg.log_every,
+        run_id=run_id,
     )
 
     # the newest checkpoint with no skipped step since the one before it: an abort after skipped steps points at

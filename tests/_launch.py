@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from neuclip_ds.launch import command, cpu_env, launch, metrics, read_back
+from neuclip_ds.launch import command, cpu_env, last_step, launch, read_back
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def signal_after_step(
 
 
 def _reached(out: Path, step: int) -> bool:
-    return (out / "metrics.jsonl").exists() and any(row["step"] >= step for row in metrics(out))
+    return last_step(out) >= step
 
 
 def write_ds_config(path: Path, *, stage: int, accumulation: int = 1) -> str:

@@ -1,18 +1,16 @@
 import os
+import pathlib
+
+import pytest
+
+from neuclip_ds.extensions import extensions_dir  # the standard library only: nothing reads the variables yet
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # DeepSpeed's shm op is built into this venv, not the cache every venv shares (neuclip_ds/extensions.py); the
 # launched runs inherit the variable.
-from neuclip_ds.extensions import extensions_dir
-
 extensions_dir()
-
-
-import pathlib  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

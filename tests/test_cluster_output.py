@@ -30,7 +30,8 @@ def test_config_error_is_printed_once_by_two_ranks_and_both_exit_2(tmp_path):
     assert [r.returncode for r in ranks] == [2, 2]
     combined = "".join(r.stdout + r.stderr for r in ranks)
     assert combined.count("neuclip-train: error: --npn-prototypes: must be > 0") == 1, combined[-2000:]
-    assert combined.count("error") == 1, combined[-2000:]
+    ours = [line for line in combined.splitlines() if line.startswith("neuclip-train:")]
+    assert len(ours) == 1, combined[-2000:]  # a library's warning may say "error"; only our lines are counted
 
 
 # ------------------------------------------------------------------------------------------------ a synthetic run

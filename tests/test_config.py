@@ -326,17 +326,17 @@ def test_npn_on_gpu_is_compared_with_gpu_memory(host, monkeypatch):
 
 def test_fastclip_tables_that_cannot_fit_are_refused(host, monkeypatch):
     args = [*OK, "--loss", "fastclip", "--dataset-size"]
-    # 2 tables + their snapshot, 4 bytes, 1/8 of 10^9 samples per rank
+    # 2 tables, 4 bytes, 1/8 of 2 x 10^9 samples per rank (the step's snapshot holds the batch's rows only)
     parse_config([*args, "10000000"]).validate(world_size=8)
     with pytest.raises(ConfigError) as err:
-        parse_config([*args, "1000000000"]).validate(world_size=8)
+        parse_config([*args, "2000000000"]).validate(world_size=8)
     assert str(err.value) == (
-        "--dataset-size: FastCLIP's u tables for 1000000000 samples need ~1.9 GiB per rank, "
+        "--dataset-size: FastCLIP's u tables for 2000000000 samples need ~1.9 GiB per rank, "
         "more than the 1.0 GiB of host memory available"
     )
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 ranks of one host share its memory
     with pytest.raises(ConfigError, match=r"need ~0.1 GiB per rank x 8 ranks on this host, more than the 1.0 GiB"):
-        parse_config([*args, "80000000"]).validate(world_size=8)
+        parse_config([*args, "160000000"]).validate(world_size=8)
 
 
 def test_reasonable_sizes_pass_with_this_machines_memory():

@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 
-from neuclip_ds.launch import REPO_ROOT, cpu_env, free_port, launch, metrics
+from neuclip_ds.launch import REPO_ROOT, cpu_env, free_port, launch, metrics, read_back
 
 ARGS = ["--synthetic-samples", "64", "--steps", "6", "--global-batch-size", "16", "--npn-prototypes", "16"]
 KEYS = ("loss", "tau", "lr")
@@ -31,20 +33,55 @@ def assert_same_curve(got: list[dict], ref: list[dict]) -> None:
 
 
 def run_together(commands: list[list[str]], envs: list[dict], timeout: int = 600) -> None:
-    """Start every command at once (the nodes of one job), wait for all; each must exit 0."""
-    children = [
-        subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
-        for cmd, env in zip(commands, envs)
-    ]  # fmt: skip
-    try:
-        outputs = [child.communicate(timeout=timeout)[0] for child in children]
-    finally:
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signal.SIGKILL)
-    for child, output in zip(children, outputs):
-        assert child.returncode == 0, output[-3000:]
+    """Start every command at once (the nodes of one job), wait for all; each must exit 0. Output goes to files (a
+    node printing more than a pipe holds would block), and the first node to fail ends the others at once: its
+    peers would otherwise wait for it until the timeout. A failure shows every node's output."""
+    with contextlib.ExitStack() as stack:
+        logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in commands]
+        children = []
+        try:
+            for cmd, env, log in zip(commands, envs, logs):
+                children.append(
+                    subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+                )  # fmt: skip
+            deadline = time.monotonic() + timeout
+            while any(child.poll() is None for child in children):
+                if any(child.poll() not in (None, 0) for child in children) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+        finally:
+            for child in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+        codes = [child.returncode for child in children]
+        if codes != [0] * len(commands):
+            why = f"timed out after {timeout} s" if time.monotonic() > deadline else "a node failed"
+            nodes = [
+                f"--- node {i}: exit {code} ---\n{read_back(log)[-3000:]}"
+                for i, (code, log) in enumerate(zip(codes, logs))
+            ]
+            raise AssertionError("\n".join([why, *nodes]))
+
+
+def test_run_together_stops_the_other_nodes_when_one_fails():
+    """A node that fails ends the job at once (its peer would wait for it until the timeout), and every node's
+    output is in the report; a node's output larger than a pipe holds does not block it."""
+    py = sys.executable
+    loud = [
+        py,
+        "-c",
+        "import sys, time; sys.stdout.write('x' * 200_000 + 'loud done'); sys.stdout.flush(); time.sleep(60)",
+    ]
+    failing = [py, "-c", "import sys, time; time.sleep(1); print('node 1 broke'); sys.exit(3)"]
+    started = time.monotonic()
+    with pytest.raises(AssertionError) as err:
+        run_together([loud, failing], [cpu_env(), cpu_env()], timeout=50)
+    assert time.monotonic() - started < 30
+    report = str(err.value)
+    assert report.startswith("a node failed") and "node 1: exit 3" in report and "node 1 broke" in report
+    assert "loud done" in report and f"node 0: exit {-signal.SIGKILL}" in report
 
 
 def test_multi_node_sh_two_nodes_without_ssh(one_node_two_ranks, tmp_path):

@@ -17,9 +17,12 @@ def resolved(args: list[str], world_size: int = 1):
 
 
 def test_flag_aliases_set_our_options():
-    cfg = resolved(["--model", "tiny", "--grad-clip-norm", "0.5", "--dataset-resampled", "--accum-freq", "2"])
+    aliases = ["--model", "tiny", "--grad-clip-norm", "0.5", "--dataset-resampled", "--accum-freq", "2"]
+    cfg = resolved([*aliases, "--wandb-project-name", "clip-runs", "--ds-config", "ds_configs/zero2.json"])
+    # --grad-clip-norm on the command line beats the DeepSpeed JSON's gradient_clipping (1.0 in zero2.json)
     assert cfg.preset == "tiny" and cfg.grad_clip == 0.5 and cfg.ds.gradient_clipping == 0.5
     assert cfg.data_resampled is True and cfg.ds.gradient_accumulation_steps == 2
+    assert cfg.wandb_project == "clip-runs"
 
 
 def test_batch_size_is_per_rank_and_micro_batch():
@@ -70,6 +73,8 @@ def test_bare_eps_says_which_one_was_meant(tmp_path):
         ({"save_every": 4}, ["--save-frequency", "1"], {"save_every": 0, "save_frequency": 1}),
         ({"eval_every": 4}, ["--zeroshot-frequency", "1"], {"eval_every": 0, "zeroshot_frequency": 1}),
         ({"model": "tiny", "grad_clip_norm": 2.0}, ["--grad-clip", "3"], {"preset": "tiny", "grad_clip": 3.0}),
+        ({"grad_clip": 2.0}, ["--grad-clip-norm", "3"], {"grad_clip": 3.0}),
+        ({"wandb_project": "a"}, ["--wandb-project-name", "b"], {"wandb_project": "b"}),
     ],
 )
 def test_command_line_overrides_the_yaml(tmp_path, in_yaml, on_command_line, expect):

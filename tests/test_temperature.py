@@ -89,6 +89,38 @@ def test_scheduler_gives_the_temperature_group_its_factor():
     assert lrs[False] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "step_thresh"])
+def test_resumed_temperature_schedule_follows_the_new_length(schedule):
+    """A resume with another --steps/--warmup: the scheduler state restores the temperature factor as saved, the
+    encoders' closure takes the new lengths; after `follow` both groups run the new schedule, as a fresh
+    scheduler of the new lengths does (tau and the step count carry over)."""
+    model = build_model("tiny")
+    old = TrainConfig(lr=1e-3, warmup=2, lr_tau_schedule=schedule)
+    opt = build_optimizer(model, old)
+    sched, _ = build_scheduler(opt, old, total_steps=10)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    saved = sched.state_dict()
+
+    new = TrainConfig(lr=1e-3, warmup=4, lr_tau_schedule=schedule)
+    opt2 = build_optimizer(model, new)
+    sched2, factor2 = build_scheduler(opt2, new, total_steps=40)
+    sched2.load_state_dict(saved)
+    assert (factor2.warmup, factor2.total) == (2, 10)  # what the scheduler's state alone leaves
+    factor2.follow(new.lr_tau_schedule, new.warmup, 40)
+
+    opt3 = build_optimizer(model, new)
+    _, fresh_factor = build_scheduler(opt3, new, total_steps=40)
+    fresh_factor.tau = factor2.tau
+    assert vars(factor2) == vars(fresh_factor)
+    encoders = next(f for f, g in zip(sched2.lr_lambdas, opt2.param_groups) if not g.get("is_temperature"))
+    for step in (3, 5, 20, 39):
+        assert factor2(step) == fresh_factor(step)
+        if schedule == "cosine":  # the temperature's factor is the encoders'
+            assert factor2(step) == encoders(step)
+
+
 class _OneTemperature(nn.Module):
     """What TemperatureKeeper reads off a model, for a plain (non-DeepSpeed) parameter."""
 

@@ -120,11 +120,12 @@ class WorkerBadCounts:
 
 
 class BadSampleTracker:
-    """Sums ``batch["bad_samples"]`` and good samples; ``check`` applies ``check_bad_fraction``.
+    """Sums ``batch["bad_samples"]`` and good samples of one process's batches.
 
     ``fraction = bad / (bad + good)`` where shard-level events (missing_shard, shard_error) count as one each.
-    Multi-rank: all-reduce ``counts_vector()`` (order ``("good",) + BAD_REASONS`` then extra reasons sorted)
-    or sum ``as_dict()`` across ranks.
+    A training run decides on every rank's counts: ``LoaderStream.check_bad_samples`` all-reduces
+    ``[good, total]`` and applies ``check_bad_fraction``. ``check``, ``as_dict`` and ``counts_vector`` see this
+    process's counts only (one process: tests, single-process tools).
     """
 
     def __init__(self, max_fraction: float | None = None, *, min_seen: int = MIN_SEEN) -> None:
