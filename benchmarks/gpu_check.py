@@ -23,7 +23,8 @@ FLOPs at `--mfu-guess` of the peak, plus `--startup-s` per run for start-up and 
 checkpoint's bytes at `--disk-gbps`) and stops if it exceeds `--max-minutes`.
 
 `--dry-run`: the same code paths on CPU, the tiny preset in place of ViT-B-16 and ViT-L-14 (open_clip: ViT-B-32,
-batch 4), 3 steps, one repeat; prints the table (CPU numbers, meaningless as figures) and writes nothing.
+batch 4), 3 steps, one repeat, the tiny ZeRO-3 + ckpt row skipped (the zero-init row runs the same path); prints
+the table (CPU numbers, meaningless as GPU figures) and writes nothing.
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=4, help="torch CPU threads of each run")
     parser.add_argument("--max-minutes", type=float, default=8.0, help="stop before any run past this estimate")
     parser.add_argument("--mfu-guess", type=float, default=0.4, help="MFU the estimate assumes")
-    parser.add_argument("--startup-s", type=float, default=45.0, help="start-up and exit of one run, estimated")
+    parser.add_argument("--startup-s", type=float, default=40.0, help="start-up and exit of one run, estimated")
     parser.add_argument("--disk-gbps", type=float, default=1.0, help="checkpoint write speed, GB/s, estimated")
     parser.add_argument("--npn-prototypes", type=int, default=4096, help="neuclip-train's default m")
     parser.add_argument("--out", type=Path, default=OUT)
