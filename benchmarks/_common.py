@@ -3,6 +3,7 @@ per-phase step times, and print + write a result table."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -16,17 +17,22 @@ PINNED = ROOT / "benchmarks" / "_pinned.py"  # runs a module with its thread cou
 PHASES = ("data", "forward", "gather", "npn", "backward", "optimizer")  # the engine's timers (metrics.jsonl)
 
 
-def pinned_env(threads: int) -> dict[str, str]:
-    """The environment of a timed CPU run: no GPU in sight, `threads` OpenMP threads, and torch's intra- and
-    inter-op threads set to the same number by `_pinned.py`."""
-    return cpu_env(threads, hide_cuda=True, extra_env={"BENCH_THREADS": str(threads)})
+def pinned_env(threads: int, *, gpu: bool = False) -> dict[str, str]:
+    """The environment of a timed run: `threads` OpenMP threads, and torch's intra- and inter-op threads set to the
+    same number by `_pinned.py`; a CPU run (no GPU in sight) unless `gpu`."""
+    env = cpu_env(threads, hide_cuda=not gpu, extra_env={"BENCH_THREADS": str(threads)})
+    if gpu:  # DeepSpeed then picks its accelerator itself (CUDA), unless the caller chose one
+        env.pop("DS_ACCELERATOR")
+        if "DS_ACCELERATOR" in os.environ:
+            env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
+    return env
 
 
-def train(args: list[str], out: Path, *, threads: int) -> list[dict]:
-    """One 1-rank `neuclip_ds.train` run on synthetic data (CPU, `threads` threads checked at start and exit, no
-    GPU in sight); its metrics.jsonl rows."""
+def train(args: list[str], out: Path, *, threads: int, gpu: bool = False) -> list[dict]:
+    """One 1-rank `neuclip_ds.train` run on synthetic data (`threads` threads checked at start and exit; CPU with
+    no GPU in sight unless `gpu`); its metrics.jsonl rows."""
     args = [TRAIN_MODULE, *args, "--output-dir", str(out), "--report-to", "jsonl"]
-    proc = launch(args, script=str(PINNED), env=pinned_env(threads), timeout=None, check=False)
+    proc = launch(args, script=str(PINNED), env=pinned_env(threads, gpu=gpu), timeout=None, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(proc.args)} failed:\n{proc.stderr[-3000:]}")
     checked_threads(proc.stderr, threads, "neuclip_ds")

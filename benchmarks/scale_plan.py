@@ -219,7 +219,7 @@ def measure_loss_factor(n: int = 2048, dim: int = 8) -> float:
     tau, alpha = torch.full([1], cfg.init_tau, requires_grad=True), torch.zeros(n)
     probe = MemoryProbe()
     with probe:
-        NeuCLIPLoss(cfg.eps, cfg.rho)(gather_features(img, txt), tau, alpha, alpha).backward()
+        NeuCLIPLoss(cfg.normalizer_eps, cfg.rho)(gather_features(img, txt), tau, alpha, alpha).backward()
     return probe.peak / (4 * n * n)
 
 
@@ -229,7 +229,7 @@ def measure_npn_factor(n: int = 2048, prototypes: int = 1024, dim: int = 8) -> f
     cfg = TrainConfig()
     gen = torch.Generator().manual_seed(0)
     img, txt = (torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=-1) for _ in range(2))
-    npn = NPN(dim, num_prototypes=prototypes, eps=cfg.eps, lr=cfg.npn_lr)
+    npn = NPN(dim, num_prototypes=prototypes, eps=cfg.normalizer_eps, lr=cfg.npn_lr)
     target = torch.zeros(n)
     probe = MemoryProbe()
     with probe:

@@ -57,15 +57,19 @@ def ours(
     return [(r["step_time_s"], r["time_data"]) for r in train(args, out, threads=threads)]
 
 
-def theirs(model: str, batch: int, steps: int, threads: int, out: Path, precision: str):
-    """(step seconds, data seconds) of each open_clip step, from its log."""
+def theirs(
+    model: str, batch: int, steps: int, threads: int, out: Path, precision: str, *, gpu: bool = False, workers: int = 1
+) -> list[tuple[float, float]]:
+    """(step seconds, data seconds) of each open_clip step, from its log; on CPU with no GPU in sight unless `gpu`
+    (open_clip then takes the GPU). `workers` data-loader workers decode its synthetic images."""
     run = (
         f"--model {model} --dataset-type synthetic --train-num-samples {batch * steps} --batch-size {batch} --epochs 1"
-        f" --precision {OPENCLIP_PRECISION[precision]} --workers 1 --lr 1e-4 --warmup 1 --wd 0.2 --grad-clip-norm 1.0"
-        " --log-every-n-steps 1 --name run --save-frequency 0 --zeroshot-frequency 0 --val-frequency 0 --seed 0"
+        f" --precision {OPENCLIP_PRECISION[precision]} --workers {workers} --lr 1e-4 --warmup 1 --wd 0.2"
+        " --grad-clip-norm 1.0 --log-every-n-steps 1 --name run --save-frequency 0 --zeroshot-frequency 0"
+        " --val-frequency 0 --seed 0"
     ).split()
     cmd = [sys.executable, str(PINNED), "open_clip_train.main", *run, "--logs", str(out)]
-    proc = run_command(cmd, cwd=out, env=pinned_env(threads), timeout=None, check=False)
+    proc = run_command(cmd, cwd=out, env=pinned_env(threads, gpu=gpu), timeout=None, check=False)
     log = out / "run" / "out.log"
     text = log.read_text() if log.is_file() else proc.stdout + proc.stderr
     if proc.returncode != 0:

@@ -19,6 +19,7 @@ from .config import DEFAULT_LOG_EVERY
 from .rundir import RunFiles
 
 if typing.TYPE_CHECKING:
+    import torch
     from matplotlib.figure import Figure
 
 
@@ -53,6 +54,19 @@ def format_duration(seconds: float) -> str:
     if s >= 60:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s}s"
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """The most memory this process has held so far, in GiB (2^30 bytes): on CUDA the tensors allocated on
+    `device` (torch.cuda.max_memory_allocated: what the run's tensors needed, not the allocator's cache); elsewhere
+    the process's peak resident set (ru_maxrss, KiB on Linux), which also counts the interpreter and libraries."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 # an evaluation's numbers in a progress line (all of them are in metrics.jsonl)

@@ -142,7 +142,7 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
     from . import checkpoint
     from .engine import NeuCLIPEngine, TooManySkippedSteps, build_ds_config
     from .flops import Peak, resolve_peak, step_flops, throughput_metrics
-    from .metrics import MetricsLogger, plot_training, read_metrics
+    from .metrics import MetricsLogger, peak_memory_gib, plot_training, read_metrics
 
     out_dir = Path(cfg.output_dir)
     files = RunFiles(out_dir)
@@ -259,6 +259,7 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
                 # model FLOPs of this rank's samples (at the text positions they ran) / step time; mfu: / peak
                 **throughput_metrics(step_flops(flops, micro_batches, cfg.text_padding), elapsed, peak),
                 "npn_time_frac": times["npn"] / elapsed,
+                "peak_mem_gib": peak_memory_gib(info.device),  # since the process started: the run's peak so far
                 "skipped_steps": eng.skipped_steps,
                 "optimizer_steps": eng.ds.global_steps,
                 "bad_samples": bad,

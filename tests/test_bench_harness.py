@@ -25,6 +25,15 @@ def test_median_spread():
     assert median_spread([1.0, 3.0, 2.0]) == "2.000 (1.000–3.000)"
 
 
+def test_pinned_env_of_a_gpu_run_leaves_the_gpu_and_the_accelerator_alone(monkeypatch):
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cpu, gpu = pinned_env(2), pinned_env(2, gpu=True)
+    assert cpu["DS_ACCELERATOR"] == "cpu" and cpu["CUDA_VISIBLE_DEVICES"] == ""
+    assert "DS_ACCELERATOR" not in gpu and "CUDA_VISIBLE_DEVICES" not in gpu
+    assert gpu["BENCH_THREADS"] == gpu["OMP_NUM_THREADS"] == "2"
+
+
 def _pinned_run(tmp_path: Path, threads: int, body: str) -> subprocess.CompletedProcess:
     (tmp_path / "probe_module.py").write_text(body)
     env = dict(pinned_env(threads), PYTHONPATH=str(tmp_path))

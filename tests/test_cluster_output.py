@@ -78,6 +78,25 @@ def test_metrics_have_tflops_per_rank_and_mfu(plain_run):
     assert max(peaks) == pytest.approx(min(peaks))
 
 
+def test_metrics_have_peak_memory(plain_run):
+    """On CPU peak_mem_gib is the process's peak resident set: torch and DeepSpeed alone hold well over 0.1 GiB, a
+    peak so far never falls, and nothing in a tiny run comes near 64 GiB."""
+    _, out = plain_run
+    peaks = [r["peak_mem_gib"] for r in M.read_metrics(out / "metrics.jsonl")]
+    assert len(peaks) == 12
+    assert all(0.1 < p < 64 for p in peaks), peaks
+    assert peaks == sorted(peaks)
+
+
+def test_peak_memory_gib_on_cpu_is_the_peak_resident_set():
+    import resource
+
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    assert M.peak_memory_gib(torch.device("cpu")) == pytest.approx(rss, rel=0.05)
+
+
 def test_plain_progress_lines_when_stderr_is_not_a_terminal(plain_run):
     proc, _ = plain_run
     assert "\r" not in proc.stdout + proc.stderr

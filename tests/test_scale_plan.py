@@ -76,6 +76,13 @@ def test_checkpointing_needs_less_activation_memory_on_tiny():
     assert act[("peak", False)]["per_sample"] >= no_ckpt  # the peak holds every activation at once
 
 
+def test_loss_and_npn_peaks_are_a_few_matrices():
+    """The loss / NPN peaks in units of one fp32 [b x B] / [B x m] matrix (what the batch plan and
+    benchmarks/gpu_check.py's prediction add): a handful of matrices, whatever n."""
+    assert 2 < plan.measure_loss_factor(n=256) < 16
+    assert 2 < plan.measure_npn_factor(n=256, prototypes=128) < 16
+
+
 @pytest.mark.parametrize(
     "preset, path, stage",
     [("ViT-L-14", "ds_configs/vit_l14_8xh100.json", 2), ("ViT-H-14", "ds_configs/vit_h14_8xh100.json", 3)],
