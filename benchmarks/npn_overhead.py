@@ -2,16 +2,19 @@
 
     python benchmarks/npn_overhead.py            # tiny + ViT-B-32, T_u = 10, m = 4096
     python benchmarks/npn_overhead.py --quick    # fewer steps (a few minutes on 2 CPU cores)
+    python benchmarks/npn_overhead.py --presets ViT-B-32 --batch 32 --profile   # + where the difference goes
 
-Each run is `neuclip-train` on synthetic data (no files), 1 rank, fp32, ZeRO-1, its threads pinned and checked
-(`_pinned.py`). The NeuCLIP and MBCL runs of a preset are interleaved N M, M N, ... so that drift of this shared
-machine hits both alike. A step's time is its wall time (metrics.jsonl `step_time_s`); each repeat gives a ratio of
-the median NeuCLIP step ÷ the median MBCL step, and the table shows every repeat's ratio with their median and
+Each run is `neuclip-train` on synthetic data (no files), 1 rank, fp32, `--ds-config` (zero1 unless told), its threads
+pinned and checked (`_pinned.py`). The NeuCLIP and MBCL runs of a preset are interleaved N M, M N, ... so that drift of
+this shared machine hits both alike. A step's time is its wall time (metrics.jsonl `step_time_s`); each repeat gives a
+ratio of the median NeuCLIP step ÷ the median MBCL step, and the table shows every repeat's ratio with their median and
 spread (this machine's noise between runs). The in-run ratio step ÷ (step − NPN phase), over the same NeuCLIP steps,
-needs no second run and so carries none of that noise; the NPN phase is the only work NeuCLIP adds to an MBCL step
-(its loss differs from MBCL's by O(B) terms). The second table splits both losses' steps by the engine's phase
-timers (time_data/forward/gather/npn/backward/optimizer) and what no timer covers, side by side, so that a cost
-outside the NPN phase shows where it is.
+needs no second run and so carries none of that noise; the NPN phase is the only work NeuCLIP adds to an MBCL step (its
+loss differs from MBCL's by O(B) terms). The second table splits both losses' steps by the engine's phase timers
+(time_data/forward/gather/npn/backward/optimizer) and what no timer covers, side by side, so that a cost outside the NPN
+phase shows where it is. `--profile` then runs each loss once more under `--profile-steps` (the kept steps;
+torch.profiler, neuclip_ds/profiling.py) and lists the operators whose self time per step differs most between the two,
+with each one's calls and seconds per step: where a difference the phase timers show comes from.
 
 What the ratio means at scale: with `--npn-parallel replicated` (E8 option (a)) every rank runs the inner loop on
 the *global* batch, so its cost per rank grows with B_global while the encoders' grows with b_local; with
@@ -32,6 +35,7 @@ from _common import PHASES, ROOT, interleaved, median_spread, report, synthetic_
 
 from neuclip_ds.flops import npn_flops_share
 from neuclip_ds.presets import get_preset
+from neuclip_ds.profiling import read_ops
 
 
 def flops_table(presets: list[str], prototypes: int, inner_steps: int, per_gpu_batch: int = 256) -> list[str]:
@@ -63,6 +67,32 @@ def flops_table(presets: list[str], prototypes: int, inner_steps: int, per_gpu_b
     return lines
 
 
+def operator_differences(neuclip: dict[str, dict], mbcl: dict[str, dict], top: int) -> list[str]:
+    """The `top` operators whose self time per step (CPU + device) differs most between the two profiles, as
+    table lines; the profiler's own bookkeeping and the phase ranges (which contain the operators) are left out."""
+    phases = set(PHASES)
+
+    def self_s(ops: dict[str, dict], name: str) -> float:
+        row = ops.get(name)
+        return 0.0 if row is None else row["self_cpu_s_per_step"] + row["self_device_s_per_step"]
+
+    def calls(ops: dict[str, dict], name: str) -> str:
+        return f"{ops[name]['calls_per_step']:.0f}" if name in ops else "0"
+
+    names = [n for n in set(neuclip) | set(mbcl) if n not in phases and not n.startswith("ProfilerStep")]
+    names.sort(key=lambda n: -abs(self_s(neuclip, n) - self_s(mbcl, n)))
+    lines = [
+        "| operator | NeuCLIP calls | MBCL calls | NeuCLIP self (s) | MBCL self (s) | difference (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in names[:top]:
+        a, b = self_s(neuclip, n), self_s(mbcl, n)
+        lines.append(f"| `{n}` | {calls(neuclip, n)} | {calls(mbcl, n)} | {a:.4f} | {b:.4f} | {a - b:+.4f} |")
+    total = [sum(self_s(ops, n) for n in ops if n not in phases) for ops in (neuclip, mbcl)]
+    lines.append(f"| all operators | | | {total[0]:.4f} | {total[1]:.4f} | {total[0] - total[1]:+.4f} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
@@ -74,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ds-config", default="zero1", help="the shipped DeepSpeed config both losses run under")
+    parser.add_argument(
+        "--profile", action="store_true", help="then profile one more run of each loss and compare operators"
+    )
+    parser.add_argument("--profile-top", type=int, default=15, help="operators listed by --profile")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "npn_overhead.md"))
     args = parser.parse_args(argv)
     steps, repeats, warm = (6, 2, 2) if args.quick else (args.steps, args.repeats, args.warmup)
@@ -82,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [
         f"command: python benchmarks/npn_overhead.py {' '.join(argv or sys.argv[1:])}".rstrip(),
-        f"1 rank, fp32, ZeRO-1, T_u = {args.inner_steps}, m = {args.prototypes}, {steps} steps per run "
-        f"(first {warm} dropped), {repeats} repeats interleaved N M, M N, ..., {args.threads} intra-op and inter-op "
-        "threads checked in every run; step = wall time from fetching the batch to the end of the optimizer step",
+        f"1 rank, fp32, --ds-config {args.ds_config}, T_u = {args.inner_steps}, m = {args.prototypes}, {steps} "
+        f"steps per run (first {warm} dropped), {repeats} repeats interleaved N M, M N, ..., {args.threads} intra-op "
+        "and inter-op threads checked in every run; step = wall time from fetching the batch to the end of the "
+        "optimizer step",
         "",
         "| preset | global batch | MBCL step (s) | NeuCLIP step (s) | NeuCLIP ÷ MBCL per repeat "
         "| median (min–max) | in-run: step ÷ (step − NPN phase) |",
@@ -97,14 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         "| preset | loss | " + " | ".join(PHASES) + " | untimed | step |",
         "|---|---|" + "---|" * (len(PHASES) + 2),
     ]
+    profiles: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset, batch in zip(args.presets, args.batch, strict=True):
 
-            def one_run(loss: str, r: int, preset: str = preset, batch: int = batch) -> list[dict]:
+            def one_run(loss: str, r: int, preset: str = preset, batch: int = batch, extra: tuple = ()) -> list[dict]:
                 out = Path(tmp) / f"{preset}_{loss}_{r}"
                 npn = f"--npn-prototypes {args.prototypes} --npn-inner-steps {args.inner_steps}".split()
-                args_ = [*synthetic_run(preset, loss, batch=batch, steps=steps), *npn]
-                return train(args_, out, threads=args.threads)[warm:]
+                args_ = [*synthetic_run(preset, loss, batch=batch, steps=steps, ds_config=args.ds_config), *npn]
+                return train([*args_, *extra], out, threads=args.threads)[warm:]
 
             runs = interleaved({"neuclip": None, "mbcl": None}, repeats, one_run)
             per_repeat = {
@@ -127,7 +164,21 @@ def main(argv: list[str] | None = None) -> int:
                 step = statistics.median(row["step_time_s"] for row in rows)
                 cells = " | ".join(f"{phase[p]:.3f}" for p in PHASES)
                 splits.append(f"| {preset} | {loss} | {cells} | {untimed:.3f} | {step:.3f} |")
-    lines += splits
+            if args.profile:
+                profiled = f"--profile-steps {warm + 1}:{steps}".split()
+                ops = {}
+                for loss in ("neuclip", "mbcl"):
+                    print(f"[npn_overhead] {preset} {loss} profiled", flush=True)
+                    one_run(loss, "profiled", extra=profiled)
+                    ops[loss] = read_ops(Path(tmp) / f"{preset}_{loss}_profiled" / "profile" / "rank0_ops.json")
+                profiles += [
+                    "",
+                    f"{preset}: operators whose self time per step differs most, NeuCLIP vs MBCL (torch.profiler over "
+                    f"steps {warm + 1}–{steps} of one more run each; profiled steps run slower than the timed ones):",
+                    "",
+                    *operator_differences(ops["neuclip"], ops["mbcl"], args.profile_top),
+                ]
+    lines += splits + profiles
     lines += flops_table(args.presets, args.prototypes, args.inner_steps)
     report("\n".join(lines), args.out, write=not args.quick)
     return 0

@@ -224,7 +224,7 @@ class TrainConfig:
     overwrite: bool = opt(
         False,
         "start over in an --output-dir that holds a run: remove that run's files (config.yaml, metrics.jsonl, "
-        "summary.json, eval_results.json, plots/training.png, checkpoints/, tensorboard/) and nothing else; "
+        "summary.json, eval_results.json, plots/training.png, checkpoints/, tensorboard/, profile/) and nothing else; "
         "without it (or --resume) such a directory is refused",
         SYSTEM,
     )
@@ -259,6 +259,12 @@ class TrainConfig:
         None,
         "peak TFLOPS of one rank's device in the run's precision, for mfu (achieved model TFLOPS / peak) in "
         "metrics.jsonl (unset: on CPU a matmul timed at start-up; on a GPU mfu is left out; docs/performance.md)",
+        SYSTEM,
+    )
+    profile_steps: str | None = opt(
+        None,
+        "FIRST:LAST: run torch.profiler over these steps (1-based, as in metrics.jsonl) and write each rank's Chrome "
+        "trace and per-operator times to <output-dir>/profile/ (docs/performance.md)",
         SYSTEM,
     )
     debug: bool = opt(
@@ -370,6 +376,13 @@ class TrainConfig:
         for name in ("npn_lr", "lr", "lr_tau", "init_tau", "tau_min", "tau_max", "peak_tflops"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{_flag(name)}: must be > 0, got {getattr(self, name)}")
+        if self.profile_steps is not None:
+            from .profiling import StepRange  # imports torch: only when asked
+
+            try:
+                StepRange.parse(self.profile_steps)
+            except ValueError as e:
+                raise ConfigError(f"--profile-steps: {e}") from None
         if not self.tau_min < self.tau_max:
             raise ConfigError(f"--tau-min: must be below --tau-max, got {self.tau_min} >= {self.tau_max}")
         if not self.tau_min <= self.init_tau <= self.tau_max:

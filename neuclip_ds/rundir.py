@@ -8,6 +8,7 @@ user's other files in the directory, `plots/` included, stay where they are):
     checkpoints/                                                 wholly the trainer's (DeepSpeed adds its own
                                                                  files there: zero_to_fp32.py, ...)
     tensorboard/                                                 wholly the trainer's (--report-to tensorboard)
+    profile/                                                     wholly the trainer's (--profile-steps)
 A wandb/ directory is neither: each wandb run is a directory of its own there, which a new run does not touch.
 """
 
@@ -56,13 +57,17 @@ class RunFiles:
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
 
+    @property
+    def profile(self) -> Path:
+        return self.root / "profile"
+
     def records(self) -> list[Path]:
         return [self.config, self.metrics, self.summary, self.eval_results, self.plot]
 
 
 RUN_FILES = tuple(str(p) for p in RunFiles(Path()).records())
 CHECKPOINTS = RunFiles(Path()).checkpoints.name
-RUN_DIRS = (CHECKPOINTS, RunFiles(Path()).tensorboard.name)
+RUN_DIRS = (CHECKPOINTS, RunFiles(Path()).tensorboard.name, RunFiles(Path()).profile.name)
 
 
 def previous_run(output_dir: str | Path) -> list[str]:

@@ -143,6 +143,7 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
     from .engine import NeuCLIPEngine, TooManySkippedSteps, build_ds_config
     from .flops import Peak, resolve_peak, step_flops, throughput_metrics
     from .metrics import MetricsLogger, peak_memory_gib, plot_training, read_metrics
+    from .profiling import StepProfiler, StepRange
 
     out_dir = Path(cfg.output_dir)
     files = RunFiles(out_dir)
@@ -191,6 +192,7 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
             steps_per_epoch=steps_per_epoch,
             total_steps=total_steps,
             start_step=start_step,
+            flops=flops,
             peak=peak,
         )
         print(banner, file=sys.stderr, flush=True)
@@ -233,10 +235,13 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
         skipped_at_last_save = eng.skipped_steps
         return tag_dir
 
+    steps_to_profile = StepRange.parse(cfg.profile_steps) if cfg.profile_steps else None
+    profiler = StepProfiler(steps_to_profile, files.profile, info.rank, info.device)
     record, stopped_by = {}, None
     try:
         for step in range(start_step, total_steps):
             eng.timer.reset()
+            profiler.begin(step + 1)
             t0 = time.perf_counter()
             with eng.timer("data"):
                 micro_batches = stream.next_step()
@@ -247,6 +252,7 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
                 raise TooManySkippedSteps(f"{e}; {where_to_restart(last_clean)}") from None
             bad = stream.check_bad_samples()  # past --max-bad-fraction: TooManyBadSamplesError on every rank alike
             elapsed = time.perf_counter() - t0
+            profiler.end(step + 1)
             times = eng.timer.times
             record = {
                 "step": step + 1,
@@ -290,6 +296,7 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
             if evaluation:  # rank 0
                 logger.log_evaluation(evaluation["eval"], step=record.get("step", total_steps))
     finally:
+        profiler.close()
         logger.close()
     if not record and info.rank == 0 and files.metrics.exists():
         rows = read_metrics(files.metrics)
@@ -320,11 +327,12 @@ def startup_banner(
     steps_per_epoch: int,
     total_steps: int,
     start_step: int,
+    flops: Preset,
     peak: Peak | None = None,
 ) -> str:
     """What the run is about to do, in aligned lines, printed once by rank 0 before its first step: the sizes and
-    settings a cluster user checks before waiting for a queue's worth of steps; the FLOPs of a sample and the
-    peak that mfu in metrics.jsonl divides by (`peak`: none given, no line)."""
+    settings a cluster user checks before waiting for a queue's worth of steps; the FLOPs of a sample (`flops`: the
+    towers as built) and the peak that mfu in metrics.jsonl divides by (`peak`: none given, no line)."""
     from .config import format_bytes, model_state_bytes, npn_state_bytes
     from .flops import describe_npn_share
 
@@ -349,7 +357,7 @@ def startup_banner(
         ("ZeRO stage", f"{cfg.ds.zero_stage}"),
         ("precision", cfg.precision),
         ("memory/rank", f"~{memory} (estimate; activations come on top)"),
-        ("FLOPs/sample", format_flops(Preset.from_configs(model.visual.config, model.text.config), cfg.text_padding)),
+        ("FLOPs/sample", format_flops(flops, cfg.text_padding)),
         ("epoch", f"{samples:,} samples, {steps_per_epoch} steps"),
         ("steps", f"{total_steps}{resumed}"),
         ("output dir", str(cfg.output_dir)),
@@ -358,7 +366,7 @@ def startup_banner(
         rows.insert([label for label, _ in rows].index("FLOPs/sample") + 1, ("peak/rank", peak.describe()))
     if cfg.loss == "neuclip":
         npn = describe_npn_share(
-            Preset.from_configs(model.visual.config, model.text.config),
+            flops,
             per_rank_batch=cfg.global_batch_size // info.world_size,
             world_size=info.world_size,
             prototypes=cfg.npn_prototypes,

@@ -49,6 +49,9 @@ def run_main(capsys, args, world_size=None, monkeypatch=None):
         (["--seed", "1.5"], "--seed: expected an integer, got '1.5'"),
         (["--log-every", "0"], "--log-every: must be > 0, got 0"),
         (["--peak-tflops", "0"], "--peak-tflops: must be > 0, got 0"),
+        (["--profile-steps", "3"], "--profile-steps: expected FIRST:LAST (step numbers, e.g. 5:8), got '3'"),
+        (["--profile-steps", "0:2"], "--profile-steps: need 1 <= FIRST <= LAST, got '0:2'"),
+        (["--profile-steps", "5:4"], "--profile-steps: need 1 <= FIRST <= LAST, got '5:4'"),
         (["--global-batch-size", "1"], "--global-batch-size: need at least 2 pairs for negatives"),
     ],
 )

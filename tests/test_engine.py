@@ -7,6 +7,7 @@ import pytest
 from _launch import launch_script, write_ds_config
 
 from neuclip_ds.launch import launch, metrics, summary
+from neuclip_ds.profiling import read_ops
 
 STEPS = 5
 BASE = (
@@ -198,6 +199,19 @@ def test_shipped_ds_configs_give_the_same_curve(runs, tmp_path, ds_file):
     out = tmp_path / ds_file
     launch([*BASE, "--ds-config", f"ds_configs/{ds_file}", "--output-dir", str(out)], nproc=2)
     assert_same_curve(runs("r1_z2", nproc=1, stage=2), out)
+
+
+def test_one_rank_zero0_skips_the_gradient_all_reduce_and_trains_as_two_ranks(runs):
+    """At stage 0 DeepSpeed flattens every gradient into buckets, all-reduces and copies them back; one rank has
+    nothing to average, so the engine turns that off. The profile shows the flattening at 2 ranks only (the
+    positive control that the operator is DeepSpeed's bucket), and the curves agree with 2 ranks and with ZeRO-2."""
+    profiled = ("--profile-steps", "2:3")
+    one = runs("r1_z0", nproc=1, stage=0, extra=profiled)
+    two = runs("r2_z0", nproc=2, stage=0, extra=profiled)
+    assert_same_curve(one, two)
+    assert_same_curve(one, runs("r1_z2", nproc=1, stage=2))
+    assert "aten::flatten_dense_tensors" not in read_ops(one / "profile" / "rank0_ops.json")
+    assert read_ops(two / "profile" / "rank0_ops.json")["aten::flatten_dense_tensors"]["calls_per_step"] >= 1
 
 
 BF16_REL_TOL = 2e-2  # bf16 keeps 8 significant bits (unit roundoff 2^-8 = 3.9e-3); 5x that over 20 steps
