@@ -4,7 +4,8 @@
     make openclip-venv                                        # once: .venv-openclip (torch + torchvision
                                                               # + open_clip_torch[training] + neuclip_ds)
     .venv-openclip/bin/python benchmarks/vs_openclip.py                    # fp32, 5 repeats
-    .venv-openclip/bin/python benchmarks/vs_openclip.py --precision bf16   # ours bf16 vs open_clip amp_bf16
+    .venv-openclip/bin/python benchmarks/vs_openclip.py --precision bf16,fp32 --ds-configs zero0 \
+        --paddings max_length                                 # bf16 vs amp_bf16, and bf16 ÷ fp32 of each
     .venv-openclip/bin/python benchmarks/vs_openclip.py --quick
 
 Both trainers run in the same interpreter and torch (open_clip needs torchvision, which does not import beside the
@@ -37,6 +38,8 @@ from _pinned import checked_threads
 
 from neuclip_ds.launch import run_command
 
+# what _openclip_cpu_amp.py prints when open_clip's amp_bf16 runs under a CPU bf16 autocast
+CPU_AMP_USED = "[cpu-amp] open_clip amp_bf16 runs under torch.autocast('cpu', dtype=torch.bfloat16)"
 OPENCLIP_LINE = re.compile(r"Data \(t\): ([0-9.]+) Batch \(t\): ([0-9.]+),")
 OPENCLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16"}
 TARGETS = {  # ours ÷ open_clip, end to end (issue 16), by (precision, text padding)
@@ -68,13 +71,17 @@ def theirs(
         " --grad-clip-norm 1.0 --log-every-n-steps 1 --name run --save-frequency 0 --zeroshot-frequency 0"
         " --val-frequency 0 --seed 0"
     ).split()
-    cmd = [sys.executable, str(PINNED), "open_clip_train.main", *run, "--logs", str(out)]
+    cpu_amp = precision == "bf16" and not gpu  # open_clip's amp_bf16 is a CUDA autocast: a no-op on a CPU
+    module = "_openclip_cpu_amp" if cpu_amp else "open_clip_train.main"
+    cmd = [sys.executable, str(PINNED), module, *run, "--logs", str(out)]
     proc = run_command(cmd, cwd=out, env=pinned_env(threads, gpu=gpu), timeout=None, check=False)
     log = out / "run" / "out.log"
     text = log.read_text() if log.is_file() else proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise SystemExit(f"open_clip failed:\n{text[-3000:]}\n{proc.stderr[-2000:]}")
     checked_threads(proc.stderr, threads, "open_clip")
+    if cpu_amp and CPU_AMP_USED not in proc.stderr:
+        raise SystemExit("open_clip: its amp_bf16 did not run under the CPU bf16 autocast (_openclip_cpu_amp.py)")
     return [(float(b), float(d)) for d, b in OPENCLIP_LINE.findall(text)]
 
 
@@ -87,14 +94,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", choices=sorted(OPENCLIP_PRECISION), default="fp32")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        help="comma list of fp32, bf16: both trainers run in each (open_clip's bf16 is amp_bf16); with two, the "
+        "table adds each trainer's bf16 ÷ fp32",
+    )
     parser.add_argument(
         "--ds-configs",
         default="zero0,zero1",
-        help="ours runs under each of these shipped DeepSpeed configs (comma list), with both text paddings",
+        help="ours runs under each of these shipped DeepSpeed configs (comma list), with each of --paddings",
     )
-    parser.add_argument("--out", default=None, help="default: benchmarks/results/vs_openclip[_bf16].md")
+    parser.add_argument("--paddings", default="longest,max_length", help="ours runs with each --text-padding")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/vs_openclip[_bf16...].md")
     args = parser.parse_args(argv)
+    precisions = args.precision.split(",")
+    if not precisions or any(p not in OPENCLIP_PRECISION for p in precisions):
+        parser.error(f"--precision: a comma list of {', '.join(OPENCLIP_PRECISION)}, got {args.precision!r}")
     try:
         import open_clip_train  # noqa: F401
     except ImportError as e:
@@ -108,19 +124,24 @@ def main(argv: list[str] | None = None) -> int:
     batch, steps, repeats, warm = (16, 6, 2, 2) if args.quick else (args.batch, args.steps, args.repeats, args.warmup)
     if steps <= warm:
         raise SystemExit("--steps must exceed --warmup")
-    prec = args.precision
-    settings = {  # trainer name -> (ds config, text padding)
-        f"neuclip_ds {ds} {padding}": (ds, padding)
-        for ds in args.ds_configs.split(",")
-        for padding in ("longest", "max_length")
-    }
+
+    def label(prec: str) -> str:  # the precision in a trainer's name, only when several are compared
+        return f" {prec}" if len(precisions) > 1 else ""
+
+    settings = {}  # trainer name -> (ds config or None for open_clip, text padding, precision)
+    for prec in precisions:
+        for ds in args.ds_configs.split(","):
+            for padding in args.paddings.split(","):
+                settings[f"neuclip_ds {ds} {padding}{label(prec)}"] = (ds, padding, prec)
+        settings[f"open_clip{label(prec)}"] = (None, "max_length", prec)
     trainers = {
         name: functools.partial(
             ours, args.model, batch, steps, args.threads, precision=prec, text_padding=padding, ds_config=ds
         )
-        for name, (ds, padding) in settings.items()
+        if ds is not None
+        else functools.partial(theirs, args.model, batch, steps, args.threads, precision=prec)
+        for name, (ds, padding, prec) in settings.items()
     }
-    trainers["open_clip"] = functools.partial(theirs, args.model, batch, steps, args.threads, precision=prec)
     with tempfile.TemporaryDirectory() as tmp:
 
         def run(name: str, r: int) -> list[tuple[float, float]]:
@@ -136,13 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     def rate(rows: list[tuple[float, float]]) -> float:
         return batch / statistics.median(s for s, _ in rows)
 
+    def ratios(a: str, b: str) -> list[float]:  # per repeat: samples/s of a ÷ of b
+        return [rate(x) / rate(y) for x, y in zip(times[a], times[b], strict=True)]
+
     cmd = " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         f"command: {Path(sys.executable).parent.parent.name}/bin/python benchmarks/vs_openclip.py {cmd}".rstrip(),
-        f"{args.model}, batch {batch}, {prec} (open_clip: {OPENCLIP_PRECISION[prec]}), 1 process, torch "
-        f"{torch.__version__}, open_clip {open_clip.__version__}; {args.threads} intra-op and inter-op threads for "
-        f"both trainers, checked at start and exit of every run; {steps} steps per run (first {warm} dropped), "
-        f"{repeats} repeats interleaved A B C, C B A, ...",
+        f"{args.model}, batch {batch}, {' and '.join(f'{p} (open_clip: {OPENCLIP_PRECISION[p]})' for p in precisions)}"
+        f", 1 process, torch {torch.__version__}, open_clip {open_clip.__version__}; {args.threads} intra-op and "
+        f"inter-op threads for both trainers, checked at start and exit of every run; {steps} steps per run (first "
+        f"{warm} dropped), {repeats} repeats interleaved A B C, C B A, ...",
         "",
         "| trainer | samples/s per repeat | median data wait (s) |",
         "|---|---|---|",
@@ -151,24 +175,34 @@ def main(argv: list[str] | None = None) -> int:
         per_repeat = ", ".join(f"{rate(rows):.2f}" for rows in reps)
         wait = statistics.median(d for rows in reps for _, d in rows)
         lines.append(f"| {name} | {per_repeat} | {wait:.3f} |")
-    lines += [
-        "",
-        "| ours ÷ open_clip | per repeat | median (min–max) | target |",
-        "|---|---|---|---|",
-    ]
-    for name in (n for n in trainers if n != "open_clip"):
-        ratios = [rate(a) / rate(b) for a, b in zip(times[name], times["open_clip"], strict=True)]
-        target = TARGETS.get((prec, settings[name][1]))
-        met = target is not None and statistics.median(ratios) >= target
+    lines += ["", "| ours ÷ open_clip | per repeat | median (min–max) | target |", "|---|---|---|---|"]
+    for name, (ds, padding, prec) in settings.items():
+        if ds is None:
+            continue
+        per_repeat = ratios(name, f"open_clip{label(prec)}")
+        target = TARGETS.get((prec, padding))
+        met = target is not None and statistics.median(per_repeat) >= target
         verdict = "—" if target is None else f"≥ {target}: {'met' if met else 'not met'}"
-        lines.append(f"| {name} | {', '.join(f'{x:.3f}' for x in ratios)} | **{median_spread(ratios)}** | {verdict} |")
+        cells = ", ".join(f"{x:.3f}" for x in per_repeat)
+        lines.append(
+            f"| {name}{'' if label(prec) else f' {prec}'} | {cells} | **{median_spread(per_repeat)}** | {verdict} |"
+        )
+    if len(precisions) > 1:
+        lines += ["", "| bf16 ÷ fp32, same trainer | per repeat | median (min–max) |", "|---|---|---|"]
+        for name, (_, _, prec) in settings.items():
+            trainer = name.removesuffix(" bf16")
+            if prec == "bf16" and f"{trainer} fp32" in settings:
+                per_repeat = ratios(name, f"{trainer} fp32")
+                lines.append(
+                    f"| {trainer} | {', '.join(f'{x:.3f}' for x in per_repeat)} | {median_spread(per_repeat)} |"
+                )
     lines.append(
         "\nCaptions: neuclip_ds's synthetic set has 10 tokens (bos + 8 + eos), open_clip's synthetic set "
         '"Dummy caption" 4; both are padded to 77 in the data. --text-padding longest runs the text tower on the '
         "batch's longest caption only; max_length runs all 77 positions, as open_clip does, and is what captions "
         "of about 77 tokens get."
     )
-    suffix = "" if prec == "fp32" else f"_{prec}"
+    suffix = "".join(f"_{p}" for p in precisions if p != "fp32")
     out = args.out or ROOT / "benchmarks" / "results" / f"vs_openclip{suffix}.md"
     report("\n".join(lines), out, write=not args.quick)
     return 0
