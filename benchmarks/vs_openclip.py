@@ -20,7 +20,9 @@ the end of the optimizer step) and open_clip's `Batch (t)` (its log, --log-every
 to the end of the next). The data wait of each is shown beside it: open_clip decodes its synthetic images in a
 loader worker, our synthetic set is in memory. Ours runs under each of `--ds-configs` (default zero0, which
 partitions nothing, as one rank needs, and zero1), each with the default --text-padding longest (the text tower on
-the batch's longest caption, exact) and with max_length (all 77 positions, as open_clip runs them).
+the batch's longest caption, exact) and with max_length (all 77 positions, as open_clip runs them). On a CPU,
+open_clip's amp_bf16 (a CUDA autocast, a no-op there) runs as `torch.autocast("cpu", dtype=torch.bfloat16)` through
+`_openclip_cpu_amp.py`.
 """
 
 from __future__ import annotations
