@@ -267,6 +267,13 @@ class TrainConfig:
         "trace and per-operator times to <output-dir>/profile/ (docs/performance.md)",
         SYSTEM,
     )
+    host_malloc: Literal["tuned", "default"] = opt(
+        "tuned",
+        "tuned: on a CPU run, glibc malloc keeps freed memory for the next step instead of returning it to the kernel "
+        "(fewer page faults; left as found when LD_PRELOAD, MALLOC_*_ or GLIBC_TUNABLES choose the allocator); "
+        "default: glibc's own settings (docs/performance.md)",
+        SYSTEM,
+    )
     debug: bool = opt(
         False, "an error prints its full traceback from every rank (otherwise one line, from the first rank)", SYSTEM
     )

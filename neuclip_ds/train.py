@@ -20,6 +20,7 @@ import yaml
 from . import distributed
 from .checkpoint import seed_everything
 from .config import ConfigError, TrainConfig, parse_config
+from .host_malloc import tune_host_malloc
 from .metrics import format_scalars
 from .presets import Preset
 from .rundir import RunFiles
@@ -145,6 +146,7 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
     from .metrics import MetricsLogger, peak_memory_gib, plot_training, read_metrics
     from .profiling import StepProfiler, StepRange
 
+    host_malloc = tune_host_malloc(cfg.host_malloc, on_cpu=info.device.type == "cpu")  # before the model's memory
     out_dir = Path(cfg.output_dir)
     files = RunFiles(out_dir)
     if info.rank == 0:
@@ -194,6 +196,7 @@ def run(cfg: TrainConfig, info: DistInfo, resume_dir: Path | None, stop_signals:
             start_step=start_step,
             flops=flops,
             peak=peak,
+            host_malloc=host_malloc,
         )
         print(banner, file=sys.stderr, flush=True)
 
@@ -329,10 +332,12 @@ def startup_banner(
     start_step: int,
     flops: Preset,
     peak: Peak | None = None,
+    host_malloc: str | None = None,
 ) -> str:
     """What the run is about to do, in aligned lines, printed once by rank 0 before its first step: the sizes and
     settings a cluster user checks before waiting for a queue's worth of steps; the FLOPs of a sample (`flops`: the
-    towers as built) and the peak that mfu in metrics.jsonl divides by (`peak`: none given, no line)."""
+    towers as built), the peak that mfu in metrics.jsonl divides by (`peak`: none given, no line) and what the host
+    allocator does (`host_malloc`, from host_malloc.tune_host_malloc)."""
     from .config import format_bytes, model_state_bytes, npn_state_bytes
     from .flops import describe_npn_share
 
@@ -362,6 +367,8 @@ def startup_banner(
         ("steps", f"{total_steps}{resumed}"),
         ("output dir", str(cfg.output_dir)),
     ]
+    if host_malloc is not None:
+        rows.insert([label for label, _ in rows].index("precision") + 1, ("host malloc", host_malloc))
     if peak is not None:
         rows.insert([label for label, _ in rows].index("FLOPs/sample") + 1, ("peak/rank", peak.describe()))
     if cfg.loss == "neuclip":

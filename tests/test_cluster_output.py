@@ -13,6 +13,7 @@ import pytest
 
 from neuclip_ds import metrics as M
 from neuclip_ds.config import model_state_bytes
+from neuclip_ds.host_malloc import APPLIED
 from neuclip_ds.launch import launch, launch_ranks
 from neuclip_ds.presets import PRESETS
 from neuclip_ds.rundir import previous_run, remove_previous_run
@@ -53,6 +54,7 @@ def test_startup_banner_once_before_step_1(plain_run):
     assert banner["global batch"] == "16"
     assert banner["micro-batch"] == "16 per rank"
     assert banner["accumulation"] == "1" and banner["ZeRO stage"] == "2" and banner["precision"] == "fp32"
+    assert banner["host malloc"] == APPLIED  # a CPU run, no allocator chosen in the environment
     assert banner["epoch"] == "64 samples, 4 steps"
     assert banner["output dir"] == str(out)
     counts = re.fullmatch(r"vision ([\d,]+)  text ([\d,]+)  total ([\d,]+)", banner["parameters"])
