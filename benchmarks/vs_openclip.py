@@ -38,6 +38,7 @@ from pathlib import Path
 from _common import PINNED, ROOT, interleaved, median_spread, pinned_env, report, synthetic_run, train
 from _pinned import checked_threads
 
+from neuclip_ds.host_malloc import as_environment
 from neuclip_ds.launch import run_command
 
 # what _openclip_cpu_amp.py prints when open_clip's amp_bf16 runs under a CPU bf16 autocast
@@ -63,10 +64,20 @@ def ours(
 
 
 def theirs(
-    model: str, batch: int, steps: int, threads: int, out: Path, precision: str, *, gpu: bool = False, workers: int = 1
+    model: str,
+    batch: int,
+    steps: int,
+    threads: int,
+    out: Path,
+    precision: str,
+    *,
+    gpu: bool = False,
+    workers: int = 1,
+    malloc: str = "released",
 ) -> list[tuple[float, float]]:
     """(step seconds, data seconds) of each open_clip step, from its log; on CPU with no GPU in sight unless `gpu`
-    (open_clip then takes the GPU). `workers` data-loader workers decode its synthetic images."""
+    (open_clip then takes the GPU). `workers` data-loader workers decode its synthetic images. `malloc` "tuned":
+    glibc malloc set up as our --host-malloc tuned does, through the environment (open_clip leaves it as found)."""
     run = (
         f"--model {model} --dataset-type synthetic --train-num-samples {batch * steps} --batch-size {batch} --epochs 1"
         f" --precision {OPENCLIP_PRECISION[precision]} --workers {workers} --lr 1e-4 --warmup 1 --wd 0.2"
@@ -76,7 +87,8 @@ def theirs(
     cpu_amp = precision == "bf16" and not gpu  # open_clip's amp_bf16 is a CUDA autocast: a no-op on a CPU
     module = "_openclip_cpu_amp" if cpu_amp else "open_clip_train.main"
     cmd = [sys.executable, str(PINNED), module, *run, "--logs", str(out)]
-    proc = run_command(cmd, cwd=out, env=pinned_env(threads, gpu=gpu), timeout=None, check=False)
+    env = pinned_env(threads, gpu=gpu) | (as_environment() if malloc == "tuned" else {})
+    proc = run_command(cmd, cwd=out, env=env, timeout=None, check=False)
     log = out / "run" / "out.log"
     text = log.read_text() if log.is_file() else proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -108,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         help="ours runs under each of these shipped DeepSpeed configs (comma list), with each of --paddings",
     )
     parser.add_argument("--paddings", default="longest,max_length", help="ours runs with each --text-padding")
+    parser.add_argument(
+        "--openclip-malloc",
+        default="released",
+        help="comma list of released (glibc's defaults, as open_clip_train runs) and tuned (the glibc settings of "
+        "our --host-malloc tuned, given to open_clip through the environment); ratios are against the first",
+    )
     parser.add_argument("--out", default=None, help="default: benchmarks/results/vs_openclip[_bf16...].md")
     args = parser.parse_args(argv)
     precisions = args.precision.split(",")
@@ -130,18 +148,26 @@ def main(argv: list[str] | None = None) -> int:
     def label(prec: str) -> str:  # the precision in a trainer's name, only when several are compared
         return f" {prec}" if len(precisions) > 1 else ""
 
-    settings = {}  # trainer name -> (ds config or None for open_clip, text padding, precision)
+    mallocs = args.openclip_malloc.split(",")
+    if not mallocs or any(m not in ("released", "tuned") for m in mallocs):
+        parser.error(f"--openclip-malloc: a comma list of released, tuned, got {args.openclip_malloc!r}")
+
+    def openclip_name(prec: str, malloc: str) -> str:  # the first malloc setting is the reference: plain name
+        return f"open_clip{label(prec)}" + ("" if malloc == mallocs[0] else f" ({malloc} malloc)")
+
+    settings = {}  # trainer name -> (ds config or open_clip's malloc setting, text padding, precision)
     for prec in precisions:
         for ds in args.ds_configs.split(","):
             for padding in args.paddings.split(","):
                 settings[f"neuclip_ds {ds} {padding}{label(prec)}"] = (ds, padding, prec)
-        settings[f"open_clip{label(prec)}"] = (None, "max_length", prec)
+        for malloc in mallocs:
+            settings[openclip_name(prec, malloc)] = (malloc, "max_length", prec)
     trainers = {
         name: functools.partial(
             ours, args.model, batch, steps, args.threads, precision=prec, text_padding=padding, ds_config=ds
         )
-        if ds is not None
-        else functools.partial(theirs, args.model, batch, steps, args.threads, precision=prec)
+        if ds.startswith("zero")
+        else functools.partial(theirs, args.model, batch, steps, args.threads, precision=prec, malloc=ds)
         for name, (ds, padding, prec) in settings.items()
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | {per_repeat} | {wait:.3f} |")
     lines += ["", "| ours ÷ open_clip | per repeat | median (min–max) | target |", "|---|---|---|---|"]
     for name, (ds, padding, prec) in settings.items():
-        if ds is None:
+        if not ds.startswith("zero"):
             continue
-        per_repeat = ratios(name, f"open_clip{label(prec)}")
+        per_repeat = ratios(name, openclip_name(prec, mallocs[0]))
         target = TARGETS.get((prec, padding))
         met = target is not None and statistics.median(per_repeat) >= target
         verdict = "—" if target is None else f"≥ {target}: {'met' if met else 'not met'}"
@@ -189,6 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(
             f"| {name}{'' if label(prec) else f' {prec}'} | {cells} | **{median_spread(per_repeat)}** | {verdict} |"
         )
+    for other in mallocs[1:]:  # the same ratios against open_clip under the other malloc setting, and its own gain
+        lines += ["", f"| against open_clip with the {other} malloc | per repeat | median (min–max) |", "|---|---|---|"]
+        for name, (ds, _, prec) in settings.items():
+            if ds.startswith("zero") or name == openclip_name(prec, other):
+                reference = openclip_name(prec, other if ds.startswith("zero") else mallocs[0])
+                per_repeat = ratios(name, reference)
+                cells = ", ".join(f"{x:.3f}" for x in per_repeat)
+                lines.append(f"| {name} ÷ {reference} | {cells} | {median_spread(per_repeat)} |")
     if len(precisions) > 1:
         lines += ["", "| bf16 ÷ fp32, same trainer | per repeat | median (min–max) |", "|---|---|---|"]
         for name, (_, _, prec) in settings.items():
@@ -202,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         "\nCaptions: neuclip_ds's synthetic set has 10 tokens (bos + 8 + eos), open_clip's synthetic set "
         '"Dummy caption" 4; both are padded to 77 in the data. --text-padding longest runs the text tower on the '
         "batch's longest caption only; max_length runs all 77 positions, as open_clip does, and is what captions "
-        "of about 77 tokens get."
+        "of about 77 tokens get. neuclip_ds runs with its default --host-malloc tuned (glibc malloc keeps freed "
+        "memory for the next step; docs/performance.md#host-memory-allocator); open_clip with glibc's defaults "
+        "(released) and, where listed, with the same settings given through the environment (tuned malloc)."
     )
     suffix = "".join(f"_{p}" for p in precisions if p != "fp32")
     out = args.out or ROOT / "benchmarks" / "results" / f"vs_openclip{suffix}.md"

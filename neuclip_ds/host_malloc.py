@@ -25,7 +25,18 @@ MiB = 2**20
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 SETTINGS = {M_MMAP_THRESHOLD: 32 * MiB, M_TRIM_THRESHOLD: 2**31 - 1, M_TOP_PAD: 64 * MiB}
 APPLIED = "glibc: blocks up to 32 MiB from the heap, freed memory kept for the next step (mallopt)"
-USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+VARIABLES = {
+    M_MMAP_THRESHOLD: "MALLOC_MMAP_THRESHOLD_",
+    M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_",
+    M_TOP_PAD: "MALLOC_TOP_PAD_",
+}
+USER_VARIABLES = (*VARIABLES.values(), "MALLOC_MMAP_MAX_")
+
+
+def as_environment() -> dict[str, str]:
+    """SETTINGS as glibc's environment variables: the same allocator for a program that does not call mallopt
+    itself (benchmarks/vs_openclip.py runs open_clip_train with it, beside it as released)."""
+    return {VARIABLES[param]: str(value) for param, value in SETTINGS.items()}
 
 
 def user_choice(env: dict[str, str] | os._Environ) -> str | None:
