@@ -267,11 +267,11 @@ class TrainConfig:
         "trace and per-operator times to <output-dir>/profile/ (docs/performance.md)",
         SYSTEM,
     )
-    host_malloc: Literal["tuned", "default"] = opt(
+    host_malloc: Literal["tuned", "glibc"] = opt(
         "tuned",
         "tuned: on a CPU run, glibc malloc keeps freed memory for the next step instead of returning it to the kernel "
         "(fewer page faults; left as found when LD_PRELOAD, MALLOC_*_ or GLIBC_TUNABLES choose the allocator); "
-        "default: glibc's own settings (docs/performance.md)",
+        "glibc: glibc's own settings (docs/performance.md)",
         SYSTEM,
     )
     debug: bool = opt(

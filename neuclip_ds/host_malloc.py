@@ -10,7 +10,7 @@ of that: fixing the mmap threshold at glibc's ceiling and never trimming. The pr
 peak heap until it exits, which a training run reaches on every step anyway.
 
 Left alone where the user chose: an allocator in LD_PRELOAD (jemalloc, tcmalloc, ...), glibc's MALLOC_*_ variables
-or GLIBC_TUNABLES malloc settings, or `--host-malloc default`; and off glibc (musl, macOS), where mallopt differs."""
+or GLIBC_TUNABLES malloc settings, or `--host-malloc glibc`; and off glibc (musl, macOS), where mallopt differs."""
 
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ def user_choice(env: dict[str, str] | os._Environ) -> str | None:
 def tune_host_malloc(mode: str, *, on_cpu: bool) -> str:
     """Apply SETTINGS to this process's glibc malloc when `mode` is "tuned" and the tensors live in host memory
     (`on_cpu`); returns one line for the start-up banner saying what the allocator does and why."""
-    if mode == "default":
-        return "glibc's defaults (--host-malloc default)"
+    if mode == "glibc":
+        return "glibc's defaults (--host-malloc glibc)"
     if not on_cpu:
         return "as found (GPU run: activations are in device memory)"
     chosen = user_choice(os.environ)
