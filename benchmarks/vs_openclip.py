@@ -155,20 +155,22 @@ def main(argv: list[str] | None = None) -> int:
     def openclip_name(prec: str, malloc: str) -> str:  # the first malloc setting is the reference: plain name
         return f"open_clip{label(prec)}" + ("" if malloc == mallocs[0] else f" ({malloc} malloc)")
 
-    settings = {}  # trainer name -> (ds config or open_clip's malloc setting, text padding, precision)
+    settings = {}  # our trainer's name -> (ds config, text padding, precision)
+    openclip = {}  # open_clip's trainer name -> (malloc setting, precision)
     for prec in precisions:
         for ds in args.ds_configs.split(","):
             for padding in args.paddings.split(","):
                 settings[f"neuclip_ds {ds} {padding}{label(prec)}"] = (ds, padding, prec)
         for malloc in mallocs:
-            settings[openclip_name(prec, malloc)] = (malloc, "max_length", prec)
+            openclip[openclip_name(prec, malloc)] = (malloc, prec)
     trainers = {
         name: functools.partial(
             ours, args.model, batch, steps, args.threads, precision=prec, text_padding=padding, ds_config=ds
         )
-        if ds.startswith("zero")
-        else functools.partial(theirs, args.model, batch, steps, args.threads, precision=prec, malloc=ds)
         for name, (ds, padding, prec) in settings.items()
+    } | {
+        name: functools.partial(theirs, args.model, batch, steps, args.threads, precision=prec, malloc=malloc)
+        for name, (malloc, prec) in openclip.items()
     }
     with tempfile.TemporaryDirectory() as tmp:
 
@@ -204,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         wait = statistics.median(d for rows in reps for _, d in rows)
         lines.append(f"| {name} | {per_repeat} | {wait:.3f} |")
     lines += ["", "| ours ÷ open_clip | per repeat | median (min–max) | target |", "|---|---|---|---|"]
-    for name, (ds, padding, prec) in settings.items():
-        if not ds.startswith("zero"):
-            continue
+    for name, (_, padding, prec) in settings.items():
         per_repeat = ratios(name, openclip_name(prec, mallocs[0]))
         target = TARGETS.get((prec, padding))
         met = target is not None and statistics.median(per_repeat) >= target
@@ -217,17 +217,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     for other in mallocs[1:]:  # the same ratios against open_clip under the other malloc setting, and its own gain
         lines += ["", f"| against open_clip with the {other} malloc | per repeat | median (min–max) |", "|---|---|---|"]
-        for name, (ds, _, prec) in settings.items():
-            if ds.startswith("zero") or name == openclip_name(prec, other):
-                reference = openclip_name(prec, other if ds.startswith("zero") else mallocs[0])
-                per_repeat = ratios(name, reference)
-                cells = ", ".join(f"{x:.3f}" for x in per_repeat)
-                lines.append(f"| {name} ÷ {reference} | {cells} | {median_spread(per_repeat)} |")
+        pairs = [(name, openclip_name(prec, other)) for name, (_, _, prec) in settings.items()]
+        pairs += [(openclip_name(prec, other), openclip_name(prec, mallocs[0])) for prec in precisions]
+        for name, reference in pairs:
+            per_repeat = ratios(name, reference)
+            cells = ", ".join(f"{x:.3f}" for x in per_repeat)
+            lines.append(f"| {name} ÷ {reference} | {cells} | {median_spread(per_repeat)} |")
     if len(precisions) > 1:
         lines += ["", "| bf16 ÷ fp32, same trainer | per repeat | median (min–max) |", "|---|---|---|"]
-        for name, (_, _, prec) in settings.items():
+        precision_of = {name: setting[-1] for name, setting in (settings | openclip).items()}
+        for name, prec in precision_of.items():
             trainer = name.removesuffix(" bf16")
-            if prec == "bf16" and f"{trainer} fp32" in settings:
+            if prec == "bf16" and f"{trainer} fp32" in precision_of:
                 per_repeat = ratios(name, f"{trainer} fp32")
                 lines.append(
                     f"| {trainer} | {', '.join(f'{x:.3f}' for x in per_repeat)} | {median_spread(per_repeat)} |"
