@@ -52,9 +52,9 @@ def faults_per_step(mode: str) -> tuple[str, list[int]]:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt settings are glibc's")
 def test_tuned_malloc_removes_the_page_faults_of_later_steps():
-    said_default, default = faults_per_step("glibc")
+    said_glibc, default = faults_per_step("glibc")
     said_tuned, tuned = faults_per_step("tuned")
-    assert said_default == "glibc's defaults (--host-malloc glibc)" and said_tuned == APPLIED
+    assert said_glibc == "glibc's defaults (--host-malloc glibc)" and said_tuned == APPLIED
     # steps 7-14: the first steps grow the heap (and create AdamW's moments) in either mode
     assert sum(default[6:]) > 20_000, default  # glibc's defaults hand the freed activations back step after step
     assert sum(tuned[6:]) < sum(default[6:]) / 10, (tuned, default)
@@ -64,7 +64,7 @@ def test_tuned_malloc_removes_the_page_faults_of_later_steps():
     "env, chosen",
     [
         ({}, None),
-        ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, "LD_PRELOAD /usr/lib/x86_64-linux-gnu/"),
+        ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, "LD_PRELOAD /usr/lib/libjemalloc.so.2"),
         ({"LD_PRELOAD": "libfoo.so:libtcmalloc_minimal.so.4"}, "LD_PRELOAD libtcmalloc_minimal.so.4"),
         ({"LD_PRELOAD": "libasan.so"}, None),  # not an allocator
         ({"MALLOC_TRIM_THRESHOLD_": "131072"}, "MALLOC_TRIM_THRESHOLD_ is set"),
@@ -73,8 +73,7 @@ def test_tuned_malloc_removes_the_page_faults_of_later_steps():
     ],
 )
 def test_the_users_allocator_choice_is_detected(env, chosen):
-    found = user_choice(env)
-    assert found == chosen if chosen is None or not chosen.endswith("/") else found.startswith(chosen)
+    assert user_choice(env) == chosen
 
 
 def test_left_as_found_on_a_gpu_and_where_the_user_chose(monkeypatch):
