@@ -24,7 +24,10 @@ MiB = 2**20
 # larger blocks are always mmap'ed), the trim threshold the largest a C int holds (2 GiB of free heap top)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 SETTINGS = {M_MMAP_THRESHOLD: 32 * MiB, M_TRIM_THRESHOLD: 2**31 - 1, M_TOP_PAD: 64 * MiB}
-APPLIED = "glibc: blocks up to 32 MiB from the heap, freed memory kept for the next step (mallopt)"
+APPLIED = (
+    f"glibc: blocks up to {SETTINGS[M_MMAP_THRESHOLD] // MiB} MiB from the heap, freed memory kept for the next step "
+    "(mallopt)"
+)
 VARIABLES = {
     M_MMAP_THRESHOLD: "MALLOC_MMAP_THRESHOLD_",
     M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_",
