@@ -1,16 +1,23 @@
-"""What the timing benchmarks share: run `neuclip_ds.train` in a subprocess (neuclip_ds.launch) and read its
-per-phase step times, and print + write a result table."""
+"""What the timing benchmarks share: run `neuclip_ds.train` in a subprocess (neuclip_ds.launch), alone or in
+lockstep with other runs (_lockstep.py), and read its per-phase step times, and print + write a result table."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
+from _lockstep import ENV as LOCKSTEP_ENV
+from _lockstep import checked_turns, ring, spec
 from _pinned import checked_threads
 
-from neuclip_ds.launch import TRAIN_MODULE, cpu_env, launch, metrics
+from neuclip_ds.launch import TRAIN_MODULE, command, cpu_env, launch, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PINNED = ROOT / "benchmarks" / "_pinned.py"  # runs a module with its thread counts pinned and reported
@@ -37,6 +44,65 @@ def train(args: list[str], out: Path, *, threads: int, gpu: bool = False) -> lis
         raise SystemExit(f"{' '.join(proc.args)} failed:\n{proc.stderr[-3000:]}")
     checked_threads(proc.stderr, threads, "neuclip_ds")
     return metrics(out)
+
+
+def run_lockstep(
+    commands: dict[str, list[str]], env: dict[str, str], *, timeout: float | None = None
+) -> dict[str, str]:
+    """The commands as processes at the same time, taking their steps in turn in the dict's order (each in a ring
+    place of its own, `_lockstep.py`); {name: its stderr}. A process that fails, or the `timeout` (None: none),
+    kills them all (the others would wait for its turn for ever) and raises SystemExit with its stderr's tail."""
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as files:
+        folder = ring(Path(tmp) / "ring", len(commands))
+        # stderr into files: a full pipe would block a process that nobody reads while it waits for its turn
+        errs = {name: files.enter_context(open(Path(tmp) / f"{i}.stderr", "w+")) for i, name in enumerate(commands)}
+        children: dict[str, subprocess.Popen] = {}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            for i, (name, cmd) in enumerate(commands.items()):
+                child_env = dict(env, **{LOCKSTEP_ENV: spec(folder, i, len(commands))})
+                children[name] = subprocess.Popen(
+                    cmd, env=child_env, stdout=subprocess.DEVNULL, stderr=errs[name], start_new_session=True
+                )
+            running = set(children)
+            while running:
+                for name in sorted(running):
+                    if children[name].poll() is None:
+                        continue
+                    running.discard(name)
+                    if children[name].returncode != 0:
+                        errs[name].seek(0)
+                        why = f"exited {children[name].returncode}"
+                        raise SystemExit(f"{name}: {' '.join(commands[name])} {why}:\n{errs[name].read()[-3000:]}")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise SystemExit(f"lockstep runs {sorted(running)} still running after {timeout} s")
+                time.sleep(0.2)
+        finally:
+            for child in children.values():
+                if child.poll() is None:
+                    os.killpg(child.pid, signal.SIGKILL)
+                    child.wait()
+        for err in errs.values():
+            err.seek(0)
+        return {name: err.read() for name, err in errs.items()}
+
+
+def train_lockstep(runs: dict[str, tuple[list[str], Path]], *, threads: int) -> dict[str, list[dict]]:
+    """1-rank `neuclip_ds.train` runs ({name: (arguments, output folder)}) as separate processes on the same
+    minutes of this machine: they take their steps in turn, one step of each after the other (`run_lockstep`);
+    {name: its metrics.jsonl rows}. Threads as in `train`."""
+    commands = {
+        name: command([TRAIN_MODULE, *args, "--output-dir", str(out), "--report-to", "jsonl"], script=str(PINNED))
+        for name, (args, out) in runs.items()
+    }
+    outputs = run_lockstep(commands, pinned_env(threads))
+    turns = checked_turns(outputs)
+    rows = {name: metrics(out) for name, (_, out) in runs.items()}
+    for name, stderr in outputs.items():
+        checked_threads(stderr, threads, name)
+        if turns[name] < len(rows[name]):  # the hook must have held every step
+            raise SystemExit(f"{name}: {len(rows[name])} steps but {turns[name]} turns taken: not in lockstep")
+    return rows
 
 
 def interleaved(trainers: dict, repeats: int, run) -> dict[str, list]:

@@ -3,6 +3,9 @@ $BENCH_THREADS first and reported on stderr at start and at exit, so that a timi
 trainer it compares ran on the threads it was given (a library that resets them would otherwise go unseen):
 
     BENCH_THREADS=2 python benchmarks/_pinned.py open_clip_train.main --model ViT-B-32 ...
+
+With BENCH_LOCKSTEP set (`_lockstep.py`), a neuclip_ds run also takes its steps in turn with the other runs of
+its ring, and passes its turn on when it exits.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import runpy
 import sys
 
 import torch
+from _lockstep import Turns, hook_neuclip_steps
 
 REPORT = re.compile(r"^\[pinned\] (start|exit): intra-op (\d+), inter-op (\d+)$", re.MULTILINE)
 
@@ -38,12 +42,21 @@ if __name__ == "__main__":
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(threads)
     module, sys.argv = sys.argv[1], [sys.argv[1], *sys.argv[2:]]
+    turns = Turns.from_env()
+    if turns is not None:
+        hook_neuclip_steps(turns)
     _report("start")
-    atexit.register(_report, "exit")
+
+    def _at_exit() -> None:
+        _report("exit")
+        if turns is not None:
+            turns.finish()
+
+    atexit.register(_at_exit)
     hard_exit = os._exit  # neuclip_ds.train leaves through os._exit, which skips atexit
 
     def _exit_reporting(code: int) -> None:
-        _report("exit")
+        _at_exit()
         hard_exit(code)
 
     os._exit = _exit_reporting

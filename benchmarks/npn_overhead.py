@@ -5,16 +5,18 @@
     python benchmarks/npn_overhead.py --presets ViT-B-32 --batch 32 --profile   # + where the difference goes
 
 Each run is `neuclip-train` on synthetic data (no files), 1 rank, fp32, `--ds-config` (zero1 unless told), its threads
-pinned and checked (`_pinned.py`). The NeuCLIP and MBCL runs of a preset are interleaved N M, M N, ... so that drift of
-this shared machine hits both alike. A step's time is its wall time (metrics.jsonl `step_time_s`); each repeat gives a
-ratio of the median NeuCLIP step ÷ the median MBCL step, and the table shows every repeat's ratio with their median and
-spread (this machine's noise between runs). The in-run ratio step ÷ (step − NPN phase), over the same NeuCLIP steps,
-needs no second run and so carries none of that noise; the NPN phase is the only work NeuCLIP adds to an MBCL step (its
-loss differs from MBCL's by O(B) terms). The second table splits both losses' steps by the engine's phase timers
-(time_data/forward/gather/npn/backward/optimizer) and what no timer covers, side by side, so that a cost outside the NPN
-phase shows where it is. `--profile` then runs each loss once more under `--profile-steps` (the kept steps;
-torch.profiler, neuclip_ds/profiling.py) and lists the operators whose self time per step differs most between the two,
-with each one's calls and seconds per step: where a difference the phase timers show comes from.
+pinned and checked (`_pinned.py`). The NeuCLIP and MBCL runs of a repeat run in lockstep (`_lockstep.py`): two
+separate processes at the same time, each step of one after a step of the other, so that both see the same minutes of
+this shared machine, whose speed drifts by 10-20 % over minutes; `--sequential` runs them one after the other instead
+(N M, M N, ...), which leaves that drift in each repeat's ratio. A step's time is its wall time (metrics.jsonl
+`step_time_s`); each repeat gives a ratio of the median NeuCLIP step ÷ the median MBCL step, and the table shows every
+repeat's ratio with their median and spread. The in-run ratio step ÷ (step − NPN phase), over the same NeuCLIP steps,
+needs no second run; the NPN phase is the only work NeuCLIP adds to an MBCL step (its loss differs from MBCL's by O(B)
+terms), so the two ratios agree unless something outside that phase costs NeuCLIP steps too. The second table splits
+both losses' steps by the engine's phase timers (time_data/forward/gather/npn/backward/optimizer) and what no timer
+covers, side by side, so that such a cost shows where it is. `--profile` then runs each loss once more (in lockstep
+unless `--sequential`) under `--profile-steps` (the kept steps; torch.profiler, neuclip_ds/profiling.py) and lists the
+operators whose self time per step differs most between the two, with each one's calls and seconds per step.
 
 What the ratio means at scale: with `--npn-parallel replicated` (E8 option (a)) every rank runs the inner loop on
 the *global* batch, so its cost per rank grows with B_global while the encoders' grows with b_local; with
@@ -31,11 +33,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import PHASES, ROOT, interleaved, median_spread, report, synthetic_run, train
+from _common import PHASES, ROOT, interleaved, median_spread, report, synthetic_run, train, train_lockstep
 
 from neuclip_ds.flops import npn_flops_share
 from neuclip_ds.presets import get_preset
 from neuclip_ds.profiling import read_ops
+
+LOSSES = ("neuclip", "mbcl")
 
 
 def flops_table(presets: list[str], prototypes: int, inner_steps: int, per_gpu_batch: int = 256) -> list[str]:
@@ -106,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ds-config", default="zero1", help="the shipped DeepSpeed config both losses run under")
     parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one run after the other (N M, M N, ...) instead of both runs of a repeat in lockstep",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="then profile one more run of each loss and compare operators"
     )
     parser.add_argument("--profile-top", type=int, default=15, help="operators listed by --profile")
@@ -118,9 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"command: python benchmarks/npn_overhead.py {' '.join(argv or sys.argv[1:])}".rstrip(),
         f"1 rank, fp32, --ds-config {args.ds_config}, T_u = {args.inner_steps}, m = {args.prototypes}, {steps} "
-        f"steps per run (first {warm} dropped), {repeats} repeats interleaved N M, M N, ..., {args.threads} intra-op "
-        "and inter-op threads checked in every run; step = wall time from fetching the batch to the end of the "
-        "optimizer step",
+        f"steps per run (first {warm} dropped), {repeats} repeats, "
+        + (
+            "one run after the other (N M, M N, ...)"
+            if args.sequential
+            else "each a NeuCLIP and an MBCL run in lockstep (separate processes taking their steps in turn)"
+        )
+        + f", {args.threads} intra-op and inter-op threads checked in every run; step = wall time from fetching the "
+        "batch to the end of the optimizer step",
         "",
         "| preset | global batch | MBCL step (s) | NeuCLIP step (s) | NeuCLIP ÷ MBCL per repeat "
         "| median (min–max) | in-run: step ÷ (step − NPN phase) |",
@@ -137,13 +151,28 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for preset, batch in zip(args.presets, args.batch, strict=True):
 
-            def one_run(loss: str, r: int, preset: str = preset, batch: int = batch, extra: tuple = ()) -> list[dict]:
-                out = Path(tmp) / f"{preset}_{loss}_{r}"
+            def run_args(loss: str, preset: str = preset, batch: int = batch) -> list[str]:
                 npn = f"--npn-prototypes {args.prototypes} --npn-inner-steps {args.inner_steps}".split()
-                args_ = [*synthetic_run(preset, loss, batch=batch, steps=steps, ds_config=args.ds_config), *npn]
-                return train([*args_, *extra], out, threads=args.threads)[warm:]
+                return [*synthetic_run(preset, loss, batch=batch, steps=steps, ds_config=args.ds_config), *npn]
 
-            runs = interleaved({"neuclip": None, "mbcl": None}, repeats, one_run)
+            def one_pair(r: int | str, extra: tuple = (), preset: str = preset) -> dict[str, list[dict]]:
+                """Both losses' runs of repeat r, in lockstep (each repeat's first step alternates N M, M N)."""
+                order = LOSSES if r == "profiled" or r % 2 == 0 else LOSSES[::-1]
+                pair = {loss: ([*run_args(loss), *extra], Path(tmp) / f"{preset}_{loss}_{r}") for loss in order}
+                return {loss: rows[warm:] for loss, rows in train_lockstep(pair, threads=args.threads).items()}
+
+            def one_run(loss: str, r: int | str, extra: tuple = (), preset: str = preset) -> list[dict]:
+                out = Path(tmp) / f"{preset}_{loss}_{r}"
+                return train([*run_args(loss), *extra], out, threads=args.threads)[warm:]
+
+            if args.sequential:
+                runs = interleaved(dict.fromkeys(LOSSES), repeats, one_run)
+            else:
+                pairs = []
+                for r in range(repeats):
+                    print(f"[npn_overhead] {preset} repeat {r + 1}/{repeats} in lockstep", flush=True)
+                    pairs.append(one_pair(r))
+                runs = {loss: [pair[loss] for pair in pairs] for loss in LOSSES}
             per_repeat = {
                 loss: [statistics.median(row["step_time_s"] for row in rows) for rows in reps]
                 for loss, reps in runs.items()
@@ -166,11 +195,16 @@ def main(argv: list[str] | None = None) -> int:
                 splits.append(f"| {preset} | {loss} | {cells} | {untimed:.3f} | {step:.3f} |")
             if args.profile:
                 profiled = f"--profile-steps {warm + 1}:{steps}".split()
-                ops = {}
-                for loss in ("neuclip", "mbcl"):
-                    print(f"[npn_overhead] {preset} {loss} profiled", flush=True)
-                    one_run(loss, "profiled", extra=profiled)
-                    ops[loss] = read_ops(Path(tmp) / f"{preset}_{loss}_profiled" / "profile" / "rank0_ops.json")
+                print(f"[npn_overhead] {preset} profiled", flush=True)
+                if args.sequential:
+                    for loss in LOSSES:
+                        one_run(loss, "profiled", extra=profiled)
+                else:
+                    one_pair("profiled", extra=profiled)
+                ops = {
+                    loss: read_ops(Path(tmp) / f"{preset}_{loss}_profiled" / "profile" / "rank0_ops.json")
+                    for loss in LOSSES
+                }
                 profiles += [
                     "",
                     f"{preset}: operators whose self time per step differs most, NeuCLIP vs MBCL (torch.profiler over "

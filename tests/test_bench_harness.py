@@ -1,8 +1,10 @@
-"""The timing benchmarks' harness (benchmarks/_common.py, benchmarks/_pinned.py): runs are interleaved A B C,
-C B A, ... and every timed run keeps the thread counts it was given, checked from inside the run. No timing."""
+"""The timing benchmarks' harness (benchmarks/_common.py, benchmarks/_pinned.py, benchmarks/_lockstep.py): runs are
+interleaved A B C, C B A, ... or run in lockstep (no two steps at once), and every timed run keeps the thread
+counts it was given, checked from inside the run. No timing."""
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import PINNED, interleaved, median_spread, pinned_env  # noqa: E402
+from _common import PINNED, interleaved, median_spread, pinned_env, run_lockstep, train_lockstep  # noqa: E402
+from _lockstep import checked_turns, events  # noqa: E402
 from _pinned import checked_threads  # noqa: E402
 
 
@@ -64,3 +67,66 @@ def test_a_run_that_changes_its_threads_is_refused(tmp_path):
         checked_threads(proc.stderr, 2, "probe")
     with pytest.raises(SystemExit, match=r"saw \{\}"):
         checked_threads("no reports at all", 2, "probe")
+
+
+# a stand-in for the training loop: the engine's PhaseTimer (whose reset opens every step), a few short steps,
+# and a failure at a given step if asked
+STEPPER = """
+import sys, time, torch
+from neuclip_ds.engine import PhaseTimer
+timer = PhaseTimer(torch.device("cpu"))
+for step in range(int(sys.argv[1])):
+    timer.reset()
+    if step == int(sys.argv[2]):
+        raise RuntimeError("stepper failed at step " + sys.argv[2])
+    time.sleep(0.02)
+"""
+
+
+def _steppers(tmp_path: Path, **steps_and_failure: tuple[int, int]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    (tmp_path / "stepper.py").write_text(STEPPER)
+    env = dict(pinned_env(1), PYTHONPATH=str(tmp_path))
+    cmds = {
+        name: [sys.executable, str(PINNED), "stepper", str(n), str(fail)]
+        for name, (n, fail) in steps_and_failure.items()
+    }
+    return cmds, env
+
+
+def test_lockstep_runs_take_their_steps_in_turn(tmp_path):
+    """Runs of different lengths: strictly one step at a time (take/pass alternate by the same process), each
+    step of one after a step of the other while both run, and the longer run goes on alone once the other is done."""
+    cmds, env = _steppers(tmp_path, a=(4, -1), b=(7, -1))
+    stderrs = run_lockstep(cmds, env, timeout=300)
+    assert checked_turns(stderrs) == {"a": 5, "b": 8}  # the PhaseTimer's own reset at construction, then each step
+    takes = [
+        i for _, what, i in sorted((t, w, i) for text in stderrs.values() for w, i, t in events(text)) if what == "take"
+    ]
+    assert takes == [0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1, 1]
+
+
+def test_overlapping_turns_are_refused():
+    a = "[lockstep] take 0 1.0\n[lockstep] pass 0 3.0\n"
+    b = "[lockstep] take 1 2.0\n"  # b stepped while a still held the token
+    with pytest.raises(SystemExit, match=r"lockstep broken at 2\.000000: take by process 1 where a pass was due"):
+        checked_turns({"a": a, "b": b})
+    assert checked_turns({"a": a, "b": "[lockstep] take 1 4.0\n"}) == {"a": 1, "b": 1}
+
+
+def test_a_failing_lockstep_run_stops_the_others(tmp_path):
+    """b fails at its 3rd step while a waits for b's turn (for ever, unless the harness kills it): the error is
+    b's, and it comes at once, not at the timeout."""
+    cmds, env = _steppers(tmp_path, a=(50, -1), b=(50, 2))
+    started = time.monotonic()
+    with pytest.raises(SystemExit, match=r"(?s)^b: .* exited 1:.*stepper failed at step 2"):
+        run_lockstep(cmds, env, timeout=240)
+    assert time.monotonic() - started < 200
+
+
+def test_lockstep_training_runs(tmp_path):
+    """Two real tiny runs (MBCL and NeuCLIP): the hook holds every training step (train_lockstep checks the turns
+    against the steps and that none overlapped), and both runs finish with all their steps."""
+    args = "--preset tiny --synthetic-samples 48 --global-batch-size 16 --steps 3 --precision fp32".split()
+    runs = {loss: ([*args, "--loss", loss], tmp_path / loss) for loss in ("mbcl", "neuclip")}
+    rows = train_lockstep(runs, threads=1)
+    assert {loss: [r["step"] for r in rows[loss]] for loss in rows} == {"mbcl": [1, 2, 3], "neuclip": [1, 2, 3]}
