@@ -40,6 +40,11 @@ from neuclip_ds.presets import get_preset
 from neuclip_ds.profiling import read_ops
 
 LOSSES = ("neuclip", "mbcl")
+CONTROL = "mbcl_control"  # --control: a second MBCL run beside the first (an A/A pair: this harness's own noise)
+
+
+def loss_of(run: str) -> str:
+    return "mbcl" if run == CONTROL else run
 
 
 def flops_table(presets: list[str], prototypes: int, inner_steps: int, per_gpu_batch: int = 256) -> list[str]:
@@ -115,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         help="one run after the other (N M, M N, ...) instead of both runs of a repeat in lockstep",
     )
     parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also run a second MBCL run in each repeat: MBCL ÷ MBCL shows the noise of the ratio itself",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="then profile one more run of each loss and compare operators"
     )
     parser.add_argument("--profile-top", type=int, default=15, help="operators listed by --profile")
@@ -131,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         + (
             "one run after the other (N M, M N, ...)"
             if args.sequential
-            else "each a NeuCLIP and an MBCL run in lockstep (separate processes taking their steps in turn)"
+            else f"each a NeuCLIP and {'two MBCL runs' if args.control else 'an MBCL run'} in lockstep (separate "
+            "processes taking their steps in turn)"
         )
         + f", {args.threads} intra-op and inter-op threads checked in every run; step = wall time from fetching the "
         "batch to the end of the optimizer step",
@@ -148,31 +159,42 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|" + "---|" * (len(PHASES) + 2),
     ]
     profiles: list[str] = []
+    controls = [
+        "",
+        "Control: the same MBCL run twice in each repeat (MBCL ÷ MBCL control: the noise of a ratio of two runs):",
+        "",
+        "| preset | global batch | MBCL ÷ MBCL control per repeat | median (min–max) |",
+        "|---|---|---|---|",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         for preset, batch in zip(args.presets, args.batch, strict=True):
 
-            def run_args(loss: str, preset: str = preset, batch: int = batch) -> list[str]:
+            def run_args(name: str, preset: str = preset, batch: int = batch) -> list[str]:
+                loss = loss_of(name)
                 npn = f"--npn-prototypes {args.prototypes} --npn-inner-steps {args.inner_steps}".split()
                 return [*synthetic_run(preset, loss, batch=batch, steps=steps, ds_config=args.ds_config), *npn]
 
-            def one_pair(r: int | str, extra: tuple = (), preset: str = preset) -> dict[str, list[dict]]:
-                """Both losses' runs of repeat r, in lockstep (each repeat's first step alternates N M, M N)."""
-                order = LOSSES if r == "profiled" or r % 2 == 0 else LOSSES[::-1]
-                pair = {loss: ([*run_args(loss), *extra], Path(tmp) / f"{preset}_{loss}_{r}") for loss in order}
-                return {loss: rows[warm:] for loss, rows in train_lockstep(pair, threads=args.threads).items()}
+            def one_pair(
+                r: int | str, extra: tuple = (), names: tuple = LOSSES, preset: str = preset
+            ) -> dict[str, list[dict]]:
+                """The runs of repeat r, in lockstep (each repeat's first step alternates N M, M N)."""
+                order = names if r == "profiled" or r % 2 == 0 else names[::-1]
+                ring = {name: ([*run_args(name), *extra], Path(tmp) / f"{preset}_{name}_{r}") for name in order}
+                return {name: rows[warm:] for name, rows in train_lockstep(ring, threads=args.threads).items()}
 
-            def one_run(loss: str, r: int | str, extra: tuple = (), preset: str = preset) -> list[dict]:
-                out = Path(tmp) / f"{preset}_{loss}_{r}"
-                return train([*run_args(loss), *extra], out, threads=args.threads)[warm:]
+            def one_run(name: str, r: int | str, extra: tuple = (), preset: str = preset) -> list[dict]:
+                out = Path(tmp) / f"{preset}_{name}_{r}"
+                return train([*run_args(name), *extra], out, threads=args.threads)[warm:]
 
+            names = (*LOSSES, CONTROL) if args.control else LOSSES
             if args.sequential:
-                runs = interleaved(dict.fromkeys(LOSSES), repeats, one_run)
+                runs = interleaved(dict.fromkeys(names), repeats, one_run)
             else:
-                pairs = []
+                rings = []
                 for r in range(repeats):
                     print(f"[npn_overhead] {preset} repeat {r + 1}/{repeats} in lockstep", flush=True)
-                    pairs.append(one_pair(r))
-                runs = {loss: [pair[loss] for pair in pairs] for loss in LOSSES}
+                    rings.append(one_pair(r, names=names))
+                runs = {name: [ring[name] for ring in rings] for name in names}
             per_repeat = {
                 loss: [statistics.median(row["step_time_s"] for row in rows) for rows in reps]
                 for loss, reps in runs.items()
@@ -186,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {preset} | {batch} | {mb:.3f} | {nc:.3f} | {', '.join(f'{x:.3f}' for x in ratios)} | "
                 f"**{median_spread(ratios)}** | {statistics.median(in_run):.3f} |"
             )
+            if args.control:
+                same = [a / b for a, b in zip(per_repeat["mbcl"], per_repeat[CONTROL], strict=True)]
+                controls.append(
+                    f"| {preset} | {batch} | {', '.join(f'{x:.3f}' for x in same)} | {median_spread(same)} |"
+                )
             for loss, reps in runs.items():
                 rows = [row for rows in reps for row in rows]
                 phase = {p: statistics.median(row[f"time_{p}"] for row in rows) for p in PHASES}
@@ -212,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                     "",
                     *operator_differences(ops["neuclip"], ops["mbcl"], args.profile_top),
                 ]
-    lines += splits + profiles
+    lines += (controls if args.control else []) + splits + profiles
     lines += flops_table(args.presets, args.prototypes, args.inner_steps)
     report("\n".join(lines), args.out, write=not args.quick)
     return 0
