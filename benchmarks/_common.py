@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -18,6 +19,7 @@ from _lockstep import checked_turns, ring, spec
 from _pinned import checked_threads
 
 from neuclip_ds.launch import TRAIN_MODULE, command, cpu_env, launch, metrics
+from neuclip_ds.rundir import CHECKPOINTS
 
 ROOT = Path(__file__).resolve().parents[1]
 PINNED = ROOT / "benchmarks" / "_pinned.py"  # runs a module with its thread counts pinned and reported
@@ -35,11 +37,21 @@ def pinned_env(threads: int, *, gpu: bool = False) -> dict[str, str]:
     return env
 
 
-def train(args: list[str], out: Path, *, threads: int, gpu: bool = False) -> list[dict]:
+def drop_checkpoints(out: Path) -> None:
+    """A timed run's checkpoints are of no use to its benchmark, and a ViT-B-32 one is 1.8 GB: 15 runs of a
+    benchmark would fill the disk."""
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+
+
+def train(args: list[str], out: Path, *, threads: int, gpu: bool = False, keep_checkpoints: bool = True) -> list[dict]:
     """One 1-rank `neuclip_ds.train` run on synthetic data (`threads` threads checked at start and exit; CPU with
-    no GPU in sight unless `gpu`); its metrics.jsonl rows."""
+    no GPU in sight unless `gpu`); its metrics.jsonl rows. `keep_checkpoints=False` deletes its checkpoints."""
     args = [TRAIN_MODULE, *args, "--output-dir", str(out), "--report-to", "jsonl"]
-    proc = launch(args, script=str(PINNED), env=pinned_env(threads, gpu=gpu), timeout=None, check=False)
+    try:
+        proc = launch(args, script=str(PINNED), env=pinned_env(threads, gpu=gpu), timeout=None, check=False)
+    finally:
+        if not keep_checkpoints:
+            drop_checkpoints(out)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(proc.args)} failed:\n{proc.stderr[-3000:]}")
     checked_threads(proc.stderr, threads, "neuclip_ds")
@@ -87,15 +99,22 @@ def run_lockstep(
         return {name: err.read() for name, err in errs.items()}
 
 
-def train_lockstep(runs: dict[str, tuple[list[str], Path]], *, threads: int) -> dict[str, list[dict]]:
+def train_lockstep(
+    runs: dict[str, tuple[list[str], Path]], *, threads: int, keep_checkpoints: bool = True
+) -> dict[str, list[dict]]:
     """1-rank `neuclip_ds.train` runs ({name: (arguments, output folder)}) as separate processes on the same
     minutes of this machine: they take their steps in turn, one step of each after the other (`run_lockstep`);
-    {name: its metrics.jsonl rows}. Threads as in `train`."""
+    {name: its metrics.jsonl rows}. Threads and checkpoints as in `train`."""
     commands = {
         name: command([TRAIN_MODULE, *args, "--output-dir", str(out), "--report-to", "jsonl"], script=str(PINNED))
         for name, (args, out) in runs.items()
     }
-    outputs = run_lockstep(commands, pinned_env(threads))
+    try:
+        outputs = run_lockstep(commands, pinned_env(threads))
+    finally:
+        if not keep_checkpoints:
+            for _, out in runs.values():
+                drop_checkpoints(out)
     turns = checked_turns(outputs)
     rows = {name: metrics(out) for name, (_, out) in runs.items()}
     for name, stderr in outputs.items():

@@ -168,7 +168,7 @@ def openclip_installed() -> bool:
 
 def ours(run: Run, plan: Plan, peak_tflops: float, out: Path) -> dict:
     """Samples/s (batch ÷ median step time), median MFU and the run's peak memory, past the warm-up steps."""
-    rows = train(args_of(run, plan, peak_tflops), out, threads=plan.threads, gpu=plan.gpu)
+    rows = train(args_of(run, plan, peak_tflops), out, threads=plan.threads, gpu=plan.gpu, keep_checkpoints=False)
     if len(rows) < plan.steps:
         raise SystemExit(f"{run.name}: expected {plan.steps} metrics rows, got {len(rows)}")
     timed = rows[plan.warmup : plan.steps]

@@ -180,11 +180,14 @@ def main(argv: list[str] | None = None) -> int:
                 """The runs of repeat r, in lockstep (each repeat's first step alternates N M, M N)."""
                 order = names if r == "profiled" or r % 2 == 0 else names[::-1]
                 ring = {name: ([*run_args(name), *extra], Path(tmp) / f"{preset}_{name}_{r}") for name in order}
-                return {name: rows[warm:] for name, rows in train_lockstep(ring, threads=args.threads).items()}
+                return {
+                    name: rows[warm:]
+                    for name, rows in train_lockstep(ring, threads=args.threads, keep_checkpoints=False).items()
+                }
 
             def one_run(name: str, r: int | str, extra: tuple = (), preset: str = preset) -> list[dict]:
                 out = Path(tmp) / f"{preset}_{name}_{r}"
-                return train([*run_args(name), *extra], out, threads=args.threads)[warm:]
+                return train([*run_args(name), *extra], out, threads=args.threads, keep_checkpoints=False)[warm:]
 
             names = (*LOSSES, CONTROL) if args.control else LOSSES
             if args.sequential:

@@ -60,7 +60,7 @@ def ours(
         *synthetic_run(model, "mbcl", batch=batch, steps=steps, ds_config=ds_config),
         *f"--wd 0.2 --text-padding {text_padding} --precision {precision}".split(),
     ]
-    return [(r["step_time_s"], r["time_data"]) for r in train(args, out, threads=threads)]
+    return [(r["step_time_s"], r["time_data"]) for r in train(args, out, threads=threads, keep_checkpoints=False)]
 
 
 def theirs(

@@ -125,8 +125,11 @@ def test_a_failing_lockstep_run_stops_the_others(tmp_path):
 
 def test_lockstep_training_runs(tmp_path):
     """Two real tiny runs (MBCL and NeuCLIP): the hook holds every training step (train_lockstep checks the turns
-    against the steps and that none overlapped), and both runs finish with all their steps."""
+    against the steps and that none overlapped), both runs finish with all their steps, and their checkpoints are
+    gone when not kept."""
     args = "--preset tiny --synthetic-samples 48 --global-batch-size 16 --steps 3 --precision fp32".split()
     runs = {loss: ([*args, "--loss", loss], tmp_path / loss) for loss in ("mbcl", "neuclip")}
-    rows = train_lockstep(runs, threads=1)
+    rows = train_lockstep(runs, threads=1, keep_checkpoints=False)
     assert {loss: [r["step"] for r in rows[loss]] for loss in rows} == {"mbcl": [1, 2, 3], "neuclip": [1, 2, 3]}
+    assert all((tmp_path / loss / "metrics.jsonl").exists() for loss in rows)
+    assert not any((tmp_path / loss / "checkpoints").exists() for loss in rows)
