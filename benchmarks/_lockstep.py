@@ -6,12 +6,15 @@ on the shared cache and memory: the process's own CPU time grows with its wall t
 context switches). Runs one after the other (`interleaved`, A B, B A, ...) each land in their own minutes, so a
 per-repeat ratio carries that drift; five repeats could not tell a 2 % difference from it. In lockstep, the
 trainers of a repeat run as separate processes at the same time, and each step of one follows a step of the
-other: one token passes round a ring of named pipes (`ring`), a process steps only while it holds it (a blocking
-read, so a waiting process takes no CPU and wakes no one), and passes it on when its next step is due. Each run
+other: one token passes round a ring of named pipes (`ring`), a process steps only while it holds it, and passes it
+on when its next step is due. The wait is a blocking read, so a waiting process takes no CPU and wakes no one: a
+wait that polled every 2 ms slowed the stepping run by ~20 %, each wake-up preempting one of its two OpenMP
+threads while the other waited for it at the next barrier. Each run
 keeps its own interpreter, allocator, heap and state, as a separate run has; only the minutes are shared.
 
 A neuclip_ds run is hooked at `PhaseTimer.reset`, which the training loop calls at the top of every step before it
-starts the step's clock (neuclip_ds/train.py): the wait for the token is not in `step_time_s`. The step after a
+starts the step's clock (neuclip_ds/train.py; once more when the engine builds its timer): the wait for the token
+is not in `step_time_s`. The step after a
 run's last one never comes, so it keeps the token through its final save and passes it on at exit (`finish`); a
 finished process is marked done in the ring's folder and skipped from then on. Each take and pass is reported
 on stderr (`[lockstep] take|pass <index> <unix time>`), so a test can check that no two steps overlapped.
