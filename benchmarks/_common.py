@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -16,9 +15,11 @@ from pathlib import Path
 
 from _lockstep import ENV as LOCKSTEP_ENV
 from _lockstep import checked_turns, ring, spec
+from _phase_rusage import ENV as RUSAGE_ENV
+from _phase_rusage import per_step
 from _pinned import checked_threads
 
-from neuclip_ds.launch import TRAIN_MODULE, command, cpu_env, launch, metrics
+from neuclip_ds.launch import TRAIN_MODULE, command, cpu_env, kill_group, launch, metrics
 from neuclip_ds.rundir import CHECKPOINTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,10 +27,12 @@ PINNED = ROOT / "benchmarks" / "_pinned.py"  # runs a module with its thread cou
 PHASES = ("data", "forward", "gather", "npn", "backward", "optimizer")  # the engine's timers (metrics.jsonl)
 
 
-def pinned_env(threads: int, *, gpu: bool = False) -> dict[str, str]:
+def pinned_env(threads: int, *, gpu: bool = False, rusage: bool = False) -> dict[str, str]:
     """The environment of a timed run: `threads` OpenMP threads, and torch's intra- and inter-op threads set to the
-    same number by `_pinned.py`; a CPU run (no GPU in sight) unless `gpu`."""
-    env = cpu_env(threads, hide_cuda=not gpu, extra_env={"BENCH_THREADS": str(threads)})
+    same number by `_pinned.py`; a CPU run (no GPU in sight) unless `gpu`; `rusage`: each step's resource use per
+    phase reported (`_phase_rusage.py`)."""
+    extra = {"BENCH_THREADS": str(threads), **({RUSAGE_ENV: "1"} if rusage else {})}
+    env = cpu_env(threads, hide_cuda=not gpu, extra_env=extra)
     if gpu:  # DeepSpeed then picks its accelerator itself (CUDA), unless the caller chose one
         env.pop("DS_ACCELERATOR")
         if "DS_ACCELERATOR" in os.environ:
@@ -92,7 +95,7 @@ def run_lockstep(
         finally:
             for child in children.values():
                 if child.poll() is None:
-                    os.killpg(child.pid, signal.SIGKILL)
+                    kill_group(child)
                     child.wait()
         for err in errs.values():
             err.seek(0)
@@ -100,17 +103,18 @@ def run_lockstep(
 
 
 def train_lockstep(
-    runs: dict[str, tuple[list[str], Path]], *, threads: int, keep_checkpoints: bool = True
+    runs: dict[str, tuple[list[str], Path]], *, threads: int, keep_checkpoints: bool = True, rusage: bool = False
 ) -> dict[str, list[dict]]:
     """1-rank `neuclip_ds.train` runs ({name: (arguments, output folder)}) as separate processes on the same
     minutes of this machine: they take their steps in turn, one step of each after the other (`run_lockstep`);
-    {name: its metrics.jsonl rows}. Threads and checkpoints as in `train`."""
+    {name: its metrics.jsonl rows}. Threads and checkpoints as in `train`. `rusage`: each row also holds its
+    step's resource use per phase under "rusage" ({phase: {getrusage field: delta}}, `_phase_rusage.py`)."""
     commands = {
         name: command([TRAIN_MODULE, *args, "--output-dir", str(out), "--report-to", "jsonl"], script=str(PINNED))
         for name, (args, out) in runs.items()
     }
     try:
-        outputs = run_lockstep(commands, pinned_env(threads))
+        outputs = run_lockstep(commands, pinned_env(threads, rusage=rusage))
     finally:
         if not keep_checkpoints:
             for _, out in runs.values():
@@ -121,6 +125,12 @@ def train_lockstep(
         checked_threads(stderr, threads, name)
         if turns[name] < len(rows[name]):  # the hook must have held every step
             raise SystemExit(f"{name}: {len(rows[name])} steps but {turns[name]} turns taken: not in lockstep")
+        if rusage:
+            used = per_step(stderr)
+            if len(used) != len(rows[name]):
+                raise SystemExit(f"{name}: {len(rows[name])} steps but {len(used)} [rusage] reports")
+            for row, step in zip(rows[name], used, strict=True):
+                row["rusage"] = step
     return rows
 
 

@@ -1,23 +1,23 @@
 """Lockstep: timed trainer processes that take turns step by step, so that the runs a ratio compares see the same
 machine.
 
-On this shared 2-core machine the speed of the same run drifts by 10-20 % over minutes (other tenants' load
-on the shared cache and memory: the process's own CPU time grows with its wall time, with no more page faults or
-context switches). Runs one after the other (`interleaved`, A B, B A, ...) each land in their own minutes, so a
-per-repeat ratio carries that drift; five repeats could not tell a 2 % difference from it. In lockstep, the
-trainers of a repeat run as separate processes at the same time, and each step of one follows a step of the
-other: one token passes round a ring of named pipes (`ring`), a process steps only while it holds it, and passes it
-on when its next step is due. The wait is a blocking read, so a waiting process takes no CPU and wakes no one: a
-wait that polled every 2 ms slowed the stepping run by ~20 %, each wake-up preempting one of its two OpenMP
-threads while the other waited for it at the next barrier. Each run
-keeps its own interpreter, allocator, heap and state, as a separate run has; only the minutes are shared.
+On this shared 2-core machine the speed of the same run drifts by 10-20 % over minutes (other tenants' load on the
+shared cache and memory: the process's own CPU time grows with its wall time, with no more page faults or context
+switches). Runs one after the other (`interleaved`, A B, B A, ...) each land in their own minutes, so a per-repeat
+ratio carries that drift; five repeats could not tell a 2 % difference from it. In lockstep, the trainers of a
+repeat run as separate processes at the same time, and each step of one follows a step of the other: one token
+passes round a ring of named pipes (`ring`), a process steps only while it holds it, and passes it on when its next
+step is due. The wait is a blocking read, so a waiting process takes no CPU and wakes no one: a wait that polled
+every 2 ms slowed the stepping run by ~20 %, each wake-up preempting one of its two OpenMP threads while the other
+waited for it at the next barrier. Each run keeps its own interpreter, allocator, heap and state, as a separate run
+has; only the minutes are shared.
 
 A neuclip_ds run is hooked at `PhaseTimer.reset`, which the training loop calls at the top of every step before it
-starts the step's clock (neuclip_ds/train.py; once more when the engine builds its timer): the wait for the token
-is not in `step_time_s`. The step after a
-run's last one never comes, so it keeps the token through its final save and passes it on at exit (`finish`); a
-finished process is marked done in the ring's folder and skipped from then on. Each take and pass is reported
-on stderr (`[lockstep] take|pass <index> <unix time>`), so a test can check that no two steps overlapped.
+starts the step's clock (neuclip_ds/train.py; once more when the engine builds its timer): the wait for the token is
+not in `step_time_s`. The step after a run's last one never comes, so it keeps the token through its final save and
+passes it on at exit (`finish`); a finished process is marked done in the ring's folder and skipped from then on.
+Each take and pass is reported on stderr (`[lockstep] take|pass <index> <unix time>`), so a test can check that no
+two steps overlapped.
 
     BENCH_LOCKSTEP=<ring folder>:<index>:<count>   (set by _common.train_lockstep for each process)
 """
@@ -57,7 +57,7 @@ class Turns:
         # O_RDWR: opening a named pipe for reading alone would block until a writer opens it; our own write end
         # also keeps a token that was passed to us before we first read
         self.mine = os.open(self.folder / f"turn{index}", os.O_RDWR)
-        self.holding, self.fresh = index == 0, index == 0
+        self.holding, self.stepped = index == 0, False
 
     @classmethod
     def from_env(cls) -> Turns | None:
@@ -72,13 +72,12 @@ class Turns:
 
     def next_step(self) -> None:
         """Before each step: pass the token on after this process's previous step, then wait for it to come back."""
-        if self.fresh:  # process 0's first step: it starts with the token
-            self.fresh = False
-        else:
+        if self.stepped or not self.holding:  # process 0 starts with the token: its first step takes no turn
             if self.holding:
                 self.pass_on()
             os.read(self.mine, 1)
             self.holding = True
+        self.stepped = True
         self._report("take")
 
     def pass_on(self) -> None:

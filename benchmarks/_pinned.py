@@ -5,7 +5,8 @@ trainer it compares ran on the threads it was given (a library that resets them 
     BENCH_THREADS=2 python benchmarks/_pinned.py open_clip_train.main --model ViT-B-32 ...
 
 With BENCH_LOCKSTEP set (`_lockstep.py`), a neuclip_ds run also takes its steps in turn with the other runs of
-its ring, and passes its turn on when it exits.
+its ring, and passes its turn on when it exits. With BENCH_RUSAGE set (`_phase_rusage.py`), it reports each step's
+resource use per phase.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import sys
 
 import torch
 from _lockstep import Turns, hook_neuclip_steps
+from _phase_rusage import ENV as RUSAGE_ENV
+from _phase_rusage import hook_phase_rusage
 
 REPORT = re.compile(r"^\[pinned\] (start|exit): intra-op (\d+), inter-op (\d+)$", re.MULTILINE)
 
@@ -45,9 +48,13 @@ if __name__ == "__main__":
     turns = Turns.from_env()
     if turns is not None:
         hook_neuclip_steps(turns)
+    # after the lockstep hook: a step's report is out before the wait for the next turn
+    report_rusage = hook_phase_rusage() if os.environ.get(RUSAGE_ENV) else None
     _report("start")
 
     def _at_exit() -> None:
+        if report_rusage is not None:
+            report_rusage()
         _report("exit")
         if turns is not None:
             turns.finish()

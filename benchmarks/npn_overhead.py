@@ -102,6 +102,25 @@ def operator_differences(neuclip: dict[str, dict], mbcl: dict[str, dict], top: i
     return lines
 
 
+def rusage_lines(preset: str, loss: str, rows: list[dict]) -> list[str]:
+    """Table lines: each timed phase's median resource use per step (rows from `train_lockstep(rusage=True)`)."""
+    lines = []
+    for phase in PHASES:
+        used = [row["rusage"][phase] for row in rows if phase in row["rusage"]]
+        if not used or statistics.median(row[f"time_{phase}"] for row in rows) < 0.01:
+            continue  # a phase this loss does not have (MBCL's npn), or too short to say anything
+
+        def med(field: str, used: list[dict] = used) -> float:
+            return statistics.median(u[field] for u in used)
+
+        wall = statistics.median(row[f"time_{phase}"] for row in rows)
+        lines.append(
+            f"| {preset} | {loss} | {phase} | {wall:.3f} | {med('ru_utime'):.3f} | {med('ru_stime'):.3f} | "
+            f"{med('ru_minflt'):.0f} | {med('ru_nvcsw'):.0f} | {med('ru_nivcsw'):.0f} |"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats")
@@ -128,11 +147,18 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="then profile one more run of each loss and compare operators"
     )
     parser.add_argument("--profile-top", type=int, default=15, help="operators listed by --profile")
+    parser.add_argument(
+        "--rusage",
+        action="store_true",
+        help="also count each phase's page faults, CPU time and context switches (getrusage; lockstep only)",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "npn_overhead.md"))
     args = parser.parse_args(argv)
     steps, repeats, warm = (6, 2, 2) if args.quick else (args.steps, args.repeats, args.warmup)
     if len(args.batch) != len(args.presets):
         parser.error("--batch: give one global batch per preset")
+    if args.rusage and args.sequential:
+        parser.error("--rusage: counted in lockstep runs only (drop --sequential)")
 
     lines = [
         f"command: python benchmarks/npn_overhead.py {' '.join(argv or sys.argv[1:])}".rstrip(),
@@ -159,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|" + "---|" * (len(PHASES) + 2),
     ]
     profiles: list[str] = []
+    usage = [
+        "",
+        "Resource use per phase (median per step over all kept steps, the whole process: user and kernel CPU seconds "
+        "of both threads, minor page faults, voluntary and involuntary context switches; getrusage, --rusage):",
+        "",
+        "| preset | loss | phase | wall (s) | user (s) | kernel (s) | minor faults | voluntary | involuntary |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     controls = [
         "",
         "Control: the same MBCL run twice in each repeat (MBCL ÷ MBCL control: the noise of a ratio of two runs):",
@@ -182,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                 ring = {name: ([*run_args(name), *extra], Path(tmp) / f"{preset}_{name}_{r}") for name in order}
                 return {
                     name: rows[warm:]
-                    for name, rows in train_lockstep(ring, threads=args.threads, keep_checkpoints=False).items()
+                    for name, rows in train_lockstep(
+                        ring, threads=args.threads, keep_checkpoints=False, rusage=args.rusage
+                    ).items()
                 }
 
             def one_run(name: str, r: int | str, extra: tuple = (), preset: str = preset) -> list[dict]:
@@ -223,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                 step = statistics.median(row["step_time_s"] for row in rows)
                 cells = " | ".join(f"{phase[p]:.3f}" for p in PHASES)
                 splits.append(f"| {preset} | {loss} | {cells} | {untimed:.3f} | {step:.3f} |")
+                if args.rusage:
+                    usage += rusage_lines(preset, loss, rows)
             if args.profile:
                 profiled = f"--profile-steps {warm + 1}:{steps}".split()
                 print(f"[npn_overhead] {preset} profiled", flush=True)
@@ -242,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                     "",
                     *operator_differences(ops["neuclip"], ops["mbcl"], args.profile_top),
                 ]
-    lines += (controls if args.control else []) + splits + profiles
+    lines += (controls if args.control else []) + splits + (usage if args.rusage else []) + profiles
     lines += flops_table(args.presets, args.prototypes, args.inner_steps)
     report("\n".join(lines), args.out, write=not args.quick)
     return 0

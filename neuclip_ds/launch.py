@@ -102,7 +102,9 @@ def _env(env: Mapping[str, str] | None, extra_env: Mapping[str, str] | None) -> 
     return dict(cpu_env() if env is None else env, **(extra_env or {}))
 
 
-def _kill_group(child: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+def kill_group(child: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """`sig` to every process of the session `child` leads (started with start_new_session=True): a launcher's or a
+    rank's own children go with it; one that has already exited is no error."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(child.pid, sig)
 
@@ -133,17 +135,17 @@ def run_command(
         try:
             out, err = child.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(child)
+            kill_group(child)
             out, err = child.communicate()
             raise LaunchError(f"{' '.join(cmd)} timed out after {timeout} s\n{err[-4000:]}") from None
         except BaseException as e:
             try:
                 if isinstance(e, KeyboardInterrupt):  # what Ctrl-C in a terminal does: a launcher script forwards
-                    _kill_group(child, signal.SIGINT)  # it to ranks in sessions of their own, which stop cleanly
+                    kill_group(child, signal.SIGINT)  # it to ranks in sessions of their own, which stop cleanly
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         child.wait(timeout=INTERRUPT_GRACE_S)
             finally:
-                _kill_group(child)
+                kill_group(child)
             raise
     proc = subprocess.CompletedProcess(cmd, child.returncode, out, err)
     if check and proc.returncode != 0:
@@ -225,7 +227,7 @@ def launch_ranks(
         finally:
             for child in children:
                 if child.poll() is None:
-                    _kill_group(child)
+                    kill_group(child)
                     child.wait()
         return [
             RankResult(child.returncode, read_back(out), read_back(err), exited[rank])

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import PINNED, interleaved, median_spread, pinned_env, run_lockstep, train_lockstep  # noqa: E402
+from _common import PHASES, PINNED, interleaved, median_spread, pinned_env, run_lockstep, train_lockstep  # noqa: E402
 from _lockstep import checked_turns, events  # noqa: E402
 from _pinned import checked_threads  # noqa: E402
 
@@ -126,10 +126,15 @@ def test_a_failing_lockstep_run_stops_the_others(tmp_path):
 def test_lockstep_training_runs(tmp_path):
     """Two real tiny runs (MBCL and NeuCLIP): the hook holds every training step (train_lockstep checks the turns
     against the steps and that none overlapped), both runs finish with all their steps, and their checkpoints are
-    gone when not kept."""
+    gone when not kept. Each step's resource use per phase comes back with its row: every phase of the engine's
+    timer, and CPU time in the NPN phase of the NeuCLIP run only."""
     args = "--preset tiny --synthetic-samples 48 --global-batch-size 16 --steps 3 --precision fp32".split()
     runs = {loss: ([*args, "--loss", loss], tmp_path / loss) for loss in ("mbcl", "neuclip")}
-    rows = train_lockstep(runs, threads=1, keep_checkpoints=False)
+    rows = train_lockstep(runs, threads=1, keep_checkpoints=False, rusage=True)
     assert {loss: [r["step"] for r in rows[loss]] for loss in rows} == {"mbcl": [1, 2, 3], "neuclip": [1, 2, 3]}
     assert all((tmp_path / loss / "metrics.jsonl").exists() for loss in rows)
     assert not any((tmp_path / loss / "checkpoints").exists() for loss in rows)
+    assert all(set(r["rusage"]) == set(PHASES) for loss in rows for r in rows[loss])
+    assert all(r["rusage"]["forward"]["ru_utime"] > 0 for loss in rows for r in rows[loss])
+    npn_cpu = {loss: sum(r["rusage"]["npn"]["ru_utime"] for r in rows[loss]) for loss in rows}
+    assert npn_cpu["neuclip"] > 10 * npn_cpu["mbcl"], npn_cpu
