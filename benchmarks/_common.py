@@ -62,11 +62,16 @@ def train(args: list[str], out: Path, *, threads: int, gpu: bool = False, keep_c
 
 
 def run_lockstep(
-    commands: dict[str, list[str]], env: dict[str, str], *, timeout: float | None = None
+    commands: dict[str, list[str]],
+    env: dict[str, str],
+    *,
+    timeout: float | None = None,
+    extra_env: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, str]:
     """The commands as processes at the same time, taking their steps in turn in the dict's order (each in a ring
-    place of its own, `_lockstep.py`); {name: its stderr}. A process that fails, or the `timeout` (None: none),
-    kills them all (the others would wait for its turn for ever) and raises SystemExit with its stderr's tail."""
+    place of its own, `_lockstep.py`); {name: its stderr}. `extra_env` ({name: variables}) goes on top of `env` for
+    that command. A process that fails, or the `timeout` (None: none), kills them all (the others would wait for
+    its turn for ever) and raises SystemExit with its stderr's tail."""
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as files:
         folder = ring(Path(tmp) / "ring", len(commands))
         # stderr into files: a full pipe would block a process that nobody reads while it waits for its turn
@@ -75,7 +80,9 @@ def run_lockstep(
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             for i, (name, cmd) in enumerate(commands.items()):
-                child_env = dict(env, **{LOCKSTEP_ENV: spec(folder, i, len(commands))})
+                child_env = dict(
+                    env, **(extra_env or {}).get(name, {}), **{LOCKSTEP_ENV: spec(folder, i, len(commands))}
+                )
                 children[name] = subprocess.Popen(
                     cmd, env=child_env, stdout=subprocess.DEVNULL, stderr=errs[name], start_new_session=True
                 )
@@ -103,18 +110,23 @@ def run_lockstep(
 
 
 def train_lockstep(
-    runs: dict[str, tuple[list[str], Path]], *, threads: int, keep_checkpoints: bool = True, rusage: bool = False
+    runs: dict[str, tuple[list[str], Path]],
+    *,
+    threads: int,
+    keep_checkpoints: bool = True,
+    rusage: bool = False,
+    extra_env: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, list[dict]]:
     """1-rank `neuclip_ds.train` runs ({name: (arguments, output folder)}) as separate processes on the same
-    minutes of this machine: they take their steps in turn, one step of each after the other (`run_lockstep`);
-    {name: its metrics.jsonl rows}. Threads and checkpoints as in `train`. `rusage`: each row also holds its
-    step's resource use per phase under "rusage" ({phase: {getrusage field: delta}}, `_phase_rusage.py`)."""
+    minutes of this machine: they take their steps in turn, one step of each after the other (`run_lockstep`, with
+    its `extra_env`); {name: its metrics.jsonl rows}. Threads and checkpoints as in `train`. `rusage`: each row also
+    holds its step's resource use per phase under "rusage" ({phase: {getrusage field: delta}}, `_phase_rusage.py`)."""
     commands = {
         name: command([TRAIN_MODULE, *args, "--output-dir", str(out), "--report-to", "jsonl"], script=str(PINNED))
         for name, (args, out) in runs.items()
     }
     try:
-        outputs = run_lockstep(commands, pinned_env(threads, rusage=rusage))
+        outputs = run_lockstep(commands, pinned_env(threads, rusage=rusage), extra_env=extra_env)
     finally:
         if not keep_checkpoints:
             for _, out in runs.values():

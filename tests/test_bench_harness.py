@@ -70,10 +70,11 @@ def test_a_run_that_changes_its_threads_is_refused(tmp_path):
 
 
 # a stand-in for the training loop: the engine's PhaseTimer (whose reset opens every step), a few short steps,
-# and a failure at a given step if asked
+# and a failure at a given step if asked; it reports the STEPPER_WHO it was given
 STEPPER = """
-import sys, time, torch
+import os, sys, time, torch
 from neuclip_ds.engine import PhaseTimer
+print("who", os.environ.get("STEPPER_WHO", "-"), file=sys.stderr)
 timer = PhaseTimer(torch.device("cpu"))
 for step in range(int(sys.argv[1])):
     timer.reset()
@@ -95,9 +96,11 @@ def _steppers(tmp_path: Path, **steps_and_failure: tuple[int, int]) -> tuple[dic
 
 def test_lockstep_runs_take_their_steps_in_turn(tmp_path):
     """Runs of different lengths: strictly one step at a time (take/pass alternate by the same process), each
-    step of one after a step of the other while both run, and the longer run goes on alone once the other is done."""
+    step of one after a step of the other while both run, and the longer run goes on alone once the other is done.
+    Each gets its own `extra_env` on top of the shared environment."""
     cmds, env = _steppers(tmp_path, a=(4, -1), b=(7, -1))
-    stderrs = run_lockstep(cmds, env, timeout=300)
+    stderrs = run_lockstep(cmds, env, timeout=300, extra_env={"a": {"STEPPER_WHO": "A"}})
+    assert "who A\n" in stderrs["a"] and "who -\n" in stderrs["b"]
     assert checked_turns(stderrs) == {"a": 5, "b": 8}  # the PhaseTimer's own reset at construction, then each step
     takes = [
         i for _, what, i in sorted((t, w, i) for text in stderrs.values() for w, i, t in events(text)) if what == "take"
