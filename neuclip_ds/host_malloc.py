@@ -9,7 +9,7 @@ PyTorch's caching allocator does for GPU memory, and jemalloc / tcmalloc for CPU
 is mmap'ed (the largest too: ZeRO's flat fp32 gradient copies are one block of the model's size, 0.6 GB at
 ViT-B-32, and the embedding's gradient is 100 MB), and the heap is never trimmed. The price is that the process keeps
 its peak heap until it exits, which a training run reaches on every step anyway, plus what the heap cannot reuse
-between differently sized blocks (ViT-B-32 under zero1: a 6.1 GiB peak instead of 5.4).
+between differently sized blocks (ViT-B-32 under zero1: a 7.0 GiB peak instead of 5.5, benchmarks/host_malloc.py).
 
 Left alone where the user chose: an allocator in LD_PRELOAD (jemalloc, tcmalloc, ...), glibc's MALLOC_*_ variables
 or GLIBC_TUNABLES malloc settings, or `--host-malloc glibc`; and off glibc (musl, macOS), where mallopt differs."""
