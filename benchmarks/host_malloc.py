@@ -41,7 +41,7 @@ SETTINGS = {  # name: (neuclip-train arguments, environment)
 }
 
 
-def per_step(row: dict, field: str) -> float:
+def step_total(row: dict, field: str) -> float:
     """A getrusage field summed over the phases of one step."""
     return sum(phase[field] for phase in row["rusage"].values())
 
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in SETTINGS:
                 kept = [row for rows in repeats_rows for row in rows[name][warm:]]
                 ratios = [a / b for a, b in zip(medians[name], medians["tuned"], strict=True)]
-                faults = statistics.median(per_step(row, "ru_minflt") for row in kept)
-                kernel = statistics.median(per_step(row, "ru_stime") for row in kept)
+                faults = statistics.median(step_total(row, "ru_minflt") for row in kept)
+                kernel = statistics.median(step_total(row, "ru_stime") for row in kept)
                 peak = max(row["peak_mem_gib"] for rows in repeats_rows for row in rows[name])
                 lines.append(
                     f"| {ds_config} | {name} | {statistics.median(medians[name]):.3f} | "

@@ -107,13 +107,13 @@ def rusage_lines(preset: str, loss: str, rows: list[dict]) -> list[str]:
     lines = []
     for phase in PHASES:
         used = [row["rusage"][phase] for row in rows if phase in row["rusage"]]
-        if not used or statistics.median(row[f"time_{phase}"] for row in rows) < 0.01:
+        wall = statistics.median(row[f"time_{phase}"] for row in rows)
+        if not used or wall < 0.01:
             continue  # a phase this loss does not have (MBCL's npn), or too short to say anything
 
         def med(field: str, used: list[dict] = used) -> float:
             return statistics.median(u[field] for u in used)
 
-        wall = statistics.median(row[f"time_{phase}"] for row in rows)
         lines.append(
             f"| {preset} | {loss} | {phase} | {wall:.3f} | {med('ru_utime'):.3f} | {med('ru_stime'):.3f} | "
             f"{med('ru_minflt'):.0f} | {med('ru_nvcsw'):.0f} | {med('ru_nivcsw'):.0f} |"
